@@ -1,0 +1,231 @@
+"""The PEER layer as an nn.Module. It owns the parameters and composes the ops of a backend."""
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends, reference
+from ._checks import check_config
+
+# Our parameter names -> peer-pytorch's (PEER_pytorch.PEER) state_dict keys.
+_PEER_PYTORCH_KEYS = {
+    "norm.gamma": "norm.gamma",
+    "to_queries.weight": "to_queries.0.weight",
+    "keys": "keys",
+    "w_down": "weight_down_embed.weight",
+    "w_up": "weight_up_embed.weight",
+}
+
+
+class RMSNorm(nn.Module):
+    """peer-pytorch's pre-norm, formula for formula (outputs match it bit for bit):
+    normalize(x) * sqrt(dim) * (1 + gamma), with gamma initialised to zero."""
+
+    def __init__(self, dim, device=None, dtype=None):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * self.scale * (self.gamma + 1)
+
+
+class _PerHalfLayerNorm(nn.LayerNorm):
+    """LayerNorm over each head's half-query (dk features): the unit that meets a sub-key."""
+
+    def __init__(self, heads, dim_key, device=None, dtype=None):
+        super().__init__(dim_key, device=device, dtype=dtype)
+        self.heads, self.dim_key = heads, dim_key
+
+    def forward(self, q):
+        return super().forward(q.unflatten(-1, (2 * self.heads, self.dim_key))).flatten(-2)
+
+
+class PEER(nn.Module):
+    """Parameter Efficient Expert Retrieval (arXiv 2407.04153): `(..., dim) -> (..., dim)`.
+
+    Each of `heads` heads retrieves `num_experts_per_head` single-neuron experts out of
+    `num_experts` (a perfect square n*n) with product keys, and mixes them:
+    `y = sum_{h,j} gate_j * act(u_{e_j} . x) * v_{e_j}`. See README.md for the options.
+
+    Parameters (peer-pytorch compatible layout):
+      to_queries.weight (heads*2*dim_key, dim), output laid out (half, head, dim_key);
+      keys (heads or 1, n, 2, dim_key); w_down, w_up (S*num_experts, dim), S = heads with
+      separate_embed_per_head else 1; norm.gamma (dim,) with pre_rmsnorm.
+    Initialisation: rows of w_down ~ N(0, 1/dim) so that u.x has unit variance for unit-RMS x;
+    rows of w_up ~ N(0, 1/dim), the same fan scale; keys ~ N(0, 1/dim_key) so that sub-key scores
+    of (batch-)normalised queries have unit variance and the gates neither saturate nor flatten;
+    to_queries as nn.Linear.
+    """
+
+    def __init__(self, dim, *, heads=8, num_experts=1024 ** 2, num_experts_per_head=16, dim_key=128,
+                 product_key_topk=None, activation="gelu", gating="softmax", query_norm="batchnorm",
+                 pre_rmsnorm=False, shared_keys=False, separate_embed_per_head=False, dropout=0.0,
+                 backend="auto", device=None, dtype=None):
+        super().__init__()
+        n, k_sub = check_config(
+            dim=dim, heads=heads, num_experts=num_experts, num_experts_per_head=num_experts_per_head,
+            dim_key=dim_key, product_key_topk=product_key_topk, activation=activation, gating=gating,
+            query_norm=query_norm, backend=backend, dropout=dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.heads, self.num_experts, self.dim_key = dim, heads, num_experts, dim_key
+        self.num_experts_per_head, self.product_key_topk = num_experts_per_head, k_sub
+        self.activation, self.gating, self.query_norm_kind = activation, gating, query_norm
+        self.pre_rmsnorm, self.shared_keys = pre_rmsnorm, shared_keys
+        self.separate_embed_per_head, self.dropout, self.backend = separate_embed_per_head, dropout, backend
+
+        self.norm = RMSNorm(dim, **factory) if pre_rmsnorm else nn.Identity()
+        self.to_queries = nn.Linear(dim, heads * 2 * dim_key, bias=False, **factory)
+        if query_norm == "batchnorm":
+            self.query_norm = nn.BatchNorm1d(heads * 2 * dim_key, **factory)
+        elif query_norm == "layernorm":
+            self.query_norm = _PerHalfLayerNorm(heads, dim_key, **factory)
+        else:
+            self.query_norm = nn.Identity()
+        self.keys = nn.Parameter(torch.empty(1 if shared_keys else heads, n, 2, dim_key, **factory))
+        rows = (heads if separate_embed_per_head else 1) * num_experts
+        self.w_down = nn.Parameter(torch.empty(rows, dim, **factory))
+        self.w_up = nn.Parameter(torch.empty(rows, dim, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        self.to_queries.reset_parameters()
+        nn.init.normal_(self.keys, std=1 / math.sqrt(self.dim_key))
+        nn.init.normal_(self.w_down, std=1 / math.sqrt(self.dim))
+        nn.init.normal_(self.w_up, std=1 / math.sqrt(self.dim))
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, heads={self.heads}, num_experts={self.num_experts}, "
+                f"num_experts_per_head={self.num_experts_per_head}, product_key_topk={self.product_key_topk}, "
+                f"dim_key={self.dim_key}, activation={self.activation!r}, gating={self.gating!r}, "
+                f"shared_keys={self.shared_keys}, separate_embed_per_head={self.separate_embed_per_head}, "
+                f"dropout={self.dropout}, backend={self.backend!r}")
+
+    def queries(self, x):
+        """x (T, dim) -> queries (T, heads, 2, dim_key), a view of the (half, head, dk) projection."""
+        q = self.query_norm(self.to_queries(x))
+        return q.view(x.shape[0], 2, self.heads, self.dim_key).transpose(1, 2)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape (..., dim) with dim = {self.dim}, got {tuple(x.shape)}")
+        if x.dtype != self.w_down.dtype:
+            raise TypeError(f"x: expected the parameters' dtype {self.w_down.dtype}, got {x.dtype}")
+        if x.numel() == 0:
+            return x * 0  # an empty batch: an empty output, still attached to x's graph
+        ops = backends.get(self.backend, x.device)
+        tokens = self.norm(x.reshape(-1, self.dim))
+        queries = self.queries(tokens)
+        k, k_sub = self.num_experts_per_head, self.product_key_topk
+        if self.training and self.dropout > 0:
+            # Dropout on the activations a_j equals dropout on the gates g_j (y and every gradient are
+            # the same products), so the expert op needs no dropout of its own.
+            scores, expert_ids = ops.product_key_topk(queries, self.keys, k, k_sub)
+            if self.separate_embed_per_head:
+                expert_ids = reference.head_offsets(expert_ids, self.num_experts)
+            gates = F.dropout(reference.gate(scores, self.gating), self.dropout, training=True)
+            y = ops.peer_experts(tokens, expert_ids, gates, self.w_down, self.w_up, self.activation)
+        else:
+            y = ops.peer_fused(tokens, queries, self.keys, self.w_down, self.w_up, k, k_sub, self.gating,
+                               self.activation, self.separate_embed_per_head)
+        return y.reshape(x.shape)
+
+    # ---- peer-pytorch interop -------------------------------------------------------------------
+
+    @classmethod
+    def from_peer_pytorch(cls, source, *, backend="auto", **peer_pytorch_kwargs):
+        """A PEER with the weights and math of a `PEER_pytorch.PEER`.
+
+        `source` is the module itself, or its state_dict together with the keyword arguments it was
+        constructed with (`dim=...`, `heads=...`, ...; peer-pytorch's defaults apply to the rest).
+        peer-pytorch has no query norm and per-head keys; `non_competing_scores=True` is relu gating
+        with one expert per head. The pre-norm output feeds both the queries and the experts.
+        """
+        if isinstance(source, nn.Module):
+            if peer_pytorch_kwargs:
+                raise TypeError("from_peer_pytorch: keyword arguments go with a state_dict, not a module")
+            config = _config_of_peer_pytorch_module(source)
+            state = source.state_dict()
+        else:
+            config = _config_of_peer_pytorch_kwargs(**peer_pytorch_kwargs)
+            state = source
+        weight = state["weight_down_embed.weight"]
+        layer = cls(**config, backend=backend, device=weight.device, dtype=weight.dtype)
+        layer.load_state_dict({ours: state[theirs] for ours, theirs in _PEER_PYTORCH_KEYS.items()
+                               if theirs in state})
+        return layer
+
+    def to_peer_pytorch(self):
+        """The equivalent `PEER_pytorch.PEER` (same weights), where peer-pytorch has these options."""
+        from PEER_pytorch import PEER as PeerPytorch
+
+        unsupported = {"query_norm": (self.query_norm_kind, None), "shared_keys": (self.shared_keys, False)}
+        for name, (value, needed) in unsupported.items():
+            if value != needed:
+                raise ValueError(f"to_peer_pytorch: peer-pytorch has no {name}; expected {needed!r}, got {value!r}")
+        if self.gating not in ("softmax", "relu") or (self.gating == "relu" and self.num_experts_per_head != 1):
+            raise ValueError("to_peer_pytorch: peer-pytorch gates by softmax, or by relu with num_experts_per_head=1; "
+                             f"got gating={self.gating!r}, num_experts_per_head={self.num_experts_per_head}")
+        if self.dim % 2:
+            raise ValueError(f"to_peer_pytorch: peer-pytorch needs an even dim, got {self.dim}")
+        activation = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
+                      "gelu_tanh": functools.partial(nn.GELU, approximate="tanh")}[self.activation]
+        other = PeerPytorch(
+            self.dim, heads=self.heads, num_experts=self.num_experts, activation=activation,
+            num_experts_per_head=self.num_experts_per_head if self.gating == "softmax" else self.product_key_topk,
+            dim_key=self.dim_key, product_key_topk=self.product_key_topk,
+            separate_embed_per_head=self.separate_embed_per_head, pre_rmsnorm=self.pre_rmsnorm,
+            non_competing_scores=self.gating == "relu", dropout=self.dropout,
+        ).to(device=self.w_down.device, dtype=self.w_down.dtype)
+        ours = self.state_dict()
+        other.load_state_dict({theirs: ours[mine] for mine, theirs in _PEER_PYTORCH_KEYS.items() if mine in ours})
+        return other
+
+
+def _activation_name(activation):
+    """peer-pytorch takes an activation class (nn.GELU by default); map an instance to our names."""
+    if isinstance(activation, nn.GELU):
+        return "gelu" if activation.approximate == "none" else "gelu_tanh"
+    for cls, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu")):
+        if isinstance(activation, cls):
+            return name
+    raise ValueError(
+        f"activation: expected nn.ReLU, nn.GELU or nn.SiLU from peer-pytorch, got {type(activation).__name__}")
+
+
+def _peer_config(*, dim, heads, num_experts, experts_per_head, k_sub, dim_key, activation, relu_gating,
+                 pre_rmsnorm, separate_embed_per_head, dropout):
+    return dict(dim=dim, heads=heads, num_experts=num_experts, num_experts_per_head=experts_per_head,
+                product_key_topk=k_sub, dim_key=dim_key, activation=_activation_name(activation),
+                gating="relu" if relu_gating else "softmax", query_norm=None, pre_rmsnorm=pre_rmsnorm,
+                shared_keys=False, separate_embed_per_head=separate_embed_per_head, dropout=dropout)
+
+
+def _config_of_peer_pytorch_module(module):
+    return _peer_config(
+        dim=module.weight_down_embed.embedding_dim, heads=module.heads, num_experts=module.num_experts,
+        experts_per_head=module.num_experts_per_head_topk, k_sub=module.product_key_topk,
+        dim_key=module.keys.shape[-1], activation=module.activation,
+        relu_gating=isinstance(module.score_activation, nn.ReLU), pre_rmsnorm=not isinstance(module.norm, nn.Identity),
+        separate_embed_per_head=module.separate_embed_per_head, dropout=module.dropout.p)
+
+
+def _config_of_peer_pytorch_kwargs(dim, heads=8, num_experts=1_000_000, num_experts_per_head=16,
+                                   activation=nn.GELU, dim_key=None, product_key_topk=None,
+                                   separate_embed_per_head=False, pre_rmsnorm=False,
+                                   non_competing_scores=True, dropout=0.0):
+    """peer-pytorch's constructor signature and defaults (PEER_pytorch 0.2)."""
+    return _peer_config(
+        dim=dim, heads=heads, num_experts=num_experts,
+        experts_per_head=1 if non_competing_scores else num_experts_per_head,
+        k_sub=num_experts_per_head if product_key_topk is None else product_key_topk,
+        dim_key=dim // 2 if dim_key is None else dim_key, activation=activation(),
+        relu_gating=non_competing_scores, pre_rmsnorm=pre_rmsnorm,
+        separate_embed_per_head=separate_embed_per_head, dropout=dropout)
