@@ -29,8 +29,8 @@ def check_int(name, value, minimum):
 
 def check_topk(k, k_sub, n):
     """k experts per head from k_sub sub-keys per half of n: 1 <= k_sub <= n, 1 <= k <= k_sub**2."""
-    check_int("k_sub (product_key_topk)", k_sub, 1)
     check_int("k (num_experts_per_head)", k, 1)
+    check_int("k_sub (product_key_topk)", k_sub, 1)
     if k_sub > n:
         raise ValueError(f"k_sub (product_key_topk): expected <= n = sqrt(num_experts) = {n}, got {k_sub}")
     if k > k_sub * k_sub:

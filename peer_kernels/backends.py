@@ -5,28 +5,25 @@ reference's signatures: `product_key_topk`, `peer_experts` and `peer_fused`.
 - "triton": `peer_kernels.ops` (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
 - "cpp": `peer_kernels.csrc`, the JIT-built csrc_reference/ extension (CPU tensors).
 - "auto": triton for CUDA tensors, cpp for CPU tensors when it builds, else the reference.
+
+The backend modules are imported here, once, rather than on first use: `torch.compile` cannot
+trace an import, and the module picks its ops inside `forward`.
 """
-import functools
-import importlib
 import os
 
+from . import csrc, reference
 from ._checks import BACKENDS, check_choice
 
-_MODULES = {"reference": "peer_kernels.reference", "triton": "peer_kernels.ops", "cpp": "peer_kernels.csrc"}
+try:
+    from . import ops as triton_ops
+    TRITON_IMPORT_ERROR = None
+except ImportError as error:  # no triton on this platform: the other backends still work
+    triton_ops, TRITON_IMPORT_ERROR = None, error
 
+# Triton picks the interpreter when kernels are defined, so the setting at import time is the one in force.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-def triton_interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=None)
-def cpp_available():
-    """True when the C++ extension is built (or builds now); warns once and says False otherwise."""
-    try:
-        csrc = importlib.import_module(_MODULES["cpp"])
-    except ImportError:
-        return False
-    return csrc.available()
+_MODULES = {"reference": reference, "triton": triton_ops, "cpp": csrc}
 
 
 def resolve(backend, device):
@@ -36,17 +33,20 @@ def resolve(backend, device):
         return backend
     if device.type == "cuda":
         return "triton"
-    if device.type == "cpu" and cpp_available():
+    if device.type == "cpu" and csrc.available():
         return "cpp"
     return "reference"
 
 
 def get(backend, device):
-    """The op namespace of `backend` for tensors on `device`, or a ValueError saying why not."""
+    """The op namespace of `backend` for tensors on `device`, or an error saying why not."""
     name = resolve(backend, device)
-    if name == "triton" and device.type != "cuda" and not triton_interpreted():
-        raise ValueError(
-            f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got device {device}")
+    if name == "triton":
+        if triton_ops is None:
+            raise ImportError(f"backend: 'triton' is unavailable: {TRITON_IMPORT_ERROR}")
+        if device.type != "cuda" and not TRITON_INTERPRETED:
+            raise ValueError(
+                f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got device {device}")
     if name == "cpp" and device.type != "cpu":
         raise ValueError(f"backend: 'cpp' runs on CPU tensors, got device {device}")
-    return importlib.import_module(_MODULES[name])
+    return _MODULES[name]
