@@ -92,11 +92,12 @@ def check_retrieval(queries, keys, k, k_sub):
     return k_sub
 
 
-def check_experts(x, expert_ids, gates, w_down, w_up, activation):
+def check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=True):
     """x (T, d), expert_ids (T, h, k) int32/int64, gates (T, h, k), w_down / w_up (E, d).
 
     Ids are checked against the table size on the host (one reduction): a kernel must never read
-    out of bounds.
+    out of bounds. check_range=False leaves that to check_expert_ids (for code traced by
+    torch.compile, where reading a value back to the host is a graph break).
     """
     check_choice("activation", activation, ACTIVATIONS)
     check_tensor("x", x, (None, None))
@@ -105,11 +106,16 @@ def check_experts(x, expert_ids, gates, w_down, w_up, activation):
     check_tensor("gates", gates, tuple(expert_ids.shape), device=x.device)
     check_tensor("w_down", w_down, (None, d), dtypes=(x.dtype,), device=x.device)
     check_tensor("w_up", w_up, tuple(w_down.shape), dtypes=(x.dtype,), device=x.device)
+    if check_range:
+        check_expert_ids(expert_ids, w_down.shape[0])
+
+
+def check_expert_ids(expert_ids, rows):
+    """Every id in [0, rows)."""
     if expert_ids.numel():
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
-        if lo < 0 or hi >= w_down.shape[0]:
-            raise ValueError(
-                f"expert_ids: expected values in [0, {w_down.shape[0]}) (rows of w_down), got [{lo}, {hi}]")
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"expert_ids: expected values in [0, {rows}) (rows of w_down), got [{lo}, {hi}]")
 
 
 def check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head):

@@ -1,0 +1,107 @@
+"""Wall-clock measurement: CUDA events on a GPU, time.perf_counter on a CPU.
+
+An iteration runs a chain of phases (forward, then backward): phase 0 gets an input set, each
+later phase what the one before returned, and each phase is timed on its own, so one training-step
+iteration yields the forward, the backward and their sum. Input sets are used round-robin, several
+of them, so that the L2 cache holds none when it comes round again.
+"""
+import math
+import statistics
+import time
+
+import torch
+
+# Per-case budgets: enough repetitions for a stable median, bounded for long sweeps.
+GPU_WARMUP_MS, GPU_BUDGET_MS, GPU_REPS = 25.0, 300.0, (10, 100)
+CPU_BUDGET_MS, CPU_REPS = 300.0, (3, 15)
+
+
+def _iterate_cpu(phases, item):
+    durations, state = [], item
+    for phase in phases:
+        start = time.perf_counter()
+        state = phase(state)
+        durations.append((time.perf_counter() - start) * 1e3)
+    return durations
+
+
+def _iterate_cuda(phases, item):
+    """Launches one iteration with an event before and after each phase; timings read later."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
+    state = item
+    events[0].record()
+    for phase, end in zip(phases, events[1:]):
+        state = phase(state)
+        end.record()
+    return events
+
+
+def _host_ms(device, phases, item):
+    """One iteration's wall time in ms, synchronized: sizes the warm-up and the repetitions."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    _iterate_cpu(phases, item)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return max(1e-3, (time.perf_counter() - start) * 1e3)
+
+
+def measure(device, items, phases, warm=False):
+    """Per-phase durations in ms: a list with one list per phase, one entry per repetition.
+
+    A first iteration (compilation, autotuning, allocator growth) is never counted: a warm-up, or,
+    on a CPU with warm=True, the caller's own untimed call of the same function on the same shapes.
+    A CPU repeats until CPU_BUDGET_MS have passed (within CPU_REPS); a GPU sizes its repetitions and a
+    further warm-up of GPU_WARMUP_MS on a second, synchronized iteration.
+    """
+    if device.type != "cuda":
+        if not warm:
+            _iterate_cpu(phases, items[0])
+        per_rep, spent = [], 0.0
+        low, high = CPU_REPS
+        while len(per_rep) < high and (len(per_rep) < low or spent < CPU_BUDGET_MS):
+            per_rep.append(_iterate_cpu(phases, items[(len(per_rep) + 1) % len(items)]))
+            spent += sum(per_rep[-1])
+        return [list(series) for series in zip(*per_rep)]
+    _host_ms(device, phases, items[0])
+    estimate = _host_ms(device, phases, items[1 % len(items)])
+    for i in range(max(3, math.ceil(GPU_WARMUP_MS / estimate))):
+        _iterate_cpu(phases, items[i % len(items)])
+    low, high = GPU_REPS
+    reps = max(low, min(high, math.ceil(GPU_BUDGET_MS / estimate)))
+    per_rep = [_iterate_cuda(phases, items[i % len(items)]) for i in range(reps)]
+    torch.cuda.synchronize(device)
+    return [[events[p].elapsed_time(events[p + 1]) for events in per_rep] for p in range(len(phases))]
+
+
+def median(times_ms):
+    return statistics.median(times_ms)
+
+
+def peak_memory_bytes(device, phases, item):
+    """Extra device memory at the peak up to the end of each phase, beyond what was allocated
+    before the iteration (weights and inputs excluded): torch.cuda.max_memory_allocated. None on a
+    CPU, where torch's allocator keeps no peak counter (tracemalloc does not see it, and ru_maxrss
+    is a high-water mark over the whole process: one process per case would be needed)."""
+    if device.type != "cuda":
+        return [None] * len(phases)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    peaks, state = [], item
+    for phase in phases:
+        state = phase(state)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - before)
+    return peaks
+
+
+def copy_bandwidth_gbps(device):
+    """Device copy bandwidth measured now (bytes read + bytes written per second, in GB/s): the
+    roofline the expert gather is compared with. 1 GiB on a GPU, 128 MiB on a CPU."""
+    nbytes = (1 << 30) if device.type == "cuda" else (128 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    (times,) = measure(device, [None], [lambda _: dst.copy_(src)])
+    return 2 * nbytes / (median(times) * 1e-3) / 1e9

@@ -1,0 +1,47 @@
+// Torch-side helpers shared by the CPU extension (peer_cpu.cpp) and the CUDA binding
+// (peer_cuda_binding.cpp): the compute dtype and the option names -> peer_math.h codes.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <string>
+
+#include "peer_math.h"
+
+namespace peer {
+
+// float64 computes in float64; float32, bfloat16 and float16 in float32.
+inline at::ScalarType compute_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline int activation_code(const std::string& name) {
+  if (name == "relu") return kRelu;
+  if (name == "gelu") return kGelu;
+  if (name == "gelu_tanh") return kGeluTanh;
+  if (name == "silu") return kSilu;
+  TORCH_CHECK(false, "activation: expected one of relu, gelu, gelu_tanh, silu, got '", name, "'");
+}
+
+inline int gating_code(const std::string& name) {
+  if (name == "softmax") return kSoftmax;
+  if (name == "sigmoid") return kSigmoid;
+  if (name == "relu") return kGateRelu;
+  TORCH_CHECK(false, "gating: expected one of softmax, sigmoid, relu, got '", name, "'");
+}
+
+// The retrieval arguments, for callers that bypass peer_kernels._checks; returns n.
+inline int64_t check_retrieval(const at::Tensor& queries, const at::Tensor& keys, int64_t k, int64_t k_sub) {
+  TORCH_CHECK(queries.dim() == 4 && queries.size(2) == 2, "queries: expected shape (T, h, 2, dk), got ",
+              queries.sizes());
+  const int64_t heads = queries.size(1), dk = queries.size(3);
+  TORCH_CHECK(keys.dim() == 4 && keys.size(2) == 2 && keys.size(3) == dk &&
+                  (keys.size(0) == 1 || keys.size(0) == heads),
+              "keys: expected shape (", heads, " or 1, n, 2, ", dk, "), got ", keys.sizes());
+  const int64_t n = keys.size(1);
+  TORCH_CHECK(k_sub >= 1 && k_sub <= n, "k_sub: expected in [1, n = ", n, "], got ", k_sub);
+  TORCH_CHECK(k >= 1 && k <= k_sub * k_sub, "k: expected in [1, k_sub**2 = ", k_sub * k_sub, "], got ", k);
+  return n;
+}
+
+}  // namespace peer

@@ -1,0 +1,277 @@
+"""Product-key retrieval kernels: sub-key scores, streaming top-k' per half, the k'xk' combine, top-k
+and gating, forward and backward (SPEC sections 1 and 3). Pure @triton.jit; launchers live in
+peer_kernels/ops/retrieval.py.
+
+Selection works on packed int64 keys: the high 32 bits are an order-preserving integer image of the
+fp32 score, the low 32 bits are (2**31 - 1 - index). One signed int64 comparison therefore orders by
+score first and, among exactly equal scores, prefers the SMALLER index; `tl.sort`/`tl.topk` carry
+the index along with the score for free, and the score is recovered bit-exactly from the key.
+
+Tie rule (deterministic, documented in ops/retrieval.py): each half ranks its sub-keys by
+(score desc, sub-key index asc); the combine ranks candidate pairs by (s1 + s2 desc, rank in the
+first half asc, rank in the second half asc).
+
+Candidate pruning: with both halves sorted, pair (i, j) (ranks) is beaten by every (i', j') with
+i' <= i, j' <= j under the tie rule above, i.e. by (i+1)(j+1) - 1 others, so only pairs with
+(i+1)(j+1) <= k can be picked. The launcher passes that list of pairs (e.g. 50 instead of 256 for
+k = k' = 16) and the kernel never forms the other candidates.
+"""
+import triton
+import triton.language as tl
+
+# GATING constexpr ids (ops/retrieval.GATING_CODES maps the names).
+GATING_NONE = tl.constexpr(0)
+GATING_SOFTMAX = tl.constexpr(1)
+GATING_SIGMOID = tl.constexpr(2)
+GATING_RELU = tl.constexpr(3)
+
+_LOW_MAX = tl.constexpr(2147483647)  # the low field holds _LOW_MAX - index, so indices must stay below 2**31
+
+
+@triton.jit
+def _order_key(score):
+    """fp32 -> int32 whose signed order is the float order (an involution: it also inverts)."""
+    bits = score.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _pack_key(order_key, index):
+    return (order_key.to(tl.int64) << 32) | (-index + _LOW_MAX).to(tl.int64)
+
+
+@triton.jit
+def pack(score, index):
+    return _pack_key(_order_key(score.to(tl.float32)), index)
+
+
+@triton.jit
+def pack_lowest(index):
+    """A key below every real score (and every NaN but the all-ones negative one) that still carries
+    a valid index, so whatever is unpacked from a top list can be used as an address."""
+    return _pack_key(tl.full(index.shape, -2147483648, tl.int32), index)
+
+
+@triton.jit
+def unpack_score(packed):
+    return _order_key((packed >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def unpack_index(packed):
+    return (-(packed & _LOW_MAX) + _LOW_MAX).to(tl.int32)
+
+
+@triton.jit
+def half_topk(q, keys_ptr, n, dk,
+              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, KS_PAD: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The top KS_PAD sub-keys of one half for a tile of queries, streamed over tiles of keys.
+
+    q (BLOCK_T, DK_PAD) one half of the queries (zero past dk); keys_ptr -> (n, 2, dk) rows of this
+    half (row stride 2*dk). Returns packed keys (BLOCK_T, KS_PAD) sorted descending. The
+    (BLOCK_T, n) scores only ever exist one BLOCK_N tile at a time, in registers. UPCAST_DOT feeds
+    tl.dot fp32 operands (same products, exact in fp32): the Triton interpreter's 16-bit tl.dot is
+    wrong (triton 3.9).
+    """
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DK_PAD)
+    best = tl.broadcast_to(pack_lowest(tl.arange(0, KS_PAD))[None, :], (BLOCK_T, KS_PAD))
+    for start in range(0, n, BLOCK_N):
+        rows = start + offs_n
+        key_tile = tl.load(keys_ptr + rows[:, None].to(tl.int64) * (2 * dk) + offs_d[None, :],
+                           mask=(rows[:, None] < n) & (offs_d[None, :] < dk), other=0.0)
+        if UPCAST_DOT:
+            key_tile = key_tile.to(tl.float32)
+        scores = tl.dot(q, tl.trans(key_tile), input_precision=INPUT_PRECISION)  # (BLOCK_T, BLOCK_N)
+        packed = tl.where(rows[None, :] < n, pack(scores, rows[None, :]), pack_lowest(rows[None, :]))
+        tile_best = tl.topk(packed, KS_PAD, dim=1)
+        # best is descending and tile_best reversed is ascending: their elementwise max holds the
+        # top KS_PAD of the union (a bitonic sequence), so one sort restores the invariant.
+        best = tl.sort(tl.maximum(best, tl.flip(tile_best, 1)), 1, descending=True)
+    return best
+
+
+@triton.jit
+def combine_topk(best_a, best_b, pair_rank_a, pair_rank_b,
+                 BLOCK_T: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr):
+    """The top K_PAD of the candidate pairs of two per-half top lists.
+
+    best_a / best_b (BLOCK_T, KS_PAD) packed, descending; pair_rank_a / pair_rank_b (P_PAD,) int32
+    ranks of the admissible pairs in lexicographic order, -1 for padding. Returns scores
+    (BLOCK_T, K_PAD) fp32 descending and the sub-key indices a, b (BLOCK_T, K_PAD) int32.
+    """
+    valid = pair_rank_a >= 0
+    rank_a = tl.broadcast_to(tl.maximum(pair_rank_a, 0)[None, :], (BLOCK_T, P_PAD))
+    rank_b = tl.broadcast_to(tl.maximum(pair_rank_b, 0)[None, :], (BLOCK_T, P_PAD))
+    picked_a = tl.gather(best_a, rank_a, 1)
+    picked_b = tl.gather(best_b, rank_b, 1)
+    sums = unpack_score(picked_a) + unpack_score(picked_b)
+    pair = tl.broadcast_to(tl.arange(0, P_PAD)[None, :], (BLOCK_T, P_PAD))
+    candidates = tl.where(valid[None, :], pack(sums, pair), pack_lowest(pair))
+    top = tl.topk(candidates, K_PAD, dim=1)
+    top_pair = unpack_index(top)
+    index_a = tl.gather(unpack_index(picked_a), top_pair, 1)
+    index_b = tl.gather(unpack_index(picked_b), top_pair, 1)
+    return unpack_score(top), index_a, index_b
+
+
+@triton.jit
+def exact_half_scores(q, keys_ptr, index, dk, DK_PAD: tl.constexpr):
+    """q (BLOCK_T, DK_PAD) . keys rows `index` (BLOCK_T, K_PAD) in q's dtype: (BLOCK_T, K_PAD).
+
+    Used for float64, whose selection ran on fp32-rounded keys but whose scores must be exact."""
+    offs_d = tl.arange(0, DK_PAD)
+    rows = tl.load(keys_ptr + index[:, :, None].to(tl.int64) * (2 * dk) + offs_d[None, None, :],
+                   mask=offs_d[None, None, :] < dk, other=0.0)
+    return tl.sum(rows * q[:, None, :], axis=2)
+
+
+@triton.jit
+def apply_gating(scores, col_valid, GATING: tl.constexpr):
+    """scores (BLOCK_T, K_PAD) -> gates; softmax normalizes over the valid columns."""
+    if GATING == GATING_SOFTMAX:
+        s = tl.where(col_valid, scores, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        return e / tl.sum(e, axis=1)[:, None]
+    elif GATING == GATING_SIGMOID:
+        return tl.sigmoid(scores)
+    else:
+        return tl.maximum(scores, 0.0)
+
+
+@triton.jit
+def gating_backward(dgates, gates, scores, col_valid, GATING: tl.constexpr):
+    """dgates -> dscores through the gating (SPEC section 1); zero on invalid columns."""
+    dgates = tl.where(col_valid, dgates, 0.0)
+    if GATING == GATING_SOFTMAX:
+        return gates * (dgates - tl.sum(gates * dgates, axis=1)[:, None])
+    elif GATING == GATING_SIGMOID:
+        return dgates * gates * (1.0 - gates)
+    else:
+        return tl.where(scores > 0.0, dgates, 0.0)
+
+
+@triton.jit
+def load_query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p,
+                    DK_PAD: tl.constexpr):
+    """queries (T, heads, 2, dk), unit stride in dk (any other strides: the module's queries are a
+    transposed view of the projection) -> one half of one head: (BLOCK_T, DK_PAD), zero-padded."""
+    offs_d = tl.arange(0, DK_PAD)
+    row = offs_t.to(tl.int64) * stride_t + head * stride_h + half * stride_p
+    return tl.load(queries_ptr + row[:, None] + offs_d[None, :],
+                   mask=(offs_t[:, None] < T) & (offs_d[None, :] < dk), other=0.0)
+
+
+@triton.jit
+def retrieve_tile(queries_ptr, keys_ptr, pair_rank_a, pair_rank_b, offs_t, head, T, n, dk,
+                  stride_t, stride_h, stride_p, key_head_stride,
+                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr,
+                  KS_PAD: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EXACT: tl.constexpr):
+    """Retrieval for a tile of tokens and one head: scores (BLOCK_T, K_PAD) descending (in the
+    queries' dtype when EXACT, else fp32) and sub-key indices a, b (BLOCK_T, K_PAD) int32."""
+    keys_head = keys_ptr + head * key_head_stride
+    q1 = load_query_half(queries_ptr, offs_t, 0, head, T, dk, stride_t, stride_h, stride_p, DK_PAD)
+    q2 = load_query_half(queries_ptr, offs_t, 1, head, T, dk, stride_t, stride_h, stride_p, DK_PAD)
+    best_a = half_topk(q1, keys_head, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT)
+    best_b = half_topk(q2, keys_head + dk, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION,
+                       UPCAST_DOT)
+    scores, index_a, index_b = combine_topk(best_a, best_b, pair_rank_a, pair_rank_b, BLOCK_T, P_PAD, K_PAD)
+    if EXACT:
+        scores = (exact_half_scores(q1, keys_head, index_a, dk, DK_PAD)
+                  + exact_half_scores(q2, keys_head + dk, index_b, dk, DK_PAD))
+    return scores, index_a, index_b
+
+
+@triton.jit
+def product_key_topk_kernel(
+    queries_ptr,      # (T, heads, 2, dk), strides (stride_t, stride_h, stride_p, 1)
+    keys_ptr,         # (heads or 1, n, 2, dk) contiguous; key_head_stride = 0 when shared
+    pairs_ptr,        # (2, P_PAD) int32: ranks (a, b) of the admissible pairs, -1 = padding
+    scores_ptr,       # (T, heads, k) fp32, or fp64 when EXACT
+    ids_ptr,          # (T, heads, k) int64: a*n + b + head*id_head_offset
+    gates_ptr,        # (T, heads, k) like scores; untouched when GATING == 0
+    T, heads, n, dk, k, stride_t, stride_h, stride_p, key_head_stride, id_head_offset,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, KS_PAD: tl.constexpr,
+    P_PAD: tl.constexpr, K_PAD: tl.constexpr, GATING: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EXACT: tl.constexpr,
+):
+    head = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pair_rank_a = tl.load(pairs_ptr + tl.arange(0, P_PAD))
+    pair_rank_b = tl.load(pairs_ptr + P_PAD + tl.arange(0, P_PAD))
+    scores, index_a, index_b = retrieve_tile(
+        queries_ptr, keys_ptr, pair_rank_a, pair_rank_b, offs_t, head, T, n, dk,
+        stride_t, stride_h, stride_p, key_head_stride,
+        BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, P_PAD, K_PAD, INPUT_PRECISION, UPCAST_DOT, EXACT)
+    offs_k = tl.arange(0, K_PAD)
+    out = (offs_t[:, None].to(tl.int64) * heads + head) * k + offs_k[None, :]
+    mask = (offs_t[:, None] < T) & (offs_k[None, :] < k)
+    tl.store(scores_ptr + out, scores, mask=mask)
+    ids = index_a.to(tl.int64) * n + index_b + (head * id_head_offset).to(tl.int64)
+    tl.store(ids_ptr + out, ids, mask=mask)
+    if GATING != GATING_NONE:
+        tl.store(gates_ptr + out, apply_gating(scores, offs_k[None, :] < k, GATING), mask=mask)
+
+
+@triton.jit
+def product_key_topk_backward_kernel(
+    queries_ptr,      # (T, heads, 2, dk), strides (stride_t, stride_h, stride_p, 1)
+    keys_ptr,         # (heads or 1, n, 2, dk) contiguous
+    ids_ptr,          # (T, heads, k) int64, as written by the forward (with its head offset)
+    scores_ptr,       # (T, heads, k) forward scores (read for relu gating)
+    gates_ptr,        # (T, heads, k) forward gates (read when GATING != 0)
+    dscores_ptr,      # (T, heads, k) or a dummy when HAS_DSCORES is False
+    dgates_ptr,       # (T, heads, k) or a dummy when GATING == 0
+    dqueries_ptr,     # (T, heads, 2, dk) contiguous out, fp32 (fp64 for fp64 inputs): the accumulation dtype
+    dkeys_ptr,        # (heads or 1, n, 2, dk) like dqueries, zero-initialised
+    T, heads, n, dk, k, stride_t, stride_h, stride_p, key_head_stride, id_head_offset,
+    BLOCK_T: tl.constexpr, DK_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    GATING: tl.constexpr, HAS_DSCORES: tl.constexpr,
+):
+    """dscores = dscores_in + gating'(dgates); then, along the picks, dq += ds * key row and
+    dkeys[row] += ds * q (fp32/fp64 atomics: many tokens pick the same sub-key)."""
+    head = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, K_PAD)
+    offs_d = tl.arange(0, DK_PAD)
+    t_valid = offs_t < T
+    col_valid = offs_k[None, :] < k
+    mask = t_valid[:, None] & col_valid
+    out = (offs_t[:, None].to(tl.int64) * heads + head) * k + offs_k[None, :]
+    ids = tl.load(ids_ptr + out, mask=mask, other=0) - head.to(tl.int64) * id_head_offset
+    ids = tl.where(mask, ids, 0)
+    dscores = tl.zeros((BLOCK_T, K_PAD), dtype=dqueries_ptr.dtype.element_ty)
+    if HAS_DSCORES:
+        dscores += tl.load(dscores_ptr + out, mask=mask, other=0.0)
+    if GATING != GATING_NONE:
+        gates = tl.load(gates_ptr + out, mask=mask, other=0.0)
+        scores = tl.load(scores_ptr + out, mask=mask, other=0.0)
+        dgates = tl.load(dgates_ptr + out, mask=mask, other=0.0)
+        dscores += gating_backward(dgates, gates, scores, col_valid, GATING)
+    dscores = tl.where(mask, dscores, 0.0)
+    keys_head = keys_ptr + head * key_head_stride
+    dkeys_head = dkeys_ptr + head * key_head_stride
+    d_mask = t_valid[:, None] & (offs_d[None, :] < dk)
+    for half in tl.static_range(2):
+        q = load_query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p,
+                            DK_PAD).to(dscores.dtype)
+        if half == 0:
+            sub = ids // n
+        else:
+            sub = ids % n
+        dq = tl.zeros((BLOCK_T, DK_PAD), dtype=dscores.dtype)
+        for j in range(k):
+            pick = offs_k[None, :] == j
+            ds_j = tl.sum(tl.where(pick, dscores, 0.0), axis=1)
+            row = tl.sum(tl.where(pick, sub, 0), axis=1) * 2 + half
+            key_offs = row[:, None] * dk + offs_d[None, :]
+            key_rows = tl.load(keys_head + key_offs, mask=d_mask, other=0.0).to(dscores.dtype)
+            dq += ds_j[:, None] * key_rows
+            # relaxed: only the sum matters, not ordering against other memory
+            tl.atomic_add(dkeys_head + key_offs, ds_j[:, None] * q, mask=d_mask, sem="relaxed")
+        q_row = (offs_t.to(tl.int64) * heads + head) * 2 + half
+        tl.store(dqueries_ptr + q_row[:, None] * dk + offs_d[None, :], dq, mask=d_mask)

@@ -1,0 +1,63 @@
+"""Launch helpers shared by the op families: accumulation dtypes, constexpr ids, block-size picks,
+device checks and torch.library registration. Nothing here launches a kernel."""
+import torch
+import triton
+
+from ..reference import ACTIVATIONS
+
+LIBRARY = "peer_kernels"
+
+
+def custom_op(name, mutates_args=()):
+    """torch.library.custom_op in this package's namespace: the op is opaque to torch.compile
+    (no graph break) and dispatches to the same Python launcher on every device."""
+    return torch.library.custom_op(f"{LIBRARY}::{name}", mutates_args=mutates_args)
+
+
+def accumulate_dtype(dtype):
+    """fp64 stays fp64 (gradcheck); every other float accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def activation_id(activation):
+    """The ACTIVATION constexpr of the kernels: the index in reference.ACTIVATIONS."""
+    return ACTIVATIONS.index(activation)
+
+
+def check_launchable(t, kernel):
+    """Triton needs CUDA tensors, or CPU tensors with the interpreter on (then `kernel`, defined
+    under TRITON_INTERPRET=1, is no JITFunction)."""
+    if t.device.type != "cuda" and isinstance(kernel, triton.runtime.JITFunction):
+        raise ValueError(
+            f"x: expected a CUDA tensor for the Triton ops (or TRITON_INTERPRET=1 set before import), "
+            f"got device {t.device}")
+
+
+def contiguous(*tensors):
+    return tuple(t.contiguous() for t in tensors)
+
+
+def gather_tile(num_tokens, slots, dim, acc_dtype=torch.float32, atomic=False):
+    """(BLOCK_T, BLOCK_S, BLOCK_D, num_warps) for kernels that gather `slots` table rows per token.
+
+    A program covers BLOCK_T tokens x all their slots, so every row is loaded once; BLOCK_T grows
+    only when h*k is small, to keep >= 64 rows per program. The (BLOCK_T, BLOCK_S, BLOCK_D) row tile
+    holds up to 8192 fp32 values, 64 per thread at 4 warps: eight 128-bit loads in flight per thread
+    for 16-bit tables. fp64 halves it, and atomics (one 64-bit address per 4 values, live until the
+    atomic issues) quarter it, so that nothing spills (checked on the SASS by tests/test_experts.py).
+    """
+    budget = 8192 * 4 // acc_dtype.itemsize // (4 if atomic else 1)
+    block_s = triton.next_power_of_2(slots)
+    block_t = min(triton.next_power_of_2(num_tokens), max(1, 64 // block_s))
+    block_d = min(triton.next_power_of_2(dim), max(16, budget // (block_t * block_s)))
+    num_warps = min(16, max(4, block_t * block_s * block_d // budget * 4))
+    return block_t, block_s, block_d, num_warps
+
+
+def row_tile(dim, rows_per_expert):
+    """(BLOCK_N, BLOCK_D, num_warps) for the expert-major reduction: BLOCK_N slots of one row at a
+    time, sized to the mean number of slots per expert (about 1 at the paper's shapes); two
+    (BLOCK_N, BLOCK_D) accumulators of at most 2048 values each, 16 per thread."""
+    block_d = min(triton.next_power_of_2(dim), 1024)
+    block_n = min(triton.next_power_of_2(max(1, round(rows_per_expert))), max(1, 2048 // block_d))
+    return block_n, block_d, 4

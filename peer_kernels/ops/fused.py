@@ -1,0 +1,133 @@
+"""peer_fused: everything after the query projection (retrieval, gating, expert mixing) as one
+torch.library op, with the reference's signature (peer_kernels.reference.peer_fused).
+
+Two forward paths with the same outputs, saved tensors and backward:
+- one_pass=True (default): kernels/fused.py, one launch per layer;
+- one_pass=False: the two-kernel path, retrieval with fused gating (ops/retrieval.py) then the expert
+  kernel (ops/experts.py); kept as the fallback and the comparison for bench/.
+Saved for backward: x, queries, ids, scores, gates and z = w_down[e] . x, O(T*(d + h*(dk + k))).
+The backward is the expert op's backward (dx, dgates, dw_down, dw_up; `deterministic` as there)
+followed by the retrieval backward driven by dgates (dqueries, dkeys).
+"""
+import torch
+import triton
+
+from .._checks import check_fused
+from ..kernels import fused as kernels
+from . import _launch, experts, retrieval
+
+
+def one_pass_config(T, heads, d, n, dk, k, k_sub, dtype, activation, gating, interpreted=retrieval.INTERPRETED,
+                    block_t=32):
+    """(constexprs, num_warps) of peer_fused_kernel: the retrieval's token tile and padding
+    (ops/retrieval.retrieval_config) and the expert kernel's gather tile (_launch.gather_tile),
+    whose token count MIX_T must divide the retrieval tile.
+
+    block_t = 32 tokens and 8 warps, from the SASS at the paper's shapes (bf16, h=8, n=1024, dk=128,
+    k=k'=16, d=1024): 64 tokens leave T/64 = 128 programs, fewer than the SMs; 32 tokens spill on
+    sm_80 at 4 warps and 16 tokens spill on sm_90 at 4 warps; 32 tokens at 8 warps spill on neither
+    (178 registers on sm_90, 227 on sm_80). Not yet timed on a GPU.
+    """
+    config, _ = retrieval.retrieval_config(n, dk, k, k_sub, dtype, interpreted, block_t)
+    mix_t, block_s, block_d, _ = _launch.gather_tile(T, heads * k, d, _launch.accumulate_dtype(dtype))
+    config.update(D=d, ACTIVATION=_launch.activation_id(activation), GATING=retrieval.GATING_CODES[gating],
+                  MIX_T=min(mix_t, config["BLOCK_T"]), BLOCK_S=block_s, BLOCK_D=block_d)
+    return config, 8
+
+
+def _one_pass(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
+    T, h, _, dk = queries.shape
+    n = keys.shape[1]
+    acc = _launch.accumulate_dtype(x.dtype)
+    y = torch.empty_like(x)
+    scores = torch.empty((T, h, k), device=x.device, dtype=acc)
+    ids = torch.empty((T, h, k), device=x.device, dtype=torch.int64)
+    gates = torch.empty((T, h, k), device=x.device, dtype=acc)
+    z = torch.empty((T, h * k), device=x.device, dtype=acc)
+    if T == 0:
+        return y, scores, ids, gates, z
+    queries, (stride_t, stride_h, stride_p) = retrieval.query_strides(queries)
+    config, num_warps = one_pass_config(T, h, x.shape[1], n, dk, k, k_sub, x.dtype, activation, gating)
+    pairs = retrieval.pair_table(k, k_sub, config["P_PAD"], x.device)
+    kernels.peer_fused_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
+        x, queries, keys, pairs, w_down, w_up, y, scores, ids, gates, z,
+        T, h, n, dk, k, stride_t, stride_h, stride_p, retrieval.key_head_stride(keys),
+        id_head_offset, num_warps=num_warps, **config)
+    return y, scores, ids, gates, z
+
+
+def _two_kernel(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
+    scores, ids, gates = retrieval.launch_retrieve(queries, keys, k, k_sub, gating, id_head_offset)
+    y, z = experts._forward(x, ids, gates, w_down, w_up, activation)
+    return y, scores, ids, gates, z
+
+
+@_launch.custom_op("fused_forward")
+def fused_forward(x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, w_down: torch.Tensor,
+                  w_up: torch.Tensor, k: int, k_sub: int, gating: str, activation: str, id_head_offset: int,
+                  one_pass: bool, deterministic: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, scores, ids, gates, z); inputs validated, x / keys / tables contiguous."""
+    _launch.check_launchable(x, kernels.peer_fused_kernel)
+    path = _one_pass if one_pass else _two_kernel
+    return path(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset)
+
+
+@fused_forward.register_fake
+def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, one_pass, deterministic):
+    T, h = queries.shape[:2]
+    acc = _launch.accumulate_dtype(x.dtype)
+    scalars = x.new_empty((T, h, k), dtype=acc)
+    return (torch.empty_like(x), scalars, x.new_empty((T, h, k), dtype=torch.int64), torch.empty_like(scalars),
+            x.new_empty((T, h * k), dtype=acc))
+
+
+@_launch.custom_op("fused_backward")
+def fused_backward(dy: torch.Tensor, x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
+                   w_down: torch.Tensor, w_up: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
+                   gates: torch.Tensor, z: torch.Tensor, gating: str, activation: str, id_head_offset: int,
+                   deterministic: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dqueries, dkeys, dw_down, dw_up)."""
+    dx, dgates, dw_down, dw_up = experts._backward(
+        dy.contiguous(), x, ids, gates, z, w_down, w_up, activation, deterministic)
+    dqueries, dkeys = retrieval.launch_retrieve_backward(
+        None, dgates, queries, keys, ids, scores, gates, gating, id_head_offset)
+    return dx, dqueries, dkeys, dw_down, dw_up
+
+
+@fused_backward.register_fake
+def _(dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, gating, activation, id_head_offset, deterministic):
+    return (torch.empty_like(x), torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(w_down),
+            torch.empty_like(w_up))
+
+
+def _setup_context(ctx, inputs, output):
+    x, queries, keys, w_down, w_up, _, _, gating, activation, id_head_offset, _, deterministic = inputs
+    _, scores, ids, gates, z = output
+    ctx.save_for_backward(x, queries, keys, w_down, w_up, scores, ids, gates, z)
+    ctx.options = (gating, activation, id_head_offset, deterministic)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, dy, *_):
+    dx, dqueries, dkeys, dw_down, dw_up = fused_backward(dy, *ctx.saved_tensors, *ctx.options)
+    return dx, dqueries, dkeys, dw_down, dw_up, None, None, None, None, None, None, None
+
+
+fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
+               separate_embed_per_head=False, one_pass=True, deterministic=False):
+    """Retrieval, gating and expert mixing: same contract as peer_kernels.reference.peer_fused.
+
+    x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) -> y (T, d).
+    one_pass=False runs the two-kernel path; deterministic=True makes the expert-table gradients
+    bitwise reproducible (the key gradients still use atomics).
+    """
+    k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head)
+    id_head_offset = keys.shape[1] ** 2 if separate_embed_per_head else 0
+    x, keys, w_down, w_up = _launch.contiguous(x, keys, w_down, w_up)
+    return fused_forward(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
+                         bool(one_pass), bool(deterministic))[0]

@@ -1,0 +1,247 @@
+"""peer_kernels.ops.product_key_topk (and the gated variant ops.retrieval.retrieve) against the
+reference oracle.
+
+Without a GPU the kernels run under the interpreter, whose tl.sort/tl.topk are slow per element: the
+shapes stay at one or two token tiles and few heads. test_aot_* compile every kernel configuration
+the launchers pick at the paper's and at odd shapes for sm_80 / sm_90 and check the SASS.
+"""
+import pytest
+import torch
+
+import aot
+from conftest import DEVICE
+from peer_kernels import reference
+from peer_kernels.ops import product_key_topk
+from peer_kernels.ops import retrieval as ops
+from utils import poison_empty, rel_rms_error
+
+
+def make_inputs(T, h, key_heads, n, dk, dtype=torch.float32, module_layout=True):
+    """Random queries / keys. With module_layout the queries are the module's (T, 2, h, dk) projection
+    seen as (T, h, 2, dk): a non-contiguous view the kernels read in place."""
+    if module_layout:
+        queries = torch.randn(T, 2, h, dk, device=DEVICE, dtype=dtype).transpose(1, 2)
+    else:
+        queries = torch.randn(T, h, 2, dk, device=DEVICE, dtype=dtype)
+    keys = torch.randn(key_heads, n, 2, dk, device=DEVICE, dtype=dtype)
+    return queries, keys
+
+
+def sub_scores_of(queries, keys, ids, n):
+    """s1[a] + s2[b] of the picked ids, from the reference's sub-key scores (float64)."""
+    sub = reference.sub_key_scores(queries.double(), keys.double())  # (T, h, 2, n)
+    return sub[:, :, 0].gather(-1, ids // n) + sub[:, :, 1].gather(-1, ids % n)
+
+
+# (T, h, key heads, n, dk, k, k_sub): n = 13 and k = 5 are not powers of two, dk = 24 / 20 neither;
+# k_sub runs from k to n; n = 37 streams three key tiles; T = 20 spans two token tiles.
+CASES = [
+    (16, 2, 2, 13, 24, 5, 5),
+    (16, 2, 1, 13, 24, 5, 13),
+    (20, 1, 1, 37, 20, 5, 8),
+    (8, 1, 1, 13, 20, 9, 3),     # k = k_sub**2: every candidate pair is kept
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-h{}-kh{}-n{}-dk{}-k{}-ks{}".format(*c))
+def test_matches_reference(case, monkeypatch):
+    T, h, key_heads, n, dk, k, k_sub = case
+    queries, keys = make_inputs(T, h, key_heads, n, dk)
+    expected_scores, expected_ids = reference.product_key_topk(queries, keys, k, k_sub)
+    poison_empty(monkeypatch)
+    scores, ids = product_key_topk(queries, keys, k, k_sub)
+    assert scores.dtype == torch.float32 and ids.dtype == torch.int64
+    assert scores.shape == ids.shape == (T, h, k)
+    assert (scores[..., :-1] >= scores[..., 1:]).all(), "scores must be sorted descending"
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    # Random fp32 inputs have no exact ties, so the sets must agree exactly.
+    assert torch.equal(ids.sort(-1).values, expected_ids.sort(-1).values)
+    torch.testing.assert_close(sub_scores_of(queries, keys, ids, n), scores.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_scores_are_exact():
+    queries, keys = make_inputs(16, 2, 2, 13, 20, torch.float64)
+    scores, ids = product_key_topk(queries, keys, 5, 7)
+    expected_scores, expected_ids = reference.product_key_topk(queries, keys, 5, 7)
+    assert scores.dtype == torch.float64
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ids.sort(-1).values, expected_ids.sort(-1).values)
+
+
+def test_bfloat16_by_score():
+    """bf16 sub-scores can tie after rounding, so the picks are compared by their exact scores."""
+    queries, keys = make_inputs(16, 2, 2, 13, 32, torch.bfloat16)
+    scores, ids = product_key_topk(queries, keys, 5, 6)
+    expected_scores, _ = reference.product_key_topk(queries, keys, 5, 6)
+    assert scores.dtype == torch.float32
+    assert rel_rms_error(scores, expected_scores) < 1e-5
+    assert rel_rms_error(sub_scores_of(queries, keys, ids, 13), expected_scores) < 1e-5
+
+
+def test_exact_ties_follow_the_documented_rule():
+    """All sub-keys equal: every half ranks by index and the combine by (rank a, rank b), so the picks
+    are (0, 0), (0, 1), ... (0, k-1) when k <= k_sub, i.e. ids 0..k-1 in order, for every token."""
+    T, h, n, dk, k = 16, 2, 13, 16, 5
+    queries = torch.randn(T, h, 2, dk, device=DEVICE)
+    keys = torch.randn(1, 1, 2, dk, device=DEVICE).expand(h, n, 2, dk).contiguous()
+    scores, ids = product_key_topk(queries, keys, k, 6)
+    assert torch.equal(ids, torch.arange(k, device=DEVICE).expand(T, h, k))
+    assert (scores == scores[..., :1]).all()
+
+
+def test_ties_between_candidate_sums_go_to_the_better_ranked_pair():
+    """Integer scores make sums tie exactly; the picks must still be a valid top-k (same sorted
+    scores as the reference) and be reproducible."""
+    T, h, n, dk, k, k_sub = 16, 1, 13, 16, 5, 4
+    queries = torch.randint(-2, 3, (T, h, 2, dk), device=DEVICE).float()
+    keys = torch.randint(-2, 3, (h, n, 2, dk), device=DEVICE).float()
+    scores, ids = product_key_topk(queries, keys, k, k_sub)
+    expected_scores, _ = reference.product_key_topk(queries, keys, k, k_sub)
+    assert torch.equal(scores, expected_scores)
+    assert torch.equal(sub_scores_of(queries, keys, ids, n).float(), scores)
+    again = product_key_topk(queries, keys, k, k_sub)
+    assert torch.equal(again[1], ids)
+
+
+def _grads(fn, queries, keys, k, k_sub, dscores):
+    leaves = [queries.detach().clone().requires_grad_(), keys.detach().clone().requires_grad_()]
+    scores, ids = fn(*leaves, k, k_sub)
+    return scores, ids, torch.autograd.grad(scores, leaves, dscores)
+
+
+@pytest.mark.parametrize("key_heads", [2, 1], ids=["per-head", "shared"])
+def test_gradients_match_reference(key_heads, monkeypatch):
+    queries, keys = make_inputs(20, 2, key_heads, 13, 12, torch.float64)
+    dscores = torch.randn(20, 2, 5, device=DEVICE, dtype=torch.float64)
+    _, expected_ids, expected = _grads(reference.product_key_topk, queries, keys, 5, 6, dscores)
+    poison_empty(monkeypatch)
+    _, ids, actual = _grads(product_key_topk, queries, keys, 5, 6, dscores)
+    # The same picks in the same order, so the gradients must agree slot for slot.
+    assert torch.equal(ids, expected_ids)
+    for name, a, e in zip(("dqueries", "dkeys"), actual, expected):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11, msg=name)
+
+
+def test_gradcheck():
+    queries, keys = make_inputs(6, 2, 2, 5, 4, torch.float64)
+    queries.requires_grad_()
+    keys.requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, kk: product_key_topk(q, kk, 3, 2)[0], (queries, keys),
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("gating", reference.GATINGS)
+def test_gating_epilogue(gating, monkeypatch):
+    queries, keys = make_inputs(16, 2, 2, 13, 12, torch.float64)
+    dscores = torch.randn(16, 2, 5, device=DEVICE, dtype=torch.float64)
+    dgates = torch.randn(16, 2, 5, device=DEVICE, dtype=torch.float64)
+
+    def run(fn):
+        leaves = [queries.detach().clone().requires_grad_(), keys.detach().clone().requires_grad_()]
+        scores, ids, gates = fn(*leaves)
+        grads = torch.autograd.grad((scores * dscores).sum() + (gates * dgates).sum(), leaves)
+        return scores, ids, gates, grads
+
+    def expected_fn(q, kk):
+        scores, ids = reference.product_key_topk(q, kk, 5, 6)
+        return scores, ids, reference.gate(scores, gating)
+
+    expected = run(expected_fn)
+    poison_empty(monkeypatch)
+    actual = run(lambda q, kk: ops.retrieve(q, kk, 5, 6, gating))
+    assert torch.equal(actual[1], expected[1])
+    torch.testing.assert_close(actual[2], expected[2], rtol=1e-11, atol=1e-11)
+    for a, e in zip(actual[3], expected[3]):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
+
+
+def test_opcheck():
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the op."""
+    queries, keys = make_inputs(4, 1, 1, 5, 8, torch.float64)
+    queries.requires_grad_()
+    keys.requires_grad_()
+    torch.library.opcheck(ops._retrieve_op, (queries, keys, 3, 2, "softmax", 0))
+
+
+def test_separate_embed_offsets():
+    queries, keys = make_inputs(16, 3, 3, 13, 12)
+    _, ids = product_key_topk(queries, keys, 5, 5)
+    _, offset_ids, _ = ops.retrieve(queries, keys, 5, 5, "softmax", 169)
+    assert torch.equal(offset_ids, reference.head_offsets(ids, 169))
+
+
+def test_empty_batch():
+    queries, keys = make_inputs(0, 2, 2, 13, 12)
+    queries.requires_grad_()
+    keys.requires_grad_()
+    scores, ids = product_key_topk(queries, keys, 5, 5)
+    assert scores.shape == ids.shape == (0, 2, 5)
+    dq, dk = torch.autograd.grad(scores.sum(), (queries, keys))
+    assert dq.shape == queries.shape and torch.equal(dk, torch.zeros_like(keys))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(k=10, k_sub=3), ValueError, "k_sub\\*\\*2"),
+    (dict(k_sub=14), ValueError, "k_sub"),
+    (dict(keys=torch.randn(3, 13, 2, 12)), ValueError, "keys"),
+    (dict(keys=torch.randn(2, 13, 2, 10)), ValueError, "keys"),
+    (dict(keys=torch.randn(2, 13, 2, 12, dtype=torch.float64)), TypeError, "keys"),
+    (dict(queries=torch.randn(4, 2, 3, 12)), ValueError, "queries"),
+    (dict(queries=torch.randint(0, 3, (4, 2, 2, 12))), TypeError, "queries"),
+    (dict(k=0), ValueError, "k "),
+])
+def test_bad_inputs_raise(change, error, match):
+    args = dict(queries=torch.randn(4, 2, 2, 12), keys=torch.randn(2, 13, 2, 12), k=5, k_sub=5)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        product_key_topk(args["queries"], args["keys"], args["k"], args["k_sub"])
+
+
+# ---- ahead-of-time compilation for real GPUs ------------------------------------------------------
+
+def _retrieval_jobs():
+    """The configs the launchers pick: the paper's (bf16, n=1024, dk=128, k=k'=16) forward and
+    backward on both archs, and the forward of an odd one (n=13, dk=24, k=5, k'=7, relu gating) and of
+    float64 (gradcheck on a GPU). Compiling is slow on a CI machine, hence not the full product."""
+    common = ["T", "heads", "n", "dk", "k", "stride_t", "stride_h", "stride_p", "key_head_stride", "id_head_offset"]
+    # ints the launcher passes that are multiples of 16 at the paper's shapes; Triton specializes
+    # them at launch the same way
+    aligned_ints = ["dk", "stride_t", "stride_h", "stride_p", "key_head_stride"]
+    jobs = []
+    for dtype, n, dk, k, k_sub, gating, arches in [
+            (torch.bfloat16, 1024, 128, 16, 16, "softmax", aot.ARCHS),
+            (torch.float32, 13, 24, 5, 7, "relu", (80,)),
+            (torch.float64, 13, 24, 5, 7, "sigmoid", (90,))]:
+        t = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        config, warps = ops.retrieval_config(n, dk, k, k_sub, dtype, interpreted=False)
+        fwd = {"queries_ptr": f"*{t}", "keys_ptr": f"*{t}", "pairs_ptr": "*i32", "scores_ptr": f"*{acc}",
+               "ids_ptr": "*i64", "gates_ptr": f"*{acc}", **{name: "i32" for name in common}}
+        bwd = {"queries_ptr": f"*{t}", "keys_ptr": f"*{t}", "ids_ptr": "*i64",
+               **{name: f"*{acc}" for name in ("scores_ptr", "gates_ptr", "dscores_ptr", "dgates_ptr",
+                                               "dqueries_ptr", "dkeys_ptr")},
+               **{name: "i32" for name in common}}
+        paper = n == 1024
+        for arch in arches:
+            kernels = [("product_key_topk_kernel", fwd, dict(config, GATING=ops.GATING_CODES[gating]), warps)]
+            if paper:
+                kernels.append(("product_key_topk_backward_kernel", bwd, dict(
+                    ops.backward_config(dk, k), GATING=ops.GATING_CODES[gating], HAS_DSCORES=True), 4))
+            for kernel, sig, consts, w in kernels:
+                jobs.append(dict(module="peer_kernels.kernels.retrieval", kernel=kernel, signature=sig,
+                                 constexprs=consts, arch=arch, num_warps=w,
+                                 aligned=[a for a in sig if a.endswith("_ptr")] + (aligned_ints if paper else []),
+                                 paper=paper))
+    return jobs
+
+
+def test_aot_compiles_without_spills():
+    jobs = _retrieval_jobs()
+    reports = aot.compile_report([{key: v for key, v in job.items() if key != "paper"} for job in jobs])
+    for job, stats in zip(jobs, reports):
+        label = aot.describe(job)
+        assert stats["instructions"] > 0, label
+        if job["paper"]:
+            assert stats["stl"] == 0 and stats["ldl"] == 0 and stats["local_bytes"] == 0, (label, stats)
+            assert stats["ldg128"] > 0, (label, stats)  # 128-bit loads of key / query rows
