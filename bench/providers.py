@@ -139,7 +139,7 @@ PROVIDERS = {
     "triton": (("retrieval", "experts", "layer"), build_triton),
     "triton-1pass": (("fused",), functools.partial(build_triton, one_pass=True)),
     "triton-2kernel": (("fused",), functools.partial(build_triton, one_pass=False)),
-    "triton-det": (("experts",), functools.partial(build_triton, deterministic=True)),
+    "triton-atomic": (("experts", "fused"), functools.partial(build_triton, deterministic=False)),
     "csrc": (("retrieval", "experts", "fused", "layer"), build_csrc),
     "embedding_bag": (("experts",), build_embedding_bag),
     "peer-pytorch": (("layer",), build_peer_pytorch),

@@ -3,14 +3,14 @@
 Forward saves x, expert_ids, gates and z = w_down[e] . x (T, h*k): O(T*(d + h*k)), never the gathered
 (T, h, k, d) rows. Backward re-reads the rows token-major for dx and dgates; the table gradients are
 dense (E, d) like nn.Embedding's and come from either
-- atomics (default): fp32 atomic adds fused into the token-major pass, one read of the rows in all;
-  16-bit tables accumulate in an fp32 (E, d) scratch that is cast at the end; or
-- deterministic=True: slots are stably sorted by expert id and one program per (row, d chunk) sums its
-  slots in that order with no atomics on gradient data: bitwise reproducible run to run.
-The default follows the team brief: no GPU was at hand to measure. Byte counts at the paper's shapes
-favour deterministic=True for 16-bit tables: atomics need a 2 x (E, d) fp32 scratch (8.6 GB there)
-that is zeroed, read-modify-written and cast, while the sorted pass reads x / dy rows (32 MB, L2
-resident) and writes each table row once. bench/ should settle it on real hardware.
+- deterministic=True (default): slots are stably sorted by expert id and one program per (row, d chunk)
+  sums its slots in that order with no atomics on gradient data: bitwise reproducible run to run; or
+- deterministic=False: fp32 atomic adds fused into the token-major pass, one read of the rows in all;
+  16-bit tables accumulate in an fp32 (E, d) scratch that is cast at the end.
+Why the sorted pass is the default: byte counts at the paper's shapes (no GPU has timed both yet).
+Atomics need a 2 x (E, d) fp32 scratch for 16-bit tables (8.6 GB there) that is zeroed,
+read-modify-written and cast, about 30 GB of traffic; the sorted pass reads x / dy rows (32 MB, L2
+resident) and writes each table row once (4.3 GB). bench/ times both (`triton` vs `triton-atomic`).
 """
 import torch
 import triton
@@ -24,7 +24,7 @@ def _slots(expert_ids):
     return expert_ids.shape[1] * expert_ids.shape[2]
 
 
-def _forward(x, expert_ids, gates, w_down, w_up, activation):
+def launch_forward(x, expert_ids, gates, w_down, w_up, activation):
     """y (T, d) in x's dtype and z (T, h*k) in the accumulation dtype."""
     T, D = x.shape
     S = _slots(expert_ids)
@@ -42,7 +42,7 @@ def _forward(x, expert_ids, gates, w_down, w_up, activation):
     return y, z
 
 
-def _backward(dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic):
+def launch_backward(dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic):
     """(dx, dgates, dw_down, dw_up) in the dtypes of (x, gates, w_down, w_up)."""
     T, D = x.shape
     S = _slots(expert_ids)
@@ -90,7 +90,7 @@ def experts_forward(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tens
     # Here rather than in peer_experts: this runs eagerly even inside a torch.compile'd graph.
     _checks.check_expert_ids(expert_ids, w_down.shape[0])
     # no-ops after peer_experts; they guard direct callers of the op
-    return _forward(*_launch.contiguous(x, expert_ids, gates, w_down, w_up), activation)
+    return launch_forward(*_launch.contiguous(x, expert_ids, gates, w_down, w_up), activation)
 
 
 @experts_forward.register_fake
@@ -104,7 +104,7 @@ def experts_backward(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor
                      z: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, activation: str,
                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # autograd hands over broadcast or strided gradients (e.g. from .sum())
-    return _backward(*_launch.contiguous(dy, x, expert_ids, gates, z, w_down, w_up), activation, deterministic)
+    return launch_backward(*_launch.contiguous(dy, x, expert_ids, gates, z, w_down, w_up), activation, deterministic)
 
 
 @experts_backward.register_fake
@@ -130,12 +130,12 @@ def _backward_rule(ctx, dy, _dz):
 experts_forward.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", deterministic=False):
+def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", deterministic=True):
     """Fused single-neuron expert mixing, same contract as peer_kernels.reference.peer_experts.
 
     x (T, d), expert_ids (T, h, k) int32/int64, gates (T, h, k) any float dtype, w_down / w_up (E, d)
-    in x's dtype -> y (T, d) in x's dtype. deterministic=True makes the table gradients bitwise
-    reproducible (sorted, atomic-free reduction).
+    in x's dtype -> y (T, d) in x's dtype. deterministic=True (default) makes the table gradients
+    bitwise reproducible (sorted, atomic-free reduction); False accumulates them with fp32 atomics.
     """
     _checks.check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=False)
     x, expert_ids, gates, w_down, w_up = _launch.contiguous(x, expert_ids, gates, w_down, w_up)

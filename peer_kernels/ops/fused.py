@@ -58,7 +58,7 @@ def _one_pass(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_h
 
 def _two_kernel(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
     scores, ids, gates = retrieval.launch_retrieve(queries, keys, k, k_sub, gating, id_head_offset)
-    y, z = experts._forward(x, ids, gates, w_down, w_up, activation)
+    y, z = experts.launch_forward(x, ids, gates, w_down, w_up, activation)
     return y, scores, ids, gates, z
 
 
@@ -89,7 +89,7 @@ def fused_backward(dy: torch.Tensor, x: torch.Tensor, queries: torch.Tensor, key
                    deterministic: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dqueries, dkeys, dw_down, dw_up)."""
-    dx, dgates, dw_down, dw_up = experts._backward(
+    dx, dgates, dw_down, dw_up = experts.launch_backward(
         dy.contiguous(), x, ids, gates, z, w_down, w_up, activation, deterministic)
     dqueries, dkeys = retrieval.launch_retrieve_backward(
         None, dgates, queries, keys, ids, scores, gates, gating, id_head_offset)
@@ -119,7 +119,7 @@ fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False, one_pass=True, deterministic=False):
+               separate_embed_per_head=False, one_pass=True, deterministic=True):
     """Retrieval, gating and expert mixing: same contract as peer_kernels.reference.peer_fused.
 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) -> y (T, d).
