@@ -174,13 +174,4 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
 }  // namespace
 }  // namespace peer
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "PEER forward/backward with plain CUDA kernels (csrc_reference/peer_cuda.cu)";
-  m.def("retrieval_forward", &peer::retrieval_forward, "queries, keys, k, k_sub -> scores, expert_ids");
-  m.def("retrieval_backward", &peer::retrieval_backward, "dscores, queries, keys, expert_ids -> dqueries, dkeys");
-  m.def("experts_forward", &peer::experts_forward, "x, expert_ids, gates, w_down, w_up, activation -> y, z");
-  m.def("experts_backward", &peer::experts_backward,
-        "dy, x, expert_ids, gates, z, w_down, w_up, activation -> dx, dgates, dw_down, dw_up");
-  m.def("gates_forward", &peer::gates_forward, "scores (..., k), gating -> gates");
-  m.def("gates_backward", &peer::gates_backward, "scores, gates, dgates, gating -> dscores");
-}
+PEER_BIND_EXTENSION("PEER forward/backward with plain CUDA kernels (csrc_reference/peer_cuda.cu)")

@@ -45,3 +45,18 @@ inline int64_t check_retrieval(const at::Tensor& queries, const at::Tensor& keys
 }
 
 }  // namespace peer
+
+// Both extensions bind the same functions under the same names, so peer_kernels/csrc.py drives
+// either; each translation unit defines them (in peer::) before expanding this.
+#define PEER_BIND_EXTENSION(DOC)                                                                         \
+  PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {                                                           \
+    m.doc() = DOC;                                                                                     \
+    m.def("retrieval_forward", &peer::retrieval_forward, "queries, keys, k, k_sub -> scores, expert_ids"); \
+    m.def("retrieval_backward", &peer::retrieval_backward,                                             \
+          "dscores, queries, keys, expert_ids -> dqueries, dkeys");                                    \
+    m.def("experts_forward", &peer::experts_forward, "x, expert_ids, gates, w_down, w_up, activation -> y, z"); \
+    m.def("experts_backward", &peer::experts_backward,                                                 \
+          "dy, x, expert_ids, gates, z, w_down, w_up, activation -> dx, dgates, dw_down, dw_up");      \
+    m.def("gates_forward", &peer::gates_forward, "scores (..., k), gating -> gates");                  \
+    m.def("gates_backward", &peer::gates_backward, "scores, gates, dgates, gating -> dscores");        \
+  }
