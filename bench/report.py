@@ -63,11 +63,9 @@ def table(meta, rows):
         out += ["", shape, _table(headers, body)]
     notes = ["", "ms: median; IQR %: interquartile range / median; x ref / x peer-pt: their ms / this ms (> 1 is faster); GB/s: expert-row bytes "
              "(T*h*k*2*d*bytes, x2 backward, x3 both) / ms; % copy: of the copy bandwidth above; peak MiB: "
-             "max_memory_allocated beyond the inputs; rel err: relative RMS error against the "
+             "memory allocated at the peak beyond the inputs (GPU: max_memory_allocated; CPU: the running sum "
+             "of the profiler's allocation records, per op); rel err: relative RMS error against the "
              "reference, outputs and gradients; (fp32): within tolerance only when run in float32."]
-    if not any(r["peak_bytes"] is not None for r in rows):
-        notes.append("peak MiB is '-' on a CPU: torch's CPU allocator keeps no peak counter, tracemalloc does not "
-                     "see its memory, and ru_maxrss is a high-water mark over the whole process.")
     return "\n".join(out + notes)
 
 

@@ -80,12 +80,13 @@ def median(times_ms):
 
 
 def peak_memory_bytes(device, phases, item):
-    """Extra device memory at the peak up to the end of each phase, beyond what was allocated
-    before the iteration (weights and inputs excluded): torch.cuda.max_memory_allocated. None on a
-    CPU, where torch's allocator keeps no peak counter (tracemalloc does not see it, and ru_maxrss
-    is a high-water mark over the whole process: one process per case would be needed)."""
+    """Extra memory at the peak up to the end of each phase, beyond what was allocated before the
+    iteration (weights and inputs excluded). GPU: torch.cuda.max_memory_allocated. CPU: torch's
+    allocator keeps no peak counter there, so the profiler records every allocation and free
+    (profile_memory=True) and the peak of the running sum is taken; each op's net allocation is
+    counted at its start, so a temporary allocated and freed inside one op is not seen."""
     if device.type != "cuda":
-        return [None] * len(phases)
+        return _cpu_peak_bytes(phases, item)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -95,6 +96,25 @@ def peak_memory_bytes(device, phases, item):
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device) - before)
     return peaks
+
+
+def _cpu_peak_bytes(phases, item):
+    labels = [f"bench_phase_{i}" for i in range(len(phases))]
+    state = item
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        for label, phase in zip(labels, phases):
+            with torch.profiler.record_function(label):
+                state = phase(state)
+    del state
+    events = prof.events()
+    phase_ends = [max(e.time_range.end for e in events if e.name == label) for label in labels]
+    peaks, live, peak = [], 0, 0
+    for event in sorted(events, key=lambda e: e.time_range.start):
+        while len(peaks) < len(phase_ends) and event.time_range.start > phase_ends[len(peaks)]:
+            peaks.append(peak)
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peaks + [peak] * (len(phases) - len(peaks))
 
 
 def copy_bandwidth_gbps(device):
