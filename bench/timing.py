@@ -5,8 +5,11 @@ later phase what the one before returned, and each phase is timed on its own, so
 iteration yields the forward, the backward and their sum. Input sets are used round-robin, several
 of them, so that the L2 cache holds none when it comes round again.
 """
+import contextlib
 import math
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -98,10 +101,26 @@ def peak_memory_bytes(device, phases, item):
     return peaks
 
 
+@contextlib.contextmanager
+def _silenced_stderr():
+    """The profiler's C++ side writes a start and a stop line to fd 2 each time; keep them out of the
+    progress lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _cpu_peak_bytes(phases, item):
     labels = [f"bench_phase_{i}" for i in range(len(phases))]
     state = item
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _silenced_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                    profile_memory=True) as prof:
         for label, phase in zip(labels, phases):
             with torch.profiler.record_function(label):
                 state = phase(state)

@@ -1,0 +1,60 @@
+"""bench/ end to end on its tiny preset: every CPU provider passes its check against the reference
+and gets its rows, and the result files carry what bench/results/README.md promises."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROVIDERS = ["reference", "csrc", "embedding_bag", "peer-pytorch"]
+
+
+def _bench(*args, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = _bench("--preset", "smoke", "--providers", *PROVIDERS, "--out", str(out), "--no-plots")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = out.glob("smoke-*.json")
+    return done.stdout, json.loads(result.read_text()), result
+
+
+def test_every_provider_is_checked_and_timed(smoke_run):
+    stdout, result, _ = smoke_run
+    rows = result["rows"]
+    expected_ops = {"reference": {"retrieval", "experts", "fused", "layer"}, "csrc": {"retrieval", "experts", "fused", "layer"},
+                    "embedding_bag": {"experts"}, "peer-pytorch": {"layer"}}
+    if not any(r["provider"] == "csrc" for r in rows):  # no compiler: csrc must then say why it was skipped
+        assert any(s["provider"] == "csrc" for s in result["skipped"])
+        expected_ops.pop("csrc")
+    for provider, ops in expected_ops.items():
+        for op in ops:
+            modes = {r["mode"] for r in rows if r["provider"] == provider and r["op"] == op}
+            assert modes == {"forward", "backward", "forward+backward"}, (provider, op)
+    for row in rows:
+        assert row["median_ms"] > 0 and len(row["times_ms"]) == row["reps"] >= 1
+        assert row["error"] < 1e-3, row  # fp32 against the reference
+    assert "layer" in stdout and "peer-pytorch" in stdout  # the table is printed
+
+
+def test_result_metadata(smoke_run):
+    _, result, path = smoke_run
+    meta = result["meta"]
+    for key in ("device_name", "torch", "triton", "git_commit", "copy_gbps", "date"):
+        assert meta[key], key
+    assert path.with_suffix(".csv").exists()
+
+
+def test_compare_two_results(smoke_run):
+    _, _, path = smoke_run
+    done = _bench("--compare", str(path), str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reference" in done.stdout
