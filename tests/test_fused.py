@@ -102,6 +102,33 @@ def test_one_pass_equals_two_kernel():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_kernel"])
+def test_gpu_float32_at_many_tiles(one_pass):
+    """Block sizes of a real GPU (64-token retrieval tiles, 64-key tiles, gather tiles over d=256):
+    several tiles of each, n not a multiple of the key tile, forward and every gradient."""
+    inputs = make_inputs(T=300, h=4, key_heads=4, n=100, dk=64, d=256, dtype=torch.float32)
+    options = dict(k=16, k_sub=16)
+    expected, dy = forward_and_grads(reference.peer_fused, inputs, **options)
+    actual, _ = forward_and_grads(peer_fused, inputs, dy=dy, one_pass=one_pass, **options)
+    for name, a, e in zip(NAMES, actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_bfloat16_at_paper_shapes():
+    """T=512 tokens of SPEC's paper shape (d=1024, N=1024**2, h=8, k=k'=16, dk=128): retrieval by
+    score, then the layer against the reference run on the kernel's own picks."""
+    x, queries, keys, w_down, w_up = make_inputs(T=512, h=8, key_heads=8, n=1024, dk=128, d=1024,
+                                                 dtype=torch.bfloat16)
+    scores, _ = reference.product_key_topk(queries, keys, 16)
+    kernel_scores, kernel_ids = retrieval_ops.product_key_topk(queries, keys, 16)
+    assert rel_rms_error(kernel_scores, scores) < 1e-5
+    expected = reference.peer_experts(x, kernel_ids, reference.gate(kernel_scores, "softmax"), w_down, w_up)
+    for one_pass in (True, False):
+        assert rel_rms_error(peer_fused(x, queries, keys, w_down, w_up, 16, one_pass=one_pass), expected) < 1e-2
+
+
 def test_gradcheck():
     x, queries, keys, w_down, w_up = make_inputs(T=5, h=2, n=3, dk=4, d=6)
     leaves = [t.detach().clone().requires_grad_() for t in (x, queries, keys, w_down, w_up)]
