@@ -201,17 +201,17 @@ def test_compile_fullgraph_does_not_break():
 def test_aot_one_pass_kernel_at_paper_shapes():
     """bf16, T=8192, d=1024, h=8, n=1024, dk=128, k=k'=16, softmax, GELU: no spills, 128-bit loads."""
     n, dk, k, heads, d = 1024, 128, 16, 8, 1024
-    consts, warps = fused_ops.one_pass_config(8192, heads, d, n, dk, k, k, torch.bfloat16, "gelu", "softmax",
-                                              interpreted=False)
     ints = ["T", "heads", "n", "dk", "k", "stride_t", "stride_h", "stride_p", "key_head_stride", "id_head_offset"]
     ptrs = {"x_ptr": "*bf16", "queries_ptr": "*bf16", "keys_ptr": "*bf16", "pairs_ptr": "*i32", "w_down_ptr": "*bf16",
             "w_up_ptr": "*bf16", "y_ptr": "*bf16", "scores_ptr": "*fp32", "ids_ptr": "*i64", "gates_ptr": "*fp32",
             "z_ptr": "*fp32"}
-    jobs = [dict(module="peer_kernels.kernels.fused", kernel="peer_fused_kernel",
-                 signature={**ptrs, **{name: "i32" for name in ints}}, constexprs=consts, arch=arch,
-                 num_warps=warps,
-                 aligned=list(ptrs) + ["dk", "stride_t", "stride_h", "stride_p", "key_head_stride"])
-            for arch in aot.ARCHS]
+    jobs = []
+    for arch in aot.ARCHS:
+        consts, launch = fused_ops.one_pass_config(8192, heads, d, n, dk, k, k, torch.bfloat16, "gelu", "softmax",
+                                                  arch, interpreted=False)
+        jobs.append(dict(module="peer_kernels.kernels.fused", kernel="peer_fused_kernel",
+                         signature={**ptrs, **{name: "i32" for name in ints}}, constexprs=consts, arch=arch, **launch,
+                         aligned=list(ptrs) + ["dk", "stride_t", "stride_h", "stride_p", "key_head_stride"]))
     for job, stats in zip(jobs, aot.compile_report(jobs)):
         label = aot.describe(job)
         assert stats["stl"] == 0 and stats["ldl"] == 0 and stats["local_bytes"] == 0, (label, stats)

@@ -68,14 +68,72 @@ def test_float64_scores_are_exact():
     assert torch.equal(ids.sort(-1).values, expected_ids.sort(-1).values)
 
 
-def test_bfloat16_by_score():
-    """bf16 sub-scores can tie after rounding, so the picks are compared by their exact scores."""
-    queries, keys = make_inputs(16, 2, 2, 13, 32, torch.bfloat16)
-    scores, ids = product_key_topk(queries, keys, 5, 6)
-    expected_scores, _ = reference.product_key_topk(queries, keys, 5, 6)
+# (T, h, key heads, n, dk, k, k_sub): one key tile; three key tiles; n = 5 < k_sub's padding of 8
+BF16_CASES = [(16, 2, 2, 13, 32, 5, 6), (20, 1, 1, 40, 24, 8, 8), (8, 2, 1, 5, 16, 9, 5)]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: "T{}-h{}-kh{}-n{}-dk{}-k{}-ks{}".format(*c))
+def test_bfloat16_by_score(case, monkeypatch):
+    """bf16 sub-scores can tie after rounding, and 16-bit inputs select on floored scores, so the
+    picks are compared by score; the scores returned must be the exact scores of the ids returned."""
+    T, h, key_heads, n, dk, k, k_sub = case
+    queries, keys = make_inputs(T, h, key_heads, n, dk, torch.bfloat16)
+    expected_scores, _ = reference.product_key_topk(queries, keys, k, k_sub)
+    poison_empty(monkeypatch)
+    scores, ids = product_key_topk(queries, keys, k, k_sub)
     assert scores.dtype == torch.float32
+    assert (scores[..., :-1] >= scores[..., 1:]).all(), "scores must be sorted descending"
+    assert ((ids >= 0) & (ids < n * n)).all()
     assert rel_rms_error(scores, expected_scores) < 1e-5
-    assert rel_rms_error(sub_scores_of(queries, keys, ids, 13), expected_scores) < 1e-5
+    torch.testing.assert_close(sub_scores_of(queries, keys, ids, n), scores.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_16_bit_selection_floors_scores_then_rescores():
+    """Three sub-keys per half score 1 + 2**-22, 1 + 2**-21 and 1 + 2**-20 (indices 3, 5, 7), all in
+    one bucket of the int32 selection key at n = 40 (6 index bits floor away 6 of the fp32 score's
+    23 mantissa bits), and k' = 2. bf16 inputs keep the two smaller indices, as for a tie, then
+    re-score them exactly: the pick is (5, 5), within the floor's 2**-17 relative bound of the true
+    best (7, 7), which float32 inputs, selected on exact keys, pick."""
+    n, dk = 40, 16
+    half = torch.zeros(n, dk)
+    half[:, 0] = -1.0
+    for index, tail in ((3, 2.0 ** -22), (5, 2.0 ** -21), (7, 2.0 ** -20)):
+        half[index, 0], half[index, 1] = 1.0, tail
+    keys = torch.stack([half, half], dim=1)[None].to(DEVICE)     # (1, n, 2, dk)
+    queries = torch.zeros(4, 1, 2, dk, device=DEVICE)
+    queries[..., :2] = 1.0
+    expected_scores, expected_ids = reference.product_key_topk(queries, keys, 1, 2)
+    assert (expected_ids == 7 * n + 7).all() and (expected_scores == 2 + 2.0 ** -19).all()
+    scores, ids = product_key_topk(queries, keys, 1, 2)
+    assert torch.equal(ids, expected_ids) and torch.equal(scores, expected_scores)
+    scores, ids = product_key_topk(queries.bfloat16(), keys.bfloat16(), 1, 2)
+    assert (ids == 5 * n + 5).all()
+    assert (scores == 2 + 2.0 ** -20).all()
+    assert ((expected_scores - scores) <= 2.0 ** -17 * expected_scores).all()
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the other tests run these block sizes on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_block_sizes_under_the_interpreter(dtype, monkeypatch):
+    """The interpreter normally gets 16x16 tiles; here the kernel runs with the block sizes a GPU
+    gets (64 tokens; 128 keys per tile with int32 keys, 64 with int64), over a partial token tile
+    and a partial last key tile, so their masking and index fields are checked before any GPU run."""
+    gpu_config = ops.retrieval_config
+
+    def config(n, dk, k, k_sub, dtype, arch, **kwargs):
+        constexprs, launch = gpu_config(n, dk, k, k_sub, dtype, 90, interpreted=False)
+        return dict(constexprs, UPCAST_DOT=dtype in (torch.float16, torch.bfloat16)), launch
+
+    monkeypatch.setattr(ops, "retrieval_config", config)
+    T, n, dk, k = 40, 130, 16, 16
+    queries, keys = make_inputs(T, 1, 1, n, dk, dtype)
+    assert config(n, dk, k, k, dtype, 90)[0]["BLOCK_N"] == (128 if dtype == torch.bfloat16 else 64)
+    expected_scores, expected_ids = reference.product_key_topk(queries, keys, k)
+    poison_empty(monkeypatch)
+    scores, ids = product_key_topk(queries, keys, k)
+    assert rel_rms_error(scores, expected_scores) < 1e-6
+    assert torch.equal(ids.sort(-1).values, expected_ids.sort(-1).values)
+    torch.testing.assert_close(sub_scores_of(queries, keys, ids, n), scores.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_exact_ties_follow_the_documented_rule():
@@ -200,10 +258,15 @@ def test_bad_inputs_raise(change, error, match):
 
 # ---- ahead-of-time compilation for real GPUs ------------------------------------------------------
 
+# Shared memory a block may use: sm_80 (A100) 163 KB, sm_90 (H100) 227 KB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
 def _retrieval_jobs():
     """The configs the launchers pick: the paper's (bf16, n=1024, dk=128, k=k'=16) forward and
-    backward on both archs, and the forward of an odd one (n=13, dk=24, k=5, k'=7, relu gating) and of
-    float64 (gradcheck on a GPU). Compiling is slow on a CI machine, hence not the full product."""
+    backward on both archs; the forward at dk=512 on sm_80, whose shared memory is the smallest; the
+    forward of an odd one (n=13, dk=24, k=5, k'=7, relu gating) and of float64 (gradcheck on a GPU).
+    Compiling is slow on a CI machine, hence not the full product."""
     common = ["T", "heads", "n", "dk", "k", "stride_t", "stride_h", "stride_p", "key_head_stride", "id_head_offset"]
     # ints the launcher passes that are multiples of 16 at the paper's shapes; Triton specializes
     # them at launch the same way
@@ -211,27 +274,29 @@ def _retrieval_jobs():
     jobs = []
     for dtype, n, dk, k, k_sub, gating, arches in [
             (torch.bfloat16, 1024, 128, 16, 16, "softmax", aot.ARCHS),
+            (torch.bfloat16, 1024, 512, 16, 16, "softmax", (80,)),
             (torch.float32, 13, 24, 5, 7, "relu", (80,)),
             (torch.float64, 13, 24, 5, 7, "sigmoid", (90,))]:
         t = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
         acc = "fp64" if dtype == torch.float64 else "fp32"
-        config, warps = ops.retrieval_config(n, dk, k, k_sub, dtype, interpreted=False)
         fwd = {"queries_ptr": f"*{t}", "keys_ptr": f"*{t}", "pairs_ptr": "*i32", "scores_ptr": f"*{acc}",
                "ids_ptr": "*i64", "gates_ptr": f"*{acc}", **{name: "i32" for name in common}}
         bwd = {"queries_ptr": f"*{t}", "keys_ptr": f"*{t}", "ids_ptr": "*i64",
                **{name: f"*{acc}" for name in ("scores_ptr", "gates_ptr", "dscores_ptr", "dgates_ptr",
                                                "dqueries_ptr", "dkeys_ptr")},
                **{name: "i32" for name in common}}
-        paper = n == 1024
+        paper = (n, dk) == (1024, 128)
         for arch in arches:
-            kernels = [("product_key_topk_kernel", fwd, dict(config, GATING=ops.GATING_CODES[gating]), warps)]
+            config, launch = ops.retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=False)
+            kernels = [("product_key_topk_kernel", fwd, dict(config, GATING=ops.GATING_CODES[gating]), launch)]
             if paper:
                 kernels.append(("product_key_topk_backward_kernel", bwd, dict(
-                    ops.backward_config(dk, k), GATING=ops.GATING_CODES[gating], HAS_DSCORES=True), 4))
-            for kernel, sig, consts, w in kernels:
+                    ops.backward_config(dk, k), GATING=ops.GATING_CODES[gating], HAS_DSCORES=True),
+                    dict(num_warps=4)))
+            for kernel, sig, consts, options in kernels:
                 jobs.append(dict(module="peer_kernels.kernels.retrieval", kernel=kernel, signature=sig,
-                                 constexprs=consts, arch=arch, num_warps=w,
-                                 aligned=[a for a in sig if a.endswith("_ptr")] + (aligned_ints if paper else []),
+                                 constexprs=consts, arch=arch, **options,
+                                 aligned=[a for a in sig if a.endswith("_ptr")] + (aligned_ints if n == 1024 else []),
                                  paper=paper))
     return jobs
 
@@ -242,6 +307,7 @@ def test_aot_compiles_without_spills():
     for job, stats in zip(jobs, reports):
         label = aot.describe(job)
         assert stats["instructions"] > 0, label
+        assert stats["shared_bytes"] <= SHARED_LIMIT[job["arch"]], (label, stats)
         if job["paper"]:
             assert stats["stl"] == 0 and stats["ldl"] == 0 and stats["local_bytes"] == 0, (label, stats)
             assert stats["ldg128"] > 0, (label, stats)  # 128-bit loads of key / query rows

@@ -2,14 +2,23 @@
 and gating, forward and backward (SPEC sections 1 and 3). Pure @triton.jit; launchers live in
 peer_kernels/ops/retrieval.py.
 
-Selection works on packed int64 keys: the high 32 bits are an order-preserving integer image of the
+Selection works on packed integer keys, so that `tl.sort`/`tl.topk` carry the index along with the
+score for free. Exact keys are int64: the high 32 bits are an order-preserving integer image of the
 fp32 score, the low 32 bits are (2**31 - 1 - index). One signed int64 comparison therefore orders by
-score first and, among exactly equal scores, prefers the SMALLER index; `tl.sort`/`tl.topk` carry
-the index along with the score for free, and the score is recovered bit-exactly from the key.
+score first and, among exactly equal scores, prefers the SMALLER index, and the score is recovered
+bit-exactly from the key.
+
+16-bit inputs stream their sub-key scores through int32 keys instead (INDEX_BITS > 0): the score's
+image floored to 32 - INDEX_BITS bits, then (2**INDEX_BITS - 1 - index). Every compare, select and
+shuffle of the sorting networks, which are nearly all of the retrieval's instructions, then moves
+one 32-bit register instead of two. The floor keeps 13 mantissa bits at n = 1024 (11 at n = 4096,
+the launcher's limit), finer than the 8 (bf16) or 11 (fp16) bits of the inputs whose products make
+the score. The k' survivors of each half are re-scored exactly in fp32 from their key rows and
+re-ranked on int64 keys, so everything after the per-half selection is exact.
 
 Tie rule (deterministic, documented in ops/retrieval.py): each half ranks its sub-keys by
-(score desc, sub-key index asc); the combine ranks candidate pairs by (s1 + s2 desc, rank in the
-first half asc, rank in the second half asc).
+(score desc, sub-key index asc), on the floored scores when INDEX_BITS > 0; the combine ranks
+candidate pairs by (s1 + s2 desc, rank in the first half asc, rank in the second half asc).
 
 Candidate pruning: with both halves sorted, pair (i, j) (ranks) is beaten by every (i', j') with
 i' <= i, j' <= j under the tie rule above, i.e. by (i+1)(j+1) - 1 others, so only pairs with
@@ -53,6 +62,29 @@ def pack_lowest(index):
 
 
 @triton.jit
+def pack_select(score, index, valid, INDEX_BITS: tl.constexpr):
+    """The streaming selection's key: pack / pack_lowest (int64) when INDEX_BITS == 0, else the int32
+    key (floored score image | 2**INDEX_BITS - 1 - index); the lowest int32 key is -2**31 | that."""
+    if INDEX_BITS == 0:
+        return tl.where(valid, pack(score, index), pack_lowest(index))
+    else:
+        low_max = (1 << INDEX_BITS) - 1
+        order = tl.where(valid, _order_key(score.to(tl.float32)), -2147483648)
+        # The arithmetic shift floors. For index <= low_max, low_max - index == (index ^ low_max) &
+        # low_max; the & keeps the masked rows past n of a key tile out of the score bits.
+        return ((order >> INDEX_BITS) << INDEX_BITS) | ((index ^ low_max) & low_max)
+
+
+@triton.jit
+def unpack_select_index(packed, INDEX_BITS: tl.constexpr):
+    if INDEX_BITS == 0:
+        return unpack_index(packed)
+    else:
+        low_max = (1 << INDEX_BITS) - 1
+        return (packed & low_max) ^ low_max
+
+
+@triton.jit
 def unpack_score(packed):
     return _order_key((packed >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
 
@@ -63,22 +95,25 @@ def unpack_index(packed):
 
 
 @triton.jit
-def half_topk(q, keys_ptr, n, dk,
+def half_topk(queries_ptr, keys_ptr, offs_t, half, head, T, n, dk, stride_t, stride_h, stride_p,
               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, KS_PAD: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+              INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr):
     """The top KS_PAD sub-keys of one half for a tile of queries, streamed over tiles of keys.
 
-    q (BLOCK_T, DK_PAD) one half of the queries (zero past dk); keys_ptr -> (n, 2, dk) rows of this
-    half (row stride 2*dk). Returns packed keys (BLOCK_T, KS_PAD) sorted descending. The
-    (BLOCK_T, n) scores only ever exist one BLOCK_N tile at a time, in registers. UPCAST_DOT feeds
-    tl.dot fp32 operands (same products, exact in fp32): the Triton interpreter's 16-bit tl.dot is
-    wrong (triton 3.9).
+    queries_ptr as in load_query_half; keys_ptr -> (n, 2, dk) rows of this half (row stride 2*dk).
+    Returns int64 packed keys (BLOCK_T, KS_PAD) of fp32 scores, sorted descending. The (BLOCK_T, n)
+    scores only ever exist one BLOCK_N tile at a time, in registers. UPCAST_DOT feeds tl.dot fp32
+    operands (same products, exact in fp32): the Triton interpreter's 16-bit tl.dot is wrong
+    (triton 3.9).
     """
+    q = load_query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p, 0, DK_PAD)
     if UPCAST_DOT:
         q = q.to(tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DK_PAD)
-    best = tl.broadcast_to(pack_lowest(tl.arange(0, KS_PAD))[None, :], (BLOCK_T, KS_PAD))
+    ranks = tl.arange(0, KS_PAD)
+    no_score = tl.full((BLOCK_T, KS_PAD), float("-inf"), tl.float32)
+    best = pack_select(no_score, ranks[None, :], ranks[None, :] < 0, INDEX_BITS)
     for start in range(0, n, BLOCK_N):
         rows = start + offs_n
         key_tile = tl.load(keys_ptr + rows[:, None].to(tl.int64) * (2 * dk) + offs_d[None, :],
@@ -86,23 +121,31 @@ def half_topk(q, keys_ptr, n, dk,
         if UPCAST_DOT:
             key_tile = key_tile.to(tl.float32)
         scores = tl.dot(q, tl.trans(key_tile), input_precision=INPUT_PRECISION)  # (BLOCK_T, BLOCK_N)
-        packed = tl.where(rows[None, :] < n, pack(scores, rows[None, :]), pack_lowest(rows[None, :]))
-        tile_best = tl.topk(packed, KS_PAD, dim=1)
+        tile_best = tl.topk(pack_select(scores, rows[None, :], rows[None, :] < n, INDEX_BITS), KS_PAD, dim=1)
         # best is descending and tile_best reversed is ascending: their elementwise max holds the
-        # top KS_PAD of the union (a bitonic sequence), so one sort restores the invariant.
-        best = tl.sort(tl.maximum(best, tl.flip(tile_best, 1)), 1, descending=True)
+        # top KS_PAD of the union and is a bitonic sequence, which a bitonic merge (log2 KS_PAD
+        # compare-exchange rounds, not a full sort's log2 KS_PAD * (log2 KS_PAD + 1) / 2) sorts.
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(tile_best, 1)), 1, descending=True)
+    if INDEX_BITS != 0:
+        # Past rank n - 1 (n < KS_PAD) the list holds padding, which must stay below every score.
+        index = unpack_select_index(best, INDEX_BITS)
+        exact = rescore(queries_ptr, keys_ptr, index, offs_t, half, head, T, n, dk, stride_t, stride_h,
+                        stride_p, DK_PAD, False)
+        best = tl.sort(pack_select(exact, index, ranks[None, :] < n, 0), 1, descending=True)
     return best
 
 
 @triton.jit
-def combine_topk(best_a, best_b, pair_rank_a, pair_rank_b,
-                 BLOCK_T: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr):
+def combine_topk(best_a, best_b, pairs_ptr, BLOCK_T: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr):
     """The top K_PAD of the candidate pairs of two per-half top lists.
 
-    best_a / best_b (BLOCK_T, KS_PAD) packed, descending; pair_rank_a / pair_rank_b (P_PAD,) int32
-    ranks of the admissible pairs in lexicographic order, -1 for padding. Returns scores
-    (BLOCK_T, K_PAD) fp32 descending and the sub-key indices a, b (BLOCK_T, K_PAD) int32.
+    best_a / best_b (BLOCK_T, KS_PAD) packed, descending; pairs_ptr -> (2, P_PAD) int32 ranks (a, b)
+    of the admissible pairs in lexicographic order, -1 for padding (read here, from L1, rather than
+    held in registers across the one-pass kernel's loop over heads).
+    Returns scores (BLOCK_T, K_PAD) fp32 descending and the sub-key indices a, b (BLOCK_T, K_PAD) int32.
     """
+    pair_rank_a = tl.load(pairs_ptr + tl.arange(0, P_PAD))
+    pair_rank_b = tl.load(pairs_ptr + P_PAD + tl.arange(0, P_PAD))
     valid = pair_rank_a >= 0
     rank_a = tl.broadcast_to(tl.maximum(pair_rank_a, 0)[None, :], (BLOCK_T, P_PAD))
     rank_b = tl.broadcast_to(tl.maximum(pair_rank_b, 0)[None, :], (BLOCK_T, P_PAD))
@@ -119,14 +162,26 @@ def combine_topk(best_a, best_b, pair_rank_a, pair_rank_b,
 
 
 @triton.jit
-def exact_half_scores(q, keys_ptr, index, dk, DK_PAD: tl.constexpr):
-    """q (BLOCK_T, DK_PAD) . keys rows `index` (BLOCK_T, K_PAD) in q's dtype: (BLOCK_T, K_PAD).
+def rescore(queries_ptr, keys_ptr, index, offs_t, half, head, T, n, dk, stride_t, stride_h, stride_p,
+            DK_PAD: tl.constexpr, FLOAT64: tl.constexpr):
+    """Exact scores of picked sub-keys: index (BLOCK_T, W) int32 rows of keys_ptr (-> (n, 2, dk),
+    this half) dotted with this half of the queries, in fp64 when FLOAT64 else fp32: (BLOCK_T, W).
 
-    Used for float64, whose selection ran on fp32-rounded keys but whose scores must be exact."""
-    offs_d = tl.arange(0, DK_PAD)
-    rows = tl.load(keys_ptr + index[:, :, None].to(tl.int64) * (2 * dk) + offs_d[None, None, :],
-                   mask=offs_d[None, None, :] < dk, other=0.0)
-    return tl.sum(rows * q[:, None, :], axis=2)
+    dk is walked 8 wide (one 16-byte load per bf16 row chunk) in a loop that is not unrolled, so
+    that the (BLOCK_T, W, 8) gathered rows add few registers to the one-pass kernel's peak (unrolled,
+    it spilled on sm_90 under triton 3.6); the query chunks are re-read from L1 rather than sliced
+    out of registers."""
+    CHUNK: tl.constexpr = 8
+    offs_c = tl.arange(0, CHUNK)
+    row_offs = index[:, :, None].to(tl.int64) * (2 * dk)
+    row_valid = index[:, :, None] < n
+    acc = tl.zeros(index.shape, dtype=tl.float64 if FLOAT64 else tl.float32)
+    for d0 in range(0, DK_PAD, CHUNK):
+        q = load_query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p, d0, CHUNK)
+        rows = tl.load(keys_ptr + row_offs + (d0 + offs_c)[None, None, :],
+                       mask=row_valid & ((d0 + offs_c)[None, None, :] < dk), other=0.0)
+        acc += tl.sum(rows.to(acc.dtype) * q.to(acc.dtype)[:, None, :], axis=2)
+    return acc
 
 
 @triton.jit
@@ -155,34 +210,38 @@ def gating_backward(dgates, gates, scores, col_valid, GATING: tl.constexpr):
 
 
 @triton.jit
-def load_query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p,
-                    DK_PAD: tl.constexpr):
+def load_query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p, d0,
+                    WIDTH: tl.constexpr):
     """queries (T, heads, 2, dk), unit stride in dk (any other strides: the module's queries are a
-    transposed view of the projection) -> one half of one head: (BLOCK_T, DK_PAD), zero-padded."""
-    offs_d = tl.arange(0, DK_PAD)
+    transposed view of the projection) -> columns [d0, d0 + WIDTH) of one half of one head:
+    (BLOCK_T, WIDTH), zero past dk."""
+    offs_d = d0 + tl.arange(0, WIDTH)
     row = offs_t.to(tl.int64) * stride_t + head * stride_h + half * stride_p
     return tl.load(queries_ptr + row[:, None] + offs_d[None, :],
                    mask=(offs_t[:, None] < T) & (offs_d[None, :] < dk), other=0.0)
 
 
 @triton.jit
-def retrieve_tile(queries_ptr, keys_ptr, pair_rank_a, pair_rank_b, offs_t, head, T, n, dk,
+def retrieve_tile(queries_ptr, keys_ptr, pairs_ptr, offs_t, head, T, n, dk,
                   stride_t, stride_h, stride_p, key_head_stride,
                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr,
                   KS_PAD: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EXACT: tl.constexpr):
+                  INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr,
+                  EXACT: tl.constexpr):
     """Retrieval for a tile of tokens and one head: scores (BLOCK_T, K_PAD) descending (in the
-    queries' dtype when EXACT, else fp32) and sub-key indices a, b (BLOCK_T, K_PAD) int32."""
+    queries' dtype when EXACT, else fp32) and sub-key indices a, b (BLOCK_T, K_PAD) int32.
+    EXACT (float64) re-scores the picks in float64: selection and combine ran on fp32 scores."""
     keys_head = keys_ptr + head * key_head_stride
-    q1 = load_query_half(queries_ptr, offs_t, 0, head, T, dk, stride_t, stride_h, stride_p, DK_PAD)
-    q2 = load_query_half(queries_ptr, offs_t, 1, head, T, dk, stride_t, stride_h, stride_p, DK_PAD)
-    best_a = half_topk(q1, keys_head, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT)
-    best_b = half_topk(q2, keys_head + dk, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION,
-                       UPCAST_DOT)
-    scores, index_a, index_b = combine_topk(best_a, best_b, pair_rank_a, pair_rank_b, BLOCK_T, P_PAD, K_PAD)
+    best_a = half_topk(queries_ptr, keys_head, offs_t, 0, head, T, n, dk, stride_t, stride_h, stride_p,
+                       BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
+    best_b = half_topk(queries_ptr, keys_head + dk, offs_t, 1, head, T, n, dk, stride_t, stride_h, stride_p,
+                       BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
+    scores, index_a, index_b = combine_topk(best_a, best_b, pairs_ptr, BLOCK_T, P_PAD, K_PAD)
     if EXACT:
-        scores = (exact_half_scores(q1, keys_head, index_a, dk, DK_PAD)
-                  + exact_half_scores(q2, keys_head + dk, index_b, dk, DK_PAD))
+        scores = (rescore(queries_ptr, keys_head, index_a, offs_t, 0, head, T, n, dk, stride_t, stride_h,
+                          stride_p, DK_PAD, True)
+                  + rescore(queries_ptr, keys_head + dk, index_b, offs_t, 1, head, T, n, dk, stride_t,
+                            stride_h, stride_p, DK_PAD, True))
     return scores, index_a, index_b
 
 
@@ -197,16 +256,14 @@ def product_key_topk_kernel(
     T, heads, n, dk, k, stride_t, stride_h, stride_p, key_head_stride, id_head_offset,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, KS_PAD: tl.constexpr,
     P_PAD: tl.constexpr, K_PAD: tl.constexpr, GATING: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EXACT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr, EXACT: tl.constexpr,
 ):
     head = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    pair_rank_a = tl.load(pairs_ptr + tl.arange(0, P_PAD))
-    pair_rank_b = tl.load(pairs_ptr + P_PAD + tl.arange(0, P_PAD))
     scores, index_a, index_b = retrieve_tile(
-        queries_ptr, keys_ptr, pair_rank_a, pair_rank_b, offs_t, head, T, n, dk,
+        queries_ptr, keys_ptr, pairs_ptr, offs_t, head, T, n, dk,
         stride_t, stride_h, stride_p, key_head_stride,
-        BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, P_PAD, K_PAD, INPUT_PRECISION, UPCAST_DOT, EXACT)
+        BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, P_PAD, K_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, EXACT)
     offs_k = tl.arange(0, K_PAD)
     out = (offs_t[:, None].to(tl.int64) * heads + head) * k + offs_k[None, :]
     mask = (offs_t[:, None] < T) & (offs_k[None, :] < k)
@@ -258,7 +315,7 @@ def product_key_topk_backward_kernel(
     d_mask = t_valid[:, None] & (offs_d[None, :] < dk)
     for half in tl.static_range(2):
         q = load_query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p,
-                            DK_PAD).to(dscores.dtype)
+                            0, DK_PAD).to(dscores.dtype)
         if half == 0:
             sub = ids // n
         else:

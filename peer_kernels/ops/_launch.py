@@ -33,6 +33,14 @@ def check_launchable(t, kernel):
             f"got device {t.device}")
 
 
+def cuda_arch(device):
+    """The SM version of a CUDA device (80 for an A100, 90 for an H100); 0 for other devices."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def contiguous(*tensors):
     return tuple(t.contiguous() for t in tensors)
 

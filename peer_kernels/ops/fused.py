@@ -17,22 +17,23 @@ from ..kernels import fused as kernels
 from . import _launch, experts, retrieval
 
 
-def one_pass_config(T, heads, d, n, dk, k, k_sub, dtype, activation, gating, interpreted=retrieval.INTERPRETED,
-                    block_t=32):
-    """(constexprs, num_warps) of peer_fused_kernel: the retrieval's token tile and padding
+def one_pass_config(T, heads, d, n, dk, k, k_sub, dtype, activation, gating, arch,
+                    interpreted=retrieval.INTERPRETED, block_t=32):
+    """(constexprs, launch options) of peer_fused_kernel: the retrieval's token tile and padding
     (ops/retrieval.retrieval_config) and the expert kernel's gather tile (_launch.gather_tile),
     whose token count MIX_T must divide the retrieval tile.
 
     block_t = 32 tokens and 8 warps, from the SASS at the paper's shapes (bf16, h=8, n=1024, dk=128,
     k=k'=16, d=1024): 64 tokens leave T/64 = 128 programs, fewer than the SMs; 32 tokens spill on
     sm_80 at 4 warps and 16 tokens spill on sm_90 at 4 warps; 32 tokens at 8 warps spill on neither
-    (178 registers on sm_90, 227 on sm_80). Not yet timed on a GPU.
+    (triton 3.9: 212 registers on sm_90, 208 on sm_80; triton 3.6: 197 and 224) with key tiles of
+    64; 128 spill on sm_80. Not yet timed on a GPU.
     """
-    config, _ = retrieval.retrieval_config(n, dk, k, k_sub, dtype, interpreted, block_t)
+    config, launch = retrieval.retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted, block_t, max_block_n=64)
     mix_t, block_s, block_d, _ = _launch.gather_tile(T, heads * k, d, _launch.accumulate_dtype(dtype))
     config.update(D=d, ACTIVATION=_launch.activation_id(activation), GATING=retrieval.GATING_CODES[gating],
                   MIX_T=min(mix_t, config["BLOCK_T"]), BLOCK_S=block_s, BLOCK_D=block_d)
-    return config, 8
+    return config, dict(launch, num_warps=8)
 
 
 def _one_pass(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
@@ -47,12 +48,13 @@ def _one_pass(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_h
     if T == 0:
         return y, scores, ids, gates, z
     queries, (stride_t, stride_h, stride_p) = retrieval.query_strides(queries)
-    config, num_warps = one_pass_config(T, h, x.shape[1], n, dk, k, k_sub, x.dtype, activation, gating)
+    config, launch = one_pass_config(T, h, x.shape[1], n, dk, k, k_sub, x.dtype, activation, gating,
+                                     _launch.cuda_arch(x.device))
     pairs = retrieval.pair_table(k, k_sub, config["P_PAD"], x.device)
     kernels.peer_fused_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
         x, queries, keys, pairs, w_down, w_up, y, scores, ids, gates, z,
         T, h, n, dk, k, stride_t, stride_h, stride_p, retrieval.key_head_stride(keys),
-        id_head_offset, num_warps=num_warps, **config)
+        id_head_offset, **launch, **config)
     return y, scores, ids, gates, z
 
 

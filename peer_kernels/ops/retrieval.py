@@ -9,7 +9,11 @@ top k' sub-keys ranked by (score desc, sub-key index asc); the k'*k' candidates 
 (s1 + s2 desc, rank of a asc, rank of b asc). Scores are computed in fp32 (tl.dot, fp32
 accumulation) and returned in fp32; float64 inputs are selected on fp32-rounded scores and their
 returned scores recomputed exactly in float64 (gradcheck), so near-ties within fp32 rounding may
-come out in a different order than a float64 sort would give.
+come out in a different order than a float64 sort would give. bf16/fp16 inputs with n <=
+MAX_N_INT32_KEYS rank each half on int32 keys, i.e. on scores floored to 32 - INDEX_BITS bits of
+their fp32 image (kernels/retrieval.py), then re-rank the k' survivors on exact fp32 scores: a
+half's pick can differ from the exact one only among scores within that floor (2**-13 relative at
+n = 1024), and the scores returned are always the exact scores of the ids returned.
 
 Backward: a Triton kernel, one program per (token tile, head). dqueries is token-major and
 written once; dkeys is accumulated with fp32 (fp64) atomics: the n sub-keys of a half receive
@@ -60,31 +64,54 @@ def pair_table(k, k_sub, p_pad, device):
     return _PAIR_TABLES[key]
 
 
-def retrieval_config(n, dk, k, k_sub, dtype, interpreted=INTERPRETED, block_t=64):
-    """Block sizes and padded extents of the retrieval kernels (constexprs), and num_warps.
+# int32 selection keys for 16-bit inputs keep 32 - INDEX_BITS bits of the score's image: at this
+# many sub-keys per half (12 index bits) that is 11 mantissa bits, no fewer than fp16's inputs have.
+MAX_N_INT32_KEYS = 4096
+
+
+def select_index_bits(n, dtype):
+    """INDEX_BITS of kernels/retrieval.half_topk: 0 selects on exact int64 keys (fp32 / fp64
+    inputs, or more than MAX_N_INT32_KEYS sub-keys); else the bits of the int32 key's index field."""
+    if dtype in (torch.float16, torch.bfloat16) and n <= MAX_N_INT32_KEYS:
+        return max(1, (n - 1).bit_length())
+    return 0
+
+
+def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, block_t=64, max_block_n=128):
+    """(constexprs, launch options) of the retrieval kernels: block sizes, padded extents, num_warps.
 
     tl.dot needs every tile dim >= 16; tl.topk/tl.sort need powers of two (>= 2: a length-1 top-k
     is a different code path in older Triton). On a GPU, block_t = 64 tokens share each key tile
-    read (the keys are re-read once per token tile) and 8 warps hold the packed (64, 64) int64
+    read (the keys are re-read once per token tile) and 8 warps hold the packed (64, BLOCK_N) key
     tiles in registers without spilling at the paper's shapes (tests/test_retrieval.py checks the
-    SASS); 16 tokens take 4 warps. The interpreter, whose sorts cost Python time per element, and
-    float64 get 16 tokens and 16 keys per tile.
+    SASS); 16 tokens take 4 warps. BLOCK_N: each tile's top-k' is merged into the running list,
+    so wider tiles spend fewer instructions per score: on sm_90 (arch, see _launch.cuda_arch) 128
+    keys take 12-16% fewer than 64 at the paper's shapes (SASS of triton 3.6 / 3.9, int32 keys);
+    sm_80's mma.sync layout gains nothing from them and spills under triton 3.6, so it keeps 64,
+    as do int64 keys. A key tile stays within 16K elements so that the pipelined key tiles and the
+    queries fit an A100's shared memory at dk=512. The interpreter, whose sorts cost Python time
+    per element, and float64 get 16 tokens and 16 keys per tile.
     """
     ks_pad = _pow2(k_sub, 2)
     k_pad = _pow2(k, 2)
+    dk_pad = _pow2(dk, 16)
+    index_bits = select_index_bits(n, dtype)
     small = interpreted or dtype == torch.float64
     block_t = 16 if small else block_t
+    wide = max_block_n if index_bits and arch >= 90 else 64
+    block_n = 16 if small else min(wide, _pow2(n, 16), 16384 // dk_pad)
     return dict(
         BLOCK_T=block_t,
-        BLOCK_N=max(ks_pad, 16 if small else 64),
-        DK_PAD=_pow2(dk, 16),
+        BLOCK_N=max(ks_pad, 16, block_n),
+        DK_PAD=dk_pad,
         KS_PAD=ks_pad,
         P_PAD=_pow2(len(admissible_pairs(k, k_sub)), k_pad),
         K_PAD=k_pad,
         INPUT_PRECISION="ieee",  # fp32 scores must match the reference, not be tf32-rounded
         UPCAST_DOT=interpreted and dtype in (torch.float16, torch.bfloat16),
+        INDEX_BITS=index_bits,
         EXACT=dtype == torch.float64,
-    ), (8 if block_t >= 64 else 4)
+    ), dict(num_warps=8 if block_t >= 64 else 4)
 
 
 def backward_config(dk, k):
@@ -116,13 +143,13 @@ def launch_retrieve(queries, keys, k, k_sub, gating, id_head_offset):
         return scores, ids, gates
     queries, (stride_t, stride_h, stride_p) = query_strides(queries)
     keys = keys.contiguous()
-    config, num_warps = retrieval_config(n, dk, k, k_sub, queries.dtype)
+    config, launch = retrieval_config(n, dk, k, k_sub, queries.dtype, _launch.cuda_arch(queries.device))
     pairs = pair_table(k, k_sub, config["P_PAD"], queries.device)
     grid = (triton.cdiv(T, config["BLOCK_T"]), h)
     kernels.product_key_topk_kernel[grid](
         queries, keys, pairs, scores, ids, gates if gating != "none" else scores,
         T, h, n, dk, k, stride_t, stride_h, stride_p, key_head_stride(keys), id_head_offset,
-        GATING=GATING_CODES[gating], num_warps=num_warps, **config)
+        GATING=GATING_CODES[gating], **launch, **config)
     return scores, ids, gates
 
 
