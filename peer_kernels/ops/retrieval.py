@@ -87,8 +87,7 @@ def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, bloc
     SASS); 16 tokens take 4 warps. BLOCK_N: each tile's top-k' is merged into the running list,
     so wider tiles spend fewer instructions per score: on sm_90 (arch, see _launch.cuda_arch) 128
     keys take 12-16% fewer than 64 at the paper's shapes (SASS of triton 3.6 / 3.9, int32 keys);
-    sm_80's mma.sync layout gains nothing from them and spills under triton 3.6, so it keeps 64,
-    as do int64 keys. A key tile stays within 16K elements so that the pipelined key tiles and the
+    on sm_80 they save 0-7% and spill under triton 3.6, so sm_80 keeps 64, as do int64 keys. A key tile stays within 16K elements so that the pipelined key tiles and the
     queries fit an A100's shared memory at dk=512. The interpreter, whose sorts cost Python time
     per element, and float64 get 16 tokens and 16 keys per tile.
     """
