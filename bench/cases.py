@@ -121,21 +121,6 @@ def _retrieved(queries, keys, shape):
         return ids, reference.gate(scores, shape.gating).to(queries.dtype)
 
 
-def routing_margin(queries, keys, k, k_sub):
-    """(T,) per token, the smallest gap over its heads between the last score kept and the first
-    dropped, at each top-k of the retrieval (each half's top-k' sub-keys, then the top-k candidates)."""
-    n = keys.shape[1]
-    with torch.no_grad():
-        gaps = [torch.full(queries.shape[:2], math.inf, device=queries.device)]
-        if k_sub < n:
-            top = reference.sub_key_scores(queries, keys).topk(k_sub + 1, dim=-1).values  # (T, h, 2, k_sub+1)
-            gaps.append((top[..., k_sub - 1] - top[..., k_sub]).amin(dim=-1))
-        if k < k_sub * k_sub:
-            scores, _ = reference.product_key_topk(queries, keys, k + 1, k_sub)
-            gaps.append(scores[..., k - 1] - scores[..., k])
-        return torch.stack(gaps).amin(dim=0).amin(dim=-1)
-
-
 def _separate_near_ties(tokens, queries_of, keys, shape, rounds=50):
     """Redraws the rows of `tokens` (T, ...) whose routing has a near-tie (routing_margin below
     ROUTING_MARGIN) until none has. Two correct implementations may break a near-tie differently
@@ -144,7 +129,8 @@ def _separate_near_ties(tokens, queries_of, keys, shape, rounds=50):
     rows = torch.arange(tokens.shape[0], device=tokens.device)  # those still to look at
     with torch.no_grad():
         for _ in range(rounds):
-            rows = rows[routing_margin(queries_of(tokens[rows]), keys, shape.k, shape.k_sub) < ROUTING_MARGIN]
+            margin = reference.routing_margin(queries_of(tokens[rows]), keys, shape.k, shape.k_sub)
+            rows = rows[margin < ROUTING_MARGIN]
             if not len(rows):
                 return
             tokens[rows] = torch.randn_like(tokens[rows])

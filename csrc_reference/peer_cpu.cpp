@@ -300,27 +300,26 @@ std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& expert_ids
                   gates_in.sizes() == expert_ids.sizes(),
               "experts_forward: expected x (T, d), expert_ids and gates (T, h, k), got ", x_in.sizes(), ", ",
               expert_ids.sizes(), ", ", gates_in.sizes());
-  TORCH_CHECK(w_down_in.dim() == 2 && w_down_in.size(1) == x_in.size(1) && w_up_in.sizes() == w_down_in.sizes() &&
-                  w_down_in.scalar_type() == x_in.scalar_type() && w_up_in.scalar_type() == x_in.scalar_type(),
-              "experts_forward: expected w_down and w_up (E, ", x_in.size(1), ") of x's dtype");
-  const Tensor x = x_in.contiguous(), w_down = w_down_in.contiguous(), w_up = w_up_in.contiguous();
+  check_tables(x_in, w_down_in, w_up_in);
+  const Tensor w_down = w_down_in.contiguous(), w_up = w_up_in.contiguous();
   const Tensor ids = expert_ids.to(at::kLong).contiguous();
   check_ids(ids, w_down.size(0), "expert_ids", "rows of w_down");
-  const auto acc = compute_type(x.scalar_type());
-  const Tensor gates = gates_in.to(acc).contiguous();
+  // x is small (T, d): it is converted to the compute dtype; the tables are read as they are stored.
+  const auto acc = compute_type(x_in.scalar_type());
+  const Tensor x = x_in.to(acc).contiguous(), gates = gates_in.to(acc).contiguous();
   const int64_t T = x.size(0), d = x.size(1), slots = ids.size(1) * ids.size(2);
   Tensor y = at::empty_like(x);
-  Tensor z = at::empty(ids.sizes(), x.options().dtype(acc));
+  Tensor z = at::empty(ids.sizes(), x.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peer_experts_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_down.scalar_type(), "peer_experts_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    const acc_t* x_p = x.data_ptr<acc_t>();
     const scalar_t* down_p = w_down.data_ptr<scalar_t>();
     const scalar_t* up_p = w_up.data_ptr<scalar_t>();
     const int64_t* id = ids.data_ptr<int64_t>();
     const acc_t* g = gates.data_ptr<acc_t>();
     acc_t* z_p = z.data_ptr<acc_t>();
-    scalar_t* y_p = y.data_ptr<scalar_t>();
+    acc_t* y_p = y.data_ptr<acc_t>();
     parallel_chunks(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> x_row(d), y_row(d);
       for (int64_t t = begin; t < end; ++t) {
@@ -341,7 +340,7 @@ std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& expert_ids
       }
     });
   });
-  return {y, z};
+  return {y.to(x_in.scalar_type()), z};
 }
 
 // Returns dx (T, d), dgates (T, h, k) in gates' dtype, dw_down and dw_up (E, d) dense.
@@ -349,30 +348,31 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
                                      const Tensor& gates_in, const Tensor& z_in, const Tensor& w_down_in,
                                      const Tensor& w_up_in, const std::string& activation) {
   const int act = activation_code(activation);
-  const Tensor x = x_in.contiguous(), w_down = w_down_in.contiguous(), w_up = w_up_in.contiguous();
-  TORCH_CHECK(dy_in.sizes() == x.sizes(), "experts_backward: expected dy of shape ", x.sizes(), ", got ",
+  check_tables(x_in, w_down_in, w_up_in);
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "experts_backward: expected dy of shape ", x_in.sizes(), ", got ",
               dy_in.sizes());
-  const Tensor dy = dy_in.to(x.scalar_type()).contiguous();
+  const Tensor w_down = w_down_in.contiguous(), w_up = w_up_in.contiguous();
   const Tensor ids = expert_ids.to(at::kLong).contiguous();
   check_ids(ids, w_down.size(0), "expert_ids", "rows of w_down");
-  const auto acc = compute_type(x.scalar_type());
+  const auto acc = compute_type(x_in.scalar_type());
+  const Tensor x = x_in.to(acc).contiguous(), dy = dy_in.to(acc).contiguous();
   const Tensor gates = gates_in.to(acc).contiguous(), z = z_in.to(acc).contiguous();
   const int64_t T = x.size(0), d = x.size(1), slots = ids.size(1) * ids.size(2);
   Tensor dx = at::empty_like(x);
-  Tensor dgates = at::empty(ids.sizes(), x.options().dtype(acc));
+  Tensor dgates = at::empty(ids.sizes(), x.options());
   Tensor dw_down = empty_table(w_down), dw_up = empty_table(w_up);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peer_experts_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_down.scalar_type(), "peer_experts_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x_p = x.data_ptr<scalar_t>();
-    const scalar_t* dy_p = dy.data_ptr<scalar_t>();
+    const acc_t* x_p = x.data_ptr<acc_t>();
+    const acc_t* dy_p = dy.data_ptr<acc_t>();
     const scalar_t* down_p = w_down.data_ptr<scalar_t>();
     const scalar_t* up_p = w_up.data_ptr<scalar_t>();
     const int64_t* id = ids.data_ptr<int64_t>();
     const acc_t* g = gates.data_ptr<acc_t>();
     const acc_t* z_p = z.data_ptr<acc_t>();
     acc_t* dg = dgates.data_ptr<acc_t>();
-    scalar_t* dx_p = dx.data_ptr<scalar_t>();
+    acc_t* dx_p = dx.data_ptr<acc_t>();
     // Per slot: the coefficients of x[t] in dw_down[e] (dz) and of dy[t] in dw_up[e] (gate * act).
     std::vector<acc_t> dz(ids.numel()), gate_act(ids.numel());
     parallel_chunks(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
@@ -403,7 +403,7 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
                     row_sum(dw_up.data_ptr<scalar_t>(), [&](int64_t slot) { return gate_act[slot]; },
                             [&](int64_t slot) { return dy_p + slot / slots * d; }));
   });
-  return {dx, dgates.to(gates_in.scalar_type()), dw_down, dw_up};
+  return {dx.to(x_in.scalar_type()), dgates.to(gates_in.scalar_type()), dw_down, dw_up};
 }
 
 }  // namespace

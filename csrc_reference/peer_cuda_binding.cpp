@@ -167,8 +167,8 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
                                      activation_code(activation), c10::cuda::getCurrentCUDAStream());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto dtype = x_in.scalar_type();
-  return {dx.to(dtype), dgates.to(gates_in.scalar_type()), dw_down.to(dtype), dw_up.to(dtype)};
+  const auto table = w_down_in.scalar_type();
+  return {dx.to(x_in.scalar_type()), dgates.to(gates_in.scalar_type()), dw_down.to(table), dw_up.to(table)};
 }
 
 }  // namespace

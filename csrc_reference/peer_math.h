@@ -31,9 +31,9 @@ template <typename acc_t>
 PEER_HD void activate(int activation, acc_t z, acc_t* value, acc_t* slope) {
   const acc_t half = acc_t(0.5), one = acc_t(1);
   switch (activation) {
-    case kRelu:
-      *value = z > acc_t(0) ? z : acc_t(0);
-      *slope = z > acc_t(0) ? one : acc_t(0);
+    case kRelu:  // NaN in, NaN out; the slope at NaN is 1, as in torch's relu backward
+      *value = z <= acc_t(0) ? acc_t(0) : z;
+      *slope = z <= acc_t(0) ? acc_t(0) : one;
       return;
     case kGelu: {  // 0.5 z (1 + erf(z / sqrt 2)); d/dz adds z * standard normal density
       const acc_t cdf = half * (one + erf(z * acc_t(0.70710678118654752440)));
@@ -68,8 +68,8 @@ PEER_HD void gate_forward(int gating, const acc_t* scores, acc_t* gates, int k) 
     for (int j = 0; j < k; ++j) gates[j] /= total;
   } else if (gating == kSigmoid) {
     for (int j = 0; j < k; ++j) gates[j] = acc_t(1) / (acc_t(1) + exp(-scores[j]));
-  } else {
-    for (int j = 0; j < k; ++j) gates[j] = scores[j] > acc_t(0) ? scores[j] : acc_t(0);
+  } else {  // relu; NaN in, NaN out
+    for (int j = 0; j < k; ++j) gates[j] = scores[j] <= acc_t(0) ? acc_t(0) : scores[j];
   }
 }
 
@@ -84,13 +84,13 @@ PEER_HD void gate_backward(int gating, const acc_t* scores, const acc_t* gates, 
   } else if (gating == kSigmoid) {
     for (int j = 0; j < k; ++j) dscores[j] = dgates[j] * gates[j] * (acc_t(1) - gates[j]);
   } else {
-    for (int j = 0; j < k; ++j) dscores[j] = scores[j] > acc_t(0) ? dgates[j] : acc_t(0);
+    for (int j = 0; j < k; ++j) dscores[j] = scores[j] <= acc_t(0) ? acc_t(0) : dgates[j];
   }
 }
 
-// The best `capacity` (score, index) pairs offered so far, kept sorted: higher score first, and among
-// equal scores the smaller index first, so the picks never depend on the order of the offers. A NaN
-// score is never better than anything; the list only ever holds indices that were offered.
+// The best `capacity` (score, index) pairs offered so far, kept sorted by the tie rule of
+// peer_kernels.reference: higher score first, NaN above every number, and among equal scores (or
+// two NaNs) the smaller index first, so the picks never depend on the order of the offers.
 template <typename acc_t>
 struct TopList {
   acc_t* score;
@@ -99,6 +99,8 @@ struct TopList {
   int size;
 
   PEER_HD static bool better(acc_t s, int64_t i, acc_t than_s, int64_t than_i) {
+    const bool nan = s != s, than_nan = than_s != than_s;
+    if (nan || than_nan) return nan && (!than_nan || i < than_i);
     return s > than_s || (s == than_s && i < than_i);
   }
 
@@ -115,20 +117,22 @@ struct TopList {
 };
 
 // The k_sub best of scores[0..n) into `best` (an empty TopList of capacity k_sub <= n). Indices come
-// in increasing order, so once the list is full an equal score never wins: one compare per score.
+// in increasing order, so once the list is full an equal score never wins: one compare per score
+// (and a NaN, which ranks above everything, always does).
 template <typename acc_t>
 PEER_HD void top_sub_keys(const acc_t* scores, int n, TopList<acc_t>& best) {
   for (int i = 0; i < best.capacity; ++i) best.offer(scores[i], i);
   acc_t threshold = best.score[best.capacity - 1];
   for (int i = best.capacity; i < n; ++i)
-    if (scores[i] > threshold) {
+    if (scores[i] > threshold || (scores[i] != scores[i] && threshold == threshold)) {
       best.offer(scores[i], i);
       threshold = best.score[best.capacity - 1];
     }
 }
 
 // Product-key top-k of one (token, head), given its two halves' sub-key scores sub1, sub2 (n each):
-// the k_sub best sub-keys per half, then the best k of their k_sub**2 sums. Writes scores[0..k)
+// the k_sub best sub-keys per half, then the best k of their k_sub**2 sums, ties going to the
+// candidate whose (rank in the first half, rank in the second) comes first. Writes scores[0..k)
 // (descending) and expert ids a*n + b. Scratch: 2*k_sub scores and 2*k_sub indices.
 template <typename acc_t>
 PEER_HD void product_key_topk_one(const acc_t* sub1, const acc_t* sub2, int n, int k_sub, int k,
@@ -137,10 +141,11 @@ PEER_HD void product_key_topk_one(const acc_t* sub1, const acc_t* sub2, int n, i
   TopList<acc_t> best2{scratch_scores + k_sub, scratch_ids + k_sub, k_sub, 0};
   top_sub_keys(sub1, n, best1);
   top_sub_keys(sub2, n, best2);
+  // The list's index is the pair's rank i * k_sub + j (the tie-breaker), turned into an id after.
   TopList<acc_t> picks{scores, ids, k, 0};
   for (int i = 0; i < k_sub; ++i)
-    for (int j = 0; j < k_sub; ++j)
-      picks.offer(best1.score[i] + best2.score[j], best1.index[i] * n + best2.index[j]);
+    for (int j = 0; j < k_sub; ++j) picks.offer(best1.score[i] + best2.score[j], int64_t(i) * k_sub + j);
+  for (int p = 0; p < k; ++p) ids[p] = best1.index[ids[p] / k_sub] * n + best2.index[ids[p] % k_sub];
 }
 
 }  // namespace peer

@@ -35,6 +35,8 @@ inline int64_t check_retrieval(const at::Tensor& queries, const at::Tensor& keys
   TORCH_CHECK(queries.dim() == 4 && queries.size(2) == 2, "queries: expected shape (T, h, 2, dk), got ",
               queries.sizes());
   const int64_t heads = queries.size(1), dk = queries.size(3);
+  TORCH_CHECK(heads >= 1 && dk >= 1, "queries: expected at least one head and one feature, got shape ",
+              queries.sizes());
   TORCH_CHECK(keys.dim() == 4 && keys.size(2) == 2 && keys.size(3) == dk &&
                   (keys.size(0) == 1 || keys.size(0) == heads),
               "keys: expected shape (", heads, " or 1, n, 2, ", dk, "), got ", keys.sizes());
@@ -42,6 +44,17 @@ inline int64_t check_retrieval(const at::Tensor& queries, const at::Tensor& keys
   TORCH_CHECK(k_sub >= 1 && k_sub <= n, "k_sub: expected in [1, n = ", n, "], got ", k_sub);
   TORCH_CHECK(k >= 1 && k <= k_sub * k_sub, "k: expected in [1, k_sub**2 = ", k_sub * k_sub, "], got ", k);
   return n;
+}
+
+// The expert tables for x (T, d): w_down and w_up (E, d) of one dtype, which is float64 exactly when
+// x's is (float64 computes in float64 and mixes with nothing; other dtypes mix freely).
+inline void check_tables(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up) {
+  TORCH_CHECK(x.dim() == 2 && w_down.dim() == 2 && w_down.size(1) == x.size(1) && w_up.sizes() == w_down.sizes() &&
+                  w_up.scalar_type() == w_down.scalar_type() &&
+                  (x.scalar_type() == at::kDouble) == (w_down.scalar_type() == at::kDouble),
+              "expected x (T, d) and w_down, w_up (E, d) of one dtype, float64 only with a float64 x; got x ",
+              x.sizes(), " ", x.scalar_type(), ", w_down ", w_down.sizes(), " ", w_down.scalar_type(), ", w_up ",
+              w_up.sizes(), " ", w_up.scalar_type());
 }
 
 }  // namespace peer

@@ -1,18 +1,29 @@
-"""Input checks shared by the module, every op and every backend.
+"""Input checks shared by the module, every op and every backend (the reference included).
 
 Each check raises before any work is done, and its message names the argument, what was expected
 and what was given. Nothing is silently cast, truncated or wrapped around.
+
+Dtype rules of the ops (README "Dtypes"): queries and keys share one float dtype; x, the expert
+tables and the gates may each have their own (the tables are read in their stored dtype, never
+copied to another), except that float64 mixes with nothing: a float64 x needs float64 tables, and
+the other way round. Accumulation is float64 for float64 inputs, float32 otherwise.
 """
 import math
 
 import torch
 
-from .reference import ACTIVATIONS, GATINGS
-
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+GATINGS = ("softmax", "sigmoid", "relu")
 QUERY_NORMS = ("batchnorm", "layernorm", None)
 BACKENDS = ("auto", "triton", "cpp", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
+
+
+def compute_dtype(dtype):
+    """The accumulation dtype of every backend: float64 stays float64 (gradcheck), every other
+    float computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_choice(name, value, choices):
@@ -27,15 +38,24 @@ def check_int(name, value, minimum):
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
-def check_topk(k, k_sub, n):
-    """k experts per head from k_sub sub-keys per half of n: 1 <= k_sub <= n, 1 <= k <= k_sub**2."""
-    check_int("k (num_experts_per_head)", k, 1)
-    check_int("k_sub (product_key_topk)", k_sub, 1)
+def check_topk(k, k_sub, n, k_name="k (num_experts_per_head)", k_sub_name="k_sub (product_key_topk)"):
+    """k experts per head from k_sub sub-keys per half of n: 1 <= k_sub <= n, 1 <= k <= k_sub**2.
+    When k_sub was not given it defaults to k, and the caller passes k's name for both."""
+    check_int(k_name, k, 1)
+    check_int(k_sub_name, k_sub, 1)
     if k_sub > n:
-        raise ValueError(f"k_sub (product_key_topk): expected <= n = sqrt(num_experts) = {n}, got {k_sub}")
+        raise ValueError(f"{k_sub_name}: expected <= n = sqrt(num_experts) = {n} sub-keys per half, got {k_sub}")
     if k > k_sub * k_sub:
-        raise ValueError(
-            f"k (num_experts_per_head): expected <= k_sub**2 = {k_sub * k_sub} candidates, got {k}")
+        raise ValueError(f"{k_name}: expected <= k_sub**2 = {k_sub * k_sub} candidates, got {k}")
+
+
+def resolve_k_sub(k, k_sub, n, k_name):
+    """k_sub, defaulting to k; checked against n (errors name k when k_sub was defaulted)."""
+    if k_sub is None:
+        check_topk(k, k, n, k_name, f"{k_name} (product_key_topk defaults to it)")
+        return k
+    check_topk(k, k_sub, n, k_name)
+    return k_sub
 
 
 def sub_keys_per_half(num_experts):
@@ -54,8 +74,7 @@ def check_config(*, dim, heads, num_experts, num_experts_per_head, dim_key, prod
     check_int("heads", heads, 1)
     check_int("dim_key", dim_key, 1)
     n = sub_keys_per_half(num_experts)
-    k_sub = num_experts_per_head if product_key_topk is None else product_key_topk
-    check_topk(num_experts_per_head, k_sub, n)
+    k_sub = resolve_k_sub(num_experts_per_head, product_key_topk, n, "num_experts_per_head")
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("gating", gating, GATINGS)
     check_choice("query_norm", query_norm, QUERY_NORMS)
@@ -66,7 +85,7 @@ def check_config(*, dim, heads, num_experts, num_experts_per_head, dim_key, prod
 
 
 def check_tensor(name, t, shape=None, dtypes=FLOAT_DTYPES, device=None):
-    """shape: a tuple of ints or None (any size) per dim."""
+    """shape: a tuple of ints or None (any size) per dim. Meta tensors (no data) are refused."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -76,20 +95,44 @@ def check_tensor(name, t, shape=None, dtypes=FLOAT_DTYPES, device=None):
         if not ok:
             expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with data (e.g. on cpu or cuda), got a meta tensor")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+        raise ValueError(f"{name}: expected device {device} (like x / queries), got {t.device}")
+
+
+def check_at_least(name, size, what, minimum=1):
+    if size < minimum:
+        raise ValueError(f"{name}: expected at least {minimum} {what}, got {size}")
+
+
+def check_float64_alone(pairs):
+    """pairs of (name, tensor): float64 computes in float64 and mixes with no other dtype."""
+    doubles = [name for name, t in pairs if t.dtype == torch.float64]
+    if doubles and len(doubles) != len(pairs):
+        others = ", ".join(f"{name} {t.dtype}" for name, t in pairs if t.dtype != torch.float64)
+        raise TypeError(f"{doubles[0]}: float64 mixes with no other dtype (it computes in float64), "
+                        f"but got {others}")
 
 
 def check_retrieval(queries, keys, k, k_sub):
-    """queries (T, h, 2, dk), keys (h or 1, n, 2, dk); returns the resolved k_sub."""
+    """queries (T, h, 2, dk), keys (h or 1, n, 2, dk) of one dtype; returns the resolved k_sub."""
     check_tensor("queries", queries, (None, None, 2, None))
     T, h, _, dk = queries.shape
+    check_at_least("queries", h, "head in dim 1")
+    check_at_least("queries", dk, "feature in dim 3 (dim_key)")
     check_tensor("keys", keys, (None, None, 2, dk), dtypes=(queries.dtype,), device=queries.device)
     if keys.shape[0] not in (1, h):
         raise ValueError(f"keys: expected {h} heads (or 1 for shared keys) in dim 0, got {keys.shape[0]}")
-    k_sub = k if k_sub is None else k_sub
-    check_topk(k, k_sub, keys.shape[1])
-    return k_sub
+    return resolve_k_sub(k, k_sub, keys.shape[1], "k")
+
+
+def check_tables(x, w_down, w_up, rows=None):
+    """w_down / w_up (rows, d) of one float dtype, on x's device; float64 only with a float64 x."""
+    d = x.shape[1]
+    check_tensor("w_down", w_down, (rows, d), device=x.device)
+    check_tensor("w_up", w_up, tuple(w_down.shape), dtypes=(w_down.dtype,), device=x.device)
+    check_float64_alone([("x", x), ("w_down", w_down)])
 
 
 def check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=True):
@@ -102,17 +145,18 @@ def check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=Tr
     check_choice("activation", activation, ACTIVATIONS)
     check_tensor("x", x, (None, None))
     T, d = x.shape
+    check_at_least("x", d, "feature in dim 1 (d)")
     check_tensor("expert_ids", expert_ids, (T, None, None), dtypes=ID_DTYPES, device=x.device)
     check_tensor("gates", gates, tuple(expert_ids.shape), device=x.device)
-    check_tensor("w_down", w_down, (None, d), dtypes=(x.dtype,), device=x.device)
-    check_tensor("w_up", w_up, tuple(w_down.shape), dtypes=(x.dtype,), device=x.device)
+    check_tables(x, w_down, w_up)
     if check_range:
         check_expert_ids(expert_ids, w_down.shape[0])
 
 
 def check_expert_ids(expert_ids, rows):
-    """Every id in [0, rows)."""
-    if expert_ids.numel():
+    """Every id in [0, rows). Reads the range back to the host, so it is skipped while torch.compile
+    traces (the ops check again where they run eagerly; compiled indexing asserts on the device)."""
+    if expert_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
         if lo < 0 or hi >= rows:
             raise ValueError(f"expert_ids: expected values in [0, {rows}) (rows of w_down), got [{lo}, {hi}]")
@@ -123,12 +167,12 @@ def check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, se
     check_choice("gating", gating, GATINGS)
     check_choice("activation", activation, ACTIVATIONS)
     check_tensor("x", x, (None, None))
+    check_at_least("x", x.shape[1], "feature in dim 1 (d)")
     k_sub = check_retrieval(queries, keys, k, k_sub)
-    T, h = queries.shape[:2]
+    h = queries.shape[1]
     if queries.shape[0] != x.shape[0]:
         raise ValueError(f"queries: expected {x.shape[0]} tokens (x's dim 0) in dim 0, got {queries.shape[0]}")
-    check_tensor("queries", queries, dtypes=(x.dtype,), device=x.device)
-    rows = (h if separate_embed_per_head else 1) * keys.shape[1] ** 2
-    check_tensor("w_down", w_down, (rows, x.shape[1]), dtypes=(x.dtype,), device=x.device)
-    check_tensor("w_up", w_up, (rows, x.shape[1]), dtypes=(x.dtype,), device=x.device)
+    check_tensor("queries", queries, device=x.device)
+    check_float64_alone([("x", x), ("queries", queries)])
+    check_tables(x, w_down, w_up, rows=(h if separate_embed_per_head else 1) * keys.shape[1] ** 2)
     return k_sub

@@ -7,9 +7,13 @@ reference's signatures: `product_key_topk`, `peer_experts` and `peer_fused`.
 - "auto": triton for CUDA tensors, cpp for CPU tensors when it builds, else the reference.
 
 The backend modules are imported here, once, rather than on first use: `torch.compile` cannot
-trace an import, and the module picks its ops inside `forward`.
+trace an import, and the module picks its ops inside `forward`. The choice itself is resolved
+outside any traced graph (torch.compiler.assume_constant_result), so a compiled model on
+backend="auto" never traces the C++ build.
 """
 import os
+
+import torch
 
 from . import csrc, reference
 from ._checks import BACKENDS, check_choice
@@ -26,16 +30,20 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _MODULES = {"reference": reference, "triton": triton_ops, "cpp": csrc}
 
 
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    # Evaluated once by torch.compile while tracing (it may build the C++ extension), never traced.
+    if backend != "auto":
+        return backend
+    if device_type == "cuda":
+        return "triton"
+    return "cpp" if csrc.built(device_type) else "reference"
+
+
 def resolve(backend, device):
     """The concrete backend name for `backend` on tensors of `device`."""
     check_choice("backend", backend, BACKENDS)
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu" and csrc.available():
-        return "cpp"
-    return "reference"
+    return _resolve(backend, torch.device(device).type)
 
 
 def get(backend, device):

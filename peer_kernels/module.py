@@ -28,6 +28,10 @@ class RMSNorm(nn.Module):
         self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
 
+    @torch.no_grad()
+    def reset_parameters(self):
+        self.gamma.zero_()
+
     def forward(self, x):
         return F.normalize(x, dim=-1) * self.scale * (self.gamma + 1)
 
@@ -54,10 +58,25 @@ class PEER(nn.Module):
       to_queries.weight (heads*2*dim_key, dim), output laid out (half, head, dim_key);
       keys (heads or 1, n, 2, dim_key); w_down, w_up (S*num_experts, dim), S = heads with
       separate_embed_per_head else 1; norm.gamma (dim,) with pre_rmsnorm.
-    Initialisation: rows of w_down ~ N(0, 1/dim) so that u.x has unit variance for unit-RMS x;
-    rows of w_up ~ N(0, 1/dim), the same fan scale; keys ~ N(0, 1/dim_key) so that sub-key scores
-    of (batch-)normalised queries have unit variance and the gates neither saturate nor flatten;
-    to_queries as nn.Linear.
+    Initialisation (`reset_parameters`, which sets every parameter and buffer, so the meta-device
+    pattern `to_empty()` + `reset_parameters()` works): rows of w_down ~ N(0, 1/dim) so that u.x has
+    unit variance for unit-RMS x; rows of w_up ~ N(0, 1/dim), the same fan scale; keys ~
+    N(0, 1/dim_key) so that sub-key scores of (batch-)normalised queries have unit variance and the
+    gates neither saturate nor flatten; to_queries as nn.Linear; norms at identity.
+
+    query_norm="batchnorm" (the paper's choice, the default) normalises each query feature with
+    statistics over all the tokens of the batch in training mode: a token's output then depends on
+    the other tokens of the batch, later ones included (a leak in a causal LM), one token alone
+    cannot be normalised (a ValueError), and gradient checkpointing that re-runs the forward
+    updates the running statistics twice. query_norm="layernorm" (per token, per head and half)
+    or None has none of these.
+
+    Dtypes: the parameters may be float32 while activations are bf16/fp16 (mixed precision). The
+    layer computes in the autocast dtype under torch.autocast, else in x's dtype: the query path
+    (projection, norm, sub-key scores) runs in that dtype (outside autocast, the projection in the
+    parameters' dtype), the expert tables are read in their stored dtype, accumulation is float32,
+    and the output has the compute dtype. The small parameters (keys) are cast per call like an
+    autocast Linear's weight; the expert tables never are.
     """
 
     def __init__(self, dim, *, heads=8, num_experts=1024 ** 2, num_experts_per_head=16, dim_key=128,
@@ -92,10 +111,19 @@ class PEER(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        self.to_queries.reset_parameters()
+        """(Re)initialises every parameter and buffer of the layer (see the class docstring)."""
+        for module in (self.norm, self.to_queries, self.query_norm):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
         nn.init.normal_(self.keys, std=1 / math.sqrt(self.dim_key))
         nn.init.normal_(self.w_down, std=1 / math.sqrt(self.dim))
         nn.init.normal_(self.w_up, std=1 / math.sqrt(self.dim))
+
+    @property
+    def resolved_backend(self):
+        """The backend the forward runs on for tensors on the parameters' device: "triton", "cpp"
+        or "reference" ("auto" resolved; on a CPU it builds the C++ extension if needed)."""
+        return backends.resolve(self.backend, self.w_down.device)
 
     def extra_repr(self):
         return (f"dim={self.dim}, heads={self.heads}, num_experts={self.num_experts}, "
@@ -109,31 +137,48 @@ class PEER(nn.Module):
         q = self.query_norm(self.to_queries(x))
         return q.view(x.shape[0], 2, self.heads, self.dim_key).transpose(1, 2)
 
-    def forward(self, x):
+    def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected shape (..., dim) with dim = {self.dim}, got {tuple(x.shape)}")
-        if x.dtype != self.w_down.dtype:
-            raise TypeError(f"x: expected the parameters' dtype {self.w_down.dtype}, got {x.dtype}")
+        if x.device.type == "meta":
+            raise ValueError("x: expected a tensor with data (e.g. on cpu or cuda), got a meta tensor")
+        if self.w_down.device.type == "meta":
+            raise ValueError("PEER: the parameters are on the meta device (not allocated); call "
+                             "layer.to_empty(device=...) and then layer.reset_parameters() first")
+
+    def forward(self, x):
+        self._check_input(x)
+        autocast = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         if x.numel() == 0:
-            return x * 0  # an empty batch: an empty output, still attached to x's graph
+            return (x * 0).to(dtype)  # an empty batch: an empty output, still attached to x's graph
         ops = backends.get(self.backend, x.device)
         tokens = self.norm(x.reshape(-1, self.dim))
-        queries = self.queries(tokens)
+        if self.training and self.query_norm_kind == "batchnorm" and tokens.shape[0] == 1:
+            raise ValueError("query_norm: 'batchnorm' normalises over the tokens of a batch in training mode and "
+                             "cannot normalise 1 token; batch more tokens, use eval(), or use "
+                             "query_norm='layernorm' (per token)")
+        # The query path in the compute dtype (outside autocast its projection in the parameters'),
+        # the keys cast to it like an autocast Linear's weight; the expert tables are never cast.
+        retrieval_dtype = dtype if autocast else self.keys.dtype
+        queries = self.queries(tokens if autocast else tokens.to(self.to_queries.weight.dtype)).to(retrieval_dtype)
+        keys = self.keys.to(retrieval_dtype)
+        tokens = tokens.to(dtype)
         k, k_sub = self.num_experts_per_head, self.product_key_topk
         if self.training and self.dropout > 0:
             # Dropout on the activations a_j equals dropout on the gates g_j (y and every gradient are
             # the same products), so the expert op needs no dropout of its own.
-            scores, expert_ids = ops.product_key_topk(queries, self.keys, k, k_sub)
+            scores, expert_ids = ops.product_key_topk(queries, keys, k, k_sub)
             if self.separate_embed_per_head:
                 expert_ids = reference.head_offsets(expert_ids, self.num_experts)
             gates = F.dropout(reference.gate(scores, self.gating), self.dropout, training=True)
             y = ops.peer_experts(tokens, expert_ids, gates, self.w_down, self.w_up, self.activation)
         else:
-            y = ops.peer_fused(tokens, queries, self.keys, self.w_down, self.w_up, k, k_sub, self.gating,
+            y = ops.peer_fused(tokens, queries, keys, self.w_down, self.w_up, k, k_sub, self.gating,
                                self.activation, self.separate_embed_per_head)
         return y.reshape(x.shape)
 

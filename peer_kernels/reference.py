@@ -2,22 +2,26 @@
 
 Every backend (Triton, C++, CUDA) is tested against these functions. They favour clarity over
 speed and memory: the gathered `(T, h, k, d)` expert rows are materialized, all sub-key scores are
-computed, and gradients come from ordinary autograd. They run in any float dtype; half-precision
-inputs are computed in float32 and the result is cast back, float64 stays float64 (gradcheck).
+computed, and gradients come from ordinary autograd. They take the same arguments, with the same
+checks (peer_kernels._checks), as every other backend. They compute in float64 for float64 inputs
+and in float32 otherwise, and return results in the dtype of x (retrieval scores in the compute
+dtype); expert rows are gathered first and cast after, so no whole table is ever copied.
+
+Tie rule (the same on every backend): each half ranks its sub-keys by (score descending, sub-key
+index ascending); the k'*k' candidate pairs are ranked by (s1 + s2 descending, rank of a in the
+first half ascending, rank of b in the second ascending). NaN ranks above every number (as in
+torch.sort), so a NaN score is always picked and NaN in gives NaN out.
 
 Shapes: T tokens, d model dim, h heads, n sub-keys per half (N = n*n experts), dk sub-key dim,
 k experts per head, k_sub (k') sub-keys kept per half.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
-GATINGS = ("softmax", "sigmoid", "relu")
-
-
-def compute_dtype(dtype):
-    """The dtype the oracle computes in: float64 stays, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._library import autocast_off
+from ._checks import ACTIVATIONS, GATINGS, check_experts, check_fused, check_retrieval, compute_dtype  # noqa: F401
 
 
 def activate(z, activation):
@@ -51,7 +55,15 @@ def sub_key_scores(queries, keys):
     dtype = compute_dtype(queries.dtype)
     heads = queries.shape[1]
     keys = keys.to(dtype).expand(heads, -1, -1, -1)
-    return torch.einsum("thpd,hnpd->thpn", queries.to(dtype), keys)
+    with autocast_off(queries):
+        return torch.einsum("thpd,hnpd->thpn", queries.to(dtype), keys)
+
+
+def _top(scores, k):
+    """The k best along the last dim under the tie rule: a stable descending sort keeps equal
+    scores in index order, and puts NaN first."""
+    values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], order[..., :k]
 
 
 def product_key_topk(queries, keys, k, k_sub=None):
@@ -61,14 +73,15 @@ def product_key_topk(queries, keys, k, k_sub=None):
     expert ids (T, h, k) int64 in [0, n*n): id = a*n + b for sub-key a of the first half and b of
     the second. Gradients flow to queries and keys through the picks made.
     """
+    k_sub = check_retrieval(queries, keys, k, k_sub)
     n = keys.shape[1]
-    k_sub = k if k_sub is None else k_sub
     sub_scores = sub_key_scores(queries, keys)
-    top1, idx1 = sub_scores[:, :, 0].topk(k_sub, dim=-1)  # (T, h, k_sub)
-    top2, idx2 = sub_scores[:, :, 1].topk(k_sub, dim=-1)
+    top1, idx1 = _top(sub_scores[:, :, 0], k_sub)  # (T, h, k_sub)
+    top2, idx2 = _top(sub_scores[:, :, 1], k_sub)
+    # flattened in (rank a, rank b) order, which the stable sort keeps among equal sums
     candidate_scores = (top1[..., :, None] + top2[..., None, :]).flatten(-2)  # (T, h, k_sub**2)
     candidate_ids = (idx1[..., :, None] * n + idx2[..., None, :]).flatten(-2)
-    scores, pick = candidate_scores.topk(k, dim=-1)
+    scores, pick = _top(candidate_scores, k)
     return scores, candidate_ids.gather(-1, pick)
 
 
@@ -78,13 +91,15 @@ def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu"):
     x (T, d), expert_ids (T, h, k) indexing rows of w_down / w_up (E, d), gates (T, h, k).
     Returns y (T, d) in x's dtype.
     """
+    check_experts(x, expert_ids, gates, w_down, w_up, activation)
     dtype = compute_dtype(x.dtype)
     ids = expert_ids.long()
-    down_rows = w_down.to(dtype)[ids]  # (T, h, k, d): the tensor the fused kernels never build
-    up_rows = w_up.to(dtype)[ids]
-    z = torch.einsum("thkd,td->thk", down_rows, x.to(dtype))
-    a = activate(z, activation)
-    y = torch.einsum("thk,thkd->td", gates.to(dtype) * a, up_rows)
+    down_rows = w_down[ids].to(dtype)  # (T, h, k, d): the tensor the fused kernels never build
+    up_rows = w_up[ids].to(dtype)
+    with autocast_off(x):
+        z = torch.einsum("thkd,td->thk", down_rows, x.to(dtype))
+        a = activate(z, activation)
+        y = torch.einsum("thk,thkd->td", gates.to(dtype) * a, up_rows)
     return y.to(x.dtype)
 
 
@@ -102,7 +117,28 @@ def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) with S = h
     when separate_embed_per_head else 1. Returns y (T, d).
     """
+    k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head)
     scores, expert_ids = product_key_topk(queries, keys, k, k_sub)
     if separate_embed_per_head:
         expert_ids = head_offsets(expert_ids, keys.shape[1] ** 2)
     return peer_experts(x, expert_ids, gate(scores, gating), w_down, w_up, activation)
+
+
+def routing_margin(queries, keys, k, k_sub=None):
+    """(T,) per token, the smallest gap over its heads between the last score kept and the first
+    dropped at each top-k of the retrieval (each half's top-k' sub-keys, then the top-k pairs).
+
+    Two correct implementations that sum in different orders may pick differently where a gap is
+    within their rounding; tests and the benchmark keep their inputs clear of such near-ties.
+    """
+    k_sub = check_retrieval(queries, keys, k, k_sub)
+    n = keys.shape[1]
+    with torch.no_grad():
+        gaps = [torch.full(queries.shape[:2], math.inf, device=queries.device)]
+        if k_sub < n:
+            top = _top(sub_key_scores(queries, keys), k_sub + 1)[0]  # (T, h, 2, k_sub+1)
+            gaps.append((top[..., k_sub - 1] - top[..., k_sub]).amin(dim=-1).to(gaps[0].dtype))
+        if k < k_sub * k_sub:
+            scores, _ = product_key_topk(queries, keys, k + 1, k_sub)
+            gaps.append((scores[..., k - 1] - scores[..., k]).to(gaps[0].dtype))
+        return torch.stack(gaps).amin(dim=0).amin(dim=-1)

@@ -2,6 +2,10 @@
 
 Without a GPU the Triton kernels run under the interpreter, which must be switched on before
 triton is first imported; so this happens here, before any test module imports peer_kernels.
+
+PEER_TEST_SEED (default 0) seeds every test: tests/seed_sweep.py runs tests over many seeds.
+Hypothesis profiles: "ci" (default; a fixed set of a few dozen examples) and "long" (2,000 random
+examples per test: `python -m pytest tests/test_differential.py --hypothesis-profile=long`).
 """
 import os
 
@@ -12,8 +16,15 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config):
@@ -31,4 +42,4 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(int(os.environ.get("PEER_TEST_SEED", "0")))

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import bounds
 import peer_kernels
 from peer_kernels import backends, reference
+from utils import untie, untie_layer
 
 PEER_pytorch = pytest.importorskip("PEER_pytorch")
 
@@ -52,10 +54,72 @@ def test_bad_forward_input():
         layer(torch.ones(4, 32, dtype=torch.int64))
     with pytest.raises(TypeError, match="floating-point.*torch.bool"):
         layer(torch.ones(4, 32, dtype=torch.bool))
-    with pytest.raises(TypeError, match="parameters' dtype torch.float32, got torch.float64"):
+    with pytest.raises(TypeError, match="x: float64 mixes with no other dtype.*torch.float32"):
         layer(torch.randn(4, 32, dtype=torch.float64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         layer([[0.0] * 32])
+    with pytest.raises(ValueError, match="x: expected a tensor with data.*meta"):
+        layer(torch.randn(4, 32, device="meta"))
+
+
+def test_errors_name_what_the_user_passed():
+    with pytest.raises(ValueError, match=r"num_experts_per_head .*: expected <= n = sqrt\(num_experts\) = 7"):
+        _layer(num_experts_per_head=10 ** 6)
+    with pytest.raises(ValueError, match=r"product_key_topk\): expected <= n"):
+        _layer(product_key_topk=8)
+
+
+def test_one_token_in_training_with_batchnorm_is_a_clear_error():
+    layer = _layer(query_norm="batchnorm").train()
+    with pytest.raises(ValueError, match="query_norm: 'batchnorm'.*cannot normalise 1 token.*layernorm"):
+        layer(torch.randn(1, 1, 32))
+    assert layer.eval()(torch.randn(1, 1, 32)).shape == (1, 1, 32)
+    assert _layer(query_norm="layernorm").train()(torch.randn(1, 32)).shape == (1, 32)
+
+
+@pytest.mark.parametrize("query_norm", ["layernorm", None])
+def test_leak_free_query_norms_in_training(query_norm):
+    """A causal LM needs token t's output to depend on tokens <= t only. Per-token query norms
+    give that in training mode; batchnorm (documented) does not."""
+    x = torch.randn(2, 9, 32)
+    changed = x.clone()
+    changed[:, -1] = torch.randn(2, 32)
+    layer = _layer(query_norm=query_norm).train()
+    assert torch.equal(layer(x)[:, :-1], layer(changed)[:, :-1])
+    leaky = _layer(query_norm="batchnorm").train()
+    assert not torch.equal(leaky(x)[:, :-1], leaky(changed)[:, :-1])
+
+
+@pytest.mark.parametrize("options", [dict(), dict(pre_rmsnorm=True, query_norm="layernorm")])
+def test_meta_device_then_reset_parameters(options):
+    """The FSDP2 pattern: build on meta, allocate with to_empty, initialise with reset_parameters.
+    Every parameter and buffer must be set: the result equals a layer reset from the same seed."""
+    meta = _layer(device="meta", **options)
+    with pytest.raises(ValueError, match="meta device.*to_empty.*reset_parameters"):
+        meta(torch.randn(2, 32))
+    meta.to_empty(device="cpu")
+    for t in meta.state_dict().values():   # whatever to_empty left there: make it visible if kept
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    torch.manual_seed(3)
+    meta.reset_parameters()
+    reference_layer = _layer(**options)
+    with torch.no_grad():
+        for t in reference_layer.state_dict().values():
+            t.fill_(7)
+    torch.manual_seed(3)
+    reference_layer.reset_parameters()
+    for name, value in reference_layer.state_dict().items():
+        assert torch.equal(meta.state_dict()[name], value), name
+    x = torch.randn(3, 32)
+    assert torch.isfinite(meta(x)).all()
+
+
+def test_resolved_backend_says_where_forward_runs():
+    assert _layer(backend="reference").resolved_backend == "reference"
+    auto = peer_kernels.PEER(32, **SMALL)
+    assert auto.resolved_backend == ("cpp" if peer_kernels.csrc.available() else "reference")
+    assert auto.resolved_backend == backends.resolve("auto", torch.device("cpu"))
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
@@ -169,27 +233,21 @@ def _peer_pytorch(dtype, **config):
     return theirs
 
 
-def _outputs_and_grads(layer, x, names):
-    x = x.clone().requires_grad_()
-    y = layer(x)
-    y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(7)))
-    params = dict(layer.named_parameters())
-    return [y, x.grad] + [params[name].grad for name in names]
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("config", PARITY_CONFIGS)
-def test_peer_pytorch_parity(config, dtype, tol):
+def test_peer_pytorch_parity(config, dtype):
+    """The same weights give the same outputs and gradients: ours and peer-pytorch's, each within the
+    bound of tests/bounds.py of the float64 oracle."""
     theirs = _peer_pytorch(dtype, **config)
     ours = peer_kernels.PEER.from_peer_pytorch(theirs, backend="reference")
-    x = torch.randn(2, 5, 24, dtype=dtype)
-    names = [(mine, their) for mine, their in [("to_queries.weight", "to_queries.0.weight"), ("keys", "keys"),
-             ("w_down", "weight_down_embed.weight"), ("w_up", "weight_up_embed.weight"),
-             ("norm.gamma", "norm.gamma")] if their in dict(theirs.named_parameters())]
-    got = _outputs_and_grads(ours, x, [m for m, _ in names])
-    expected = _outputs_and_grads(theirs, x, [t for _, t in names])
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+    x = untie_layer(ours, torch.randn(2, 5, 24, dtype=dtype))
+    dy = torch.randn(2, 5, 24, dtype=dtype)
+    expected = bounds.expected_layer(ours, x, dy)
+    bounds.check_all(bounds.layer_results(ours, x, dy), expected)
+    names = {"y": "y", "x": "x", "to_queries.0.weight": "to_queries.weight", "keys": "keys",
+             "weight_down_embed.weight": "w_down", "weight_up_embed.weight": "w_up", "norm.gamma": "norm.gamma"}
+    theirs_results = bounds.layer_results(theirs, x, dy)
+    bounds.check_all({names[n]: t for n, t in theirs_results.items()}, expected)
 
 
 @pytest.mark.parametrize("config", PARITY_CONFIGS[:3])
@@ -219,3 +277,87 @@ def test_unit_rms_pre_norm_matches_peer_pytorch_formula():
     x = torch.randn(3, 24, dtype=torch.float64)
     ours = peer_kernels.module.RMSNorm(24).double()
     torch.testing.assert_close(ours(x).norm(dim=-1), torch.full((3,), math.sqrt(24), dtype=torch.float64))
+
+
+# ---- mixed precision -------------------------------------------------------------------------------
+
+def _backend_params():
+    from conftest import DEVICE
+    triton_ok = DEVICE.type == "cuda" or backends.TRITON_INTERPRETED
+    return ["reference", "cpp"] + (["triton"] if triton_ok else [])
+
+
+class _TableCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every dtype conversion of a tensor shaped like an expert table."""
+
+    def __init__(self, table_shape):
+        super().__init__()
+        self.table_shape, self.casts = tuple(table_shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_) and tuple(args[0].shape) == \
+                self.table_shape and isinstance(out, torch.Tensor) and out.dtype != args[0].dtype:
+            self.casts.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_autocast_bf16_against_the_float64_oracle(backend):
+    """fp32 parameters under torch.autocast(bfloat16): the output is bf16; the layer's own op sees
+    bf16 tokens, queries and keys (cast like an autocast Linear's weight) and the fp32 tables as
+    stored, and its results are within the fp32 bound of the float64 oracle on those very values,
+    plus the final bf16 rounding. No expert table is ever cast."""
+    layer = peer_kernels.PEER(32, heads=2, num_experts=49, num_experts_per_head=4, dim_key=8, query_norm="layernorm",
+                              backend=backend)
+    x = torch.randn(3, 6, 32)
+
+    def bf16_queries(tokens):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer.queries(tokens.bfloat16())
+
+    untie(x.view(-1, 32), bf16_queries, layer.keys.bfloat16(), 4, 4)
+    captured = {}
+
+    def capture(module, inputs, output):
+        captured["queries"] = output.detach()
+        output.register_hook(lambda grad: captured.__setitem__("dqueries", grad))
+
+    layer.query_norm.register_forward_hook(capture)
+    dy = torch.randn(3, 6, 32, dtype=torch.bfloat16)
+    with _TableCasts(layer.w_down.shape) as casts:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(dy)   # outside the autocast region, as torch.amp recommends
+    assert casts.casts == []
+    assert y.dtype == torch.bfloat16 and captured["queries"].dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
+    T = 18
+    queries = captured["queries"].double().view(T, 2, 2, 8).transpose(1, 2)
+    tokens = x.reshape(T, 32).bfloat16().double()
+    expected = bounds.fused(tokens, torch.zeros_like(tokens), queries, torch.zeros_like(queries),
+                            layer.keys.detach().bfloat16().double(), layer.w_down.detach().double(),
+                            layer.w_up.detach().double(), dy.reshape(T, 32).double(), torch.zeros(T, 32), 4, 4,
+                            "softmax", "gelu", False)
+    bounds.check("y", y.reshape(T, 32), *expected["y"])
+    bounds.check("w_down", layer.w_down.grad, *expected["dw_down"])
+    bounds.check("w_up", layer.w_up.grad, *expected["dw_up"])
+    # keys were cast to bf16 for the op, so their gradient comes back rounded to bf16
+    bounds.check("keys", layer.keys.grad.bfloat16(), *expected["dkeys"])
+    dqueries = captured["dqueries"].view(T, 2, 2, 8).transpose(1, 2)
+    bounds.check("dqueries", dqueries, *expected["dqueries"])
+
+
+def test_bf16_input_into_an_fp32_layer():
+    """Outside autocast a bf16 x works too: the query path runs in the parameters' dtype, the
+    expert op on bf16 tokens and the fp32 tables, and y comes back in x's dtype."""
+    layer = peer_kernels.PEER(32, **SMALL, query_norm=None, backend="reference")
+    x = untie_layer(layer, torch.randn(5, 32).bfloat16().float()).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    queries = layer.queries(x.float()).double()
+    expected = bounds.fused(x.double(), torch.zeros(5, 32, dtype=torch.float64), queries, torch.zeros_like(queries),
+                            layer.keys.detach().double(), layer.w_down.detach().double(), layer.w_up.detach().double(),
+                            torch.zeros(5, 32, dtype=torch.float64), torch.zeros(5, 32, dtype=torch.float64), 5, 5,
+                            "softmax", "gelu", False)
+    bounds.check("y", y, *expected["y"])

@@ -1,5 +1,10 @@
-"""Helpers for the tests: fresh random inputs, NaN-poisoned outputs, error metrics."""
+"""Helpers for the tests: fresh random inputs, NaN-poisoned outputs, inputs clear of near-ties."""
 import torch
+
+from peer_kernels import reference
+
+# Scores of every test input are O(1)-O(10); two correct backends differ by ~1e-6 there.
+NEAR_TIE = 1e-3
 
 
 def poison_empty(monkeypatch):
@@ -18,14 +23,38 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_empty_like(*a, **k)))
 
 
-def rel_rms_error(actual, expected):
-    """||actual - expected||_2 / ||expected||_2 in float64: the bf16/fp16 comparison metric."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
 def random_ids(T, h, k, rows, device="cpu", dtype=torch.int64):
     """Expert ids in [0, rows), the last row always among them."""
     ids = torch.randint(0, rows, (T, h, k), device=device, dtype=dtype)
     ids.view(-1)[0] = rows - 1
     return ids
+
+
+def untie(tokens, queries_of, keys, k, k_sub, rounds=100):
+    """Redraws rows of `tokens` (in place) until every token's routing, by the float64 oracle on
+    queries_of(tokens), keeps NEAR_TIE between the last score kept and the first dropped at each
+    top-k: backends that round differently then pick the same experts. Returns tokens."""
+    keys64 = keys.detach().double()
+    with torch.no_grad():
+        for _ in range(rounds):
+            margin = reference.routing_margin(queries_of(tokens).detach().double(), keys64, k, k_sub)
+            close = margin < NEAR_TIE
+            if not close.any():
+                return tokens
+            tokens[close] = torch.randn_like(tokens[close])
+    raise AssertionError(f"untie: {int(close.sum())} tokens still have near-ties after {rounds} redraws")
+
+
+def untie_layer(layer, x):
+    """untie for a PEER layer's input x (..., dim): the queries are the layer's own (float64 copy,
+    same mode: with batchnorm in training, every redraw moves every token's queries)."""
+    import copy
+
+    layer64 = copy.deepcopy(layer).double()
+    flat = x.detach().reshape(-1, layer.dim)
+
+    def queries_of(tokens):
+        return layer64.queries(layer64.norm(tokens.double()))
+
+    untie(flat, queries_of, layer64.keys, layer.num_experts_per_head, layer.product_key_topk)
+    return flat.reshape(x.shape)

@@ -44,10 +44,16 @@ def _sigmoid(z):
 
 
 @triton.jit
+def _relu(z):
+    # NaN in, NaN out: tl.maximum (max.f32) would return the 0 operand for a NaN z.
+    return tl.where(z <= 0.0, 0.0, z)
+
+
+@triton.jit
 def activate(z, ACTIVATION: tl.constexpr):
     """act(z), elementwise, in z's dtype."""
     if ACTIVATION == RELU:
-        a = tl.maximum(z, 0.0)
+        a = _relu(z)
     elif ACTIVATION == GELU:
         a = 0.5 * z * (1.0 + tl.math.erf(z * _const(0.7071067811865476, z)))
     elif ACTIVATION == GELU_TANH:
@@ -62,8 +68,8 @@ def activate(z, ACTIVATION: tl.constexpr):
 def activate_with_grad(z, ACTIVATION: tl.constexpr):
     """(act(z), act'(z)), elementwise, in z's dtype."""
     if ACTIVATION == RELU:
-        a = tl.maximum(z, 0.0)
-        da = tl.where(z > 0.0, 1.0, 0.0).to(z.dtype)
+        a = _relu(z)
+        da = tl.where(z <= 0.0, 0.0, 1.0).to(z.dtype)  # 1 at NaN, as torch's relu backward
     elif ACTIVATION == GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(z * _const(0.7071067811865476, z)))
         pdf = tl.exp(-0.5 * z * z) * _const(0.3989422804014327, z)

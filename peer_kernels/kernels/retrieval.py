@@ -39,8 +39,11 @@ _LOW_MAX = tl.constexpr(2147483647)  # the low field holds _LOW_MAX - index, so 
 
 @triton.jit
 def _order_key(score):
-    """fp32 -> int32 whose signed order is the float order (an involution: it also inverts)."""
+    """fp32 -> int32 whose signed order is the float order (an involution: it also inverts).
+    Every NaN maps to the largest key, so NaN ranks above every number (the tie rule's NaN order);
+    on int32 keys (the inverse direction) `score != score` never holds."""
     bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(score != score, 0x7FFFFFFF, bits)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
@@ -194,7 +197,7 @@ def apply_gating(scores, col_valid, GATING: tl.constexpr):
     elif GATING == GATING_SIGMOID:
         return tl.sigmoid(scores)
     else:
-        return tl.maximum(scores, 0.0)
+        return tl.where(scores <= 0.0, 0.0, scores)  # NaN in, NaN out (tl.maximum drops it)
 
 
 @triton.jit
@@ -206,7 +209,7 @@ def gating_backward(dgates, gates, scores, col_valid, GATING: tl.constexpr):
     elif GATING == GATING_SIGMOID:
         return dgates * gates * (1.0 - gates)
     else:
-        return tl.where(scores > 0.0, dgates, 0.0)
+        return tl.where(scores <= 0.0, 0.0, dgates)  # passes at NaN, as torch's relu backward
 
 
 @triton.jit

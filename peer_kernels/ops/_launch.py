@@ -1,22 +1,9 @@
-"""Launch helpers shared by the op families: accumulation dtypes, constexpr ids, block-size picks,
-device checks and torch.library registration. Nothing here launches a kernel."""
+"""Launch helpers shared by the op families: constexpr ids, block-size picks and device checks.
+Nothing here launches a kernel; torch.library registration is peer_kernels/_library.py."""
 import torch
 import triton
 
-from ..reference import ACTIVATIONS
-
-LIBRARY = "peer_kernels"
-
-
-def custom_op(name, mutates_args=()):
-    """torch.library.custom_op in this package's namespace: the op is opaque to torch.compile
-    (no graph break) and dispatches to the same Python launcher on every device."""
-    return torch.library.custom_op(f"{LIBRARY}::{name}", mutates_args=mutates_args)
-
-
-def accumulate_dtype(dtype):
-    """fp64 stays fp64 (gradcheck); every other float accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._checks import ACTIVATIONS
 
 
 def activation_id(activation):

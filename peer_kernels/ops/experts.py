@@ -15,7 +15,7 @@ resident) and writes each table row once (4.3 GB). bench/ times both (`triton` v
 import torch
 import triton
 
-from .. import _checks
+from .. import _checks, _library
 from ..kernels import experts as kernels
 from . import _launch
 
@@ -24,12 +24,22 @@ def _slots(expert_ids):
     return expert_ids.shape[1] * expert_ids.shape[2]
 
 
+def forward_outputs(x, expert_ids):
+    """Unwritten y (T, d) in x's dtype and z (T, h*k) in the accumulation dtype."""
+    return (_library.empty(x.shape, x),
+            _library.empty((x.shape[0], _slots(expert_ids)), x, _checks.compute_dtype(x.dtype)))
+
+
+def backward_outputs(x, gates, w_down, w_up):
+    """Unwritten dx, dgates, dw_down, dw_up, each like its input (dtype and shape), contiguous."""
+    return tuple(_library.empty(t.shape, t) for t in (x, gates, w_down, w_up))
+
+
 def launch_forward(x, expert_ids, gates, w_down, w_up, activation):
-    """y (T, d) in x's dtype and z (T, h*k) in the accumulation dtype."""
+    """y (T, d) in x's dtype and z (T, h*k) in the accumulation dtype; inputs contiguous."""
     T, D = x.shape
     S = _slots(expert_ids)
-    y = torch.empty_like(x)
-    z = torch.empty((T, S), dtype=_launch.accumulate_dtype(x.dtype), device=x.device)
+    y, z = forward_outputs(x, expert_ids)
     if T == 0:
         return y, z
     if S == 0:
@@ -43,38 +53,35 @@ def launch_forward(x, expert_ids, gates, w_down, w_up, activation):
 
 
 def launch_backward(dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic):
-    """(dx, dgates, dw_down, dw_up) in the dtypes of (x, gates, w_down, w_up)."""
+    """(dx, dgates, dw_down, dw_up) in the dtypes of (x, gates, w_down, w_up); inputs contiguous."""
     T, D = x.shape
     S = _slots(expert_ids)
     E = w_down.shape[0]
-    dx = torch.empty_like(x)
-    dgates = torch.empty_like(gates)
+    dx, dgates, dw_down, dw_up = backward_outputs(x, gates, w_down, w_up)
     if T == 0 or S == 0:
-        zeros = torch.zeros_like(w_down)
-        return dx.zero_(), dgates, zeros, zeros.clone()
+        return dx.zero_(), dgates, dw_down.zero_(), dw_up.zero_()
     acc_dtype = z.dtype
     block_t, block_s, block_d, num_warps = _launch.gather_tile(T, S, D, acc_dtype, atomic=not deterministic)
     tokens_kernel = kernels.experts_bwd_tokens_kernel[(triton.cdiv(T, block_t),)]
     meta = dict(D=D, S=S, ACTIVATION=_launch.activation_id(activation), BLOCK_T=block_t, BLOCK_S=block_s,
                 BLOCK_D=block_d, num_warps=num_warps)
     if not deterministic:
-        dw_down = torch.zeros((E, D), dtype=acc_dtype, device=x.device)
-        dw_up = torch.zeros((E, D), dtype=acc_dtype, device=x.device)
+        # fp32 (fp64) accumulators; for 16-bit tables they are cast into the outputs at the end
+        acc_down = torch.zeros((E, D), dtype=acc_dtype, device=x.device)
+        acc_up = torch.zeros((E, D), dtype=acc_dtype, device=x.device)
         # dz / ga are not written with ATOMIC: z stands in for their pointers
-        tokens_kernel(x, dy, expert_ids, gates, z, w_down, w_up, dx, dgates, z, z, dw_down, dw_up, T,
+        tokens_kernel(x, dy, expert_ids, gates, z, w_down, w_up, dx, dgates, z, z, acc_down, acc_up, T,
                       ATOMIC=True, **meta)
-        return dx, dgates, dw_down.to(w_down.dtype), dw_up.to(w_up.dtype)
+        return dx, dgates, dw_down.copy_(acc_down), dw_up.copy_(acc_up)
 
-    dz = torch.empty_like(z)
-    ga = torch.empty_like(z)
+    dz = _library.empty(z.shape, z)
+    ga = _library.empty(z.shape, z)
     # the accumulators are not touched without ATOMIC: w_down / w_up stand in for their pointers
     tokens_kernel(x, dy, expert_ids, gates, z, w_down, w_up, dx, dgates, dz, ga, w_down, w_up, T,
                   ATOMIC=False, **meta)
     # A stable sort fixes the order of each row's slots, hence the summation order, run to run.
     sorted_ids, slot_order = torch.sort(expert_ids.reshape(-1).long(), stable=True)
     row_starts = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=x.device))
-    dw_down = torch.empty_like(w_down)
-    dw_up = torch.empty_like(w_up)
     block_n, block_rd, row_warps = _launch.row_tile(D, T * S / E)
     kernels.experts_bwd_rows_kernel[(E, triton.cdiv(D, block_rd))](
         x, dy, dz, ga, slot_order, row_starts, dw_down, dw_up,
@@ -82,7 +89,7 @@ def launch_backward(dy, x, expert_ids, gates, z, w_down, w_up, activation, deter
     return dx, dgates, dw_down, dw_up
 
 
-@_launch.custom_op("experts_forward")
+@_library.custom_op("experts_forward")
 def experts_forward(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
                     w_up: torch.Tensor, activation: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, z); `deterministic` only travels to the backward. Inputs are validated and contiguous."""
@@ -95,11 +102,10 @@ def experts_forward(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tens
 
 @experts_forward.register_fake
 def _experts_forward_fake(x, expert_ids, gates, w_down, w_up, activation, deterministic):
-    z = x.new_empty((x.shape[0], _slots(expert_ids)), dtype=_launch.accumulate_dtype(x.dtype))
-    return torch.empty_like(x), z
+    return forward_outputs(x, expert_ids)
 
 
-@_launch.custom_op("experts_backward")
+@_library.custom_op("experts_backward")
 def experts_backward(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
                      z: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, activation: str,
                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,7 +115,7 @@ def experts_backward(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor
 
 @experts_backward.register_fake
 def _experts_backward_fake(dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic):
-    return torch.empty_like(x), torch.empty_like(gates), torch.empty_like(w_down), torch.empty_like(w_up)
+    return backward_outputs(x, gates, w_down, w_up)
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,7 +140,7 @@ def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", determin
     """Fused single-neuron expert mixing, same contract as peer_kernels.reference.peer_experts.
 
     x (T, d), expert_ids (T, h, k) int32/int64, gates (T, h, k) any float dtype, w_down / w_up (E, d)
-    in x's dtype -> y (T, d) in x's dtype. deterministic=True (default) makes the table gradients
+    in any float dtype (read as stored; float64 only with a float64 x) -> y (T, d) in x's dtype. deterministic=True (default) makes the table gradients
     bitwise reproducible (sorted, atomic-free reduction); False accumulates them with fp32 atomics.
     """
     _checks.check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=False)

@@ -12,7 +12,8 @@ followed by the retrieval backward driven by dgates (dqueries, dkeys).
 import torch
 import triton
 
-from .._checks import check_fused
+from .. import _library
+from .._checks import check_fused, compute_dtype
 from ..kernels import fused as kernels
 from . import _launch, experts, retrieval
 
@@ -21,7 +22,8 @@ def one_pass_config(T, heads, d, n, dk, k, k_sub, dtype, activation, gating, arc
                     interpreted=retrieval.INTERPRETED, block_t=32):
     """(constexprs, launch options) of peer_fused_kernel: the retrieval's token tile and padding
     (ops/retrieval.retrieval_config) and the expert kernel's gather tile (_launch.gather_tile),
-    whose token count MIX_T must divide the retrieval tile.
+    whose token count MIX_T must divide the retrieval tile. dtype: the queries' (and keys') dtype,
+    which sets the accumulation dtype too (float64 mixes with no other, so x accumulates alike).
 
     block_t = 32 tokens and 8 warps, from the SASS at the paper's shapes (bf16, h=8, n=1024, dk=128,
     k=k'=16, d=1024): 64 tokens leave T/64 = 128 programs, fewer than the SMs; 32 tokens spill on
@@ -30,25 +32,27 @@ def one_pass_config(T, heads, d, n, dk, k, k_sub, dtype, activation, gating, arc
     64; 128 spill on sm_80. Not yet timed on a GPU.
     """
     config, launch = retrieval.retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted, block_t, max_block_n=64)
-    mix_t, block_s, block_d, _ = _launch.gather_tile(T, heads * k, d, _launch.accumulate_dtype(dtype))
+    mix_t, block_s, block_d, _ = _launch.gather_tile(T, heads * k, d, compute_dtype(dtype))
     config.update(D=d, ACTIVATION=_launch.activation_id(activation), GATING=retrieval.GATING_CODES[gating],
                   MIX_T=min(mix_t, config["BLOCK_T"]), BLOCK_S=block_s, BLOCK_D=block_d)
     return config, dict(launch, num_warps=8)
 
 
+def forward_outputs(x, queries, k, gating):
+    """Unwritten (y, scores, ids, gates, z) of fused_forward."""
+    scores, ids, gates = retrieval.retrieve_outputs(queries, k, gating)
+    y, z = experts.forward_outputs(x, ids)
+    return y, scores, ids, gates, z
+
+
 def _one_pass(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
     T, h, _, dk = queries.shape
     n = keys.shape[1]
-    acc = _launch.accumulate_dtype(x.dtype)
-    y = torch.empty_like(x)
-    scores = torch.empty((T, h, k), device=x.device, dtype=acc)
-    ids = torch.empty((T, h, k), device=x.device, dtype=torch.int64)
-    gates = torch.empty((T, h, k), device=x.device, dtype=acc)
-    z = torch.empty((T, h * k), device=x.device, dtype=acc)
+    y, scores, ids, gates, z = forward_outputs(x, queries, k, gating)
     if T == 0:
         return y, scores, ids, gates, z
     queries, (stride_t, stride_h, stride_p) = retrieval.query_strides(queries)
-    config, launch = one_pass_config(T, h, x.shape[1], n, dk, k, k_sub, x.dtype, activation, gating,
+    config, launch = one_pass_config(T, h, x.shape[1], n, dk, k, k_sub, queries.dtype, activation, gating,
                                      _launch.cuda_arch(x.device))
     pairs = retrieval.pair_table(k, k_sub, config["P_PAD"], x.device)
     kernels.peer_fused_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
@@ -64,27 +68,24 @@ def _two_kernel(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id
     return y, scores, ids, gates, z
 
 
-@_launch.custom_op("fused_forward")
+@_library.custom_op("fused_forward")
 def fused_forward(x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, w_down: torch.Tensor,
                   w_up: torch.Tensor, k: int, k_sub: int, gating: str, activation: str, id_head_offset: int,
                   one_pass: bool, deterministic: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, scores, ids, gates, z); inputs validated, x / keys / tables contiguous."""
+    """(y, scores, ids, gates, z); inputs validated."""
     _launch.check_launchable(x, kernels.peer_fused_kernel)
+    x, keys, w_down, w_up = _launch.contiguous(x, keys, w_down, w_up)  # queries are read through their strides
     path = _one_pass if one_pass else _two_kernel
     return path(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset)
 
 
 @fused_forward.register_fake
 def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, one_pass, deterministic):
-    T, h = queries.shape[:2]
-    acc = _launch.accumulate_dtype(x.dtype)
-    scalars = x.new_empty((T, h, k), dtype=acc)
-    return (torch.empty_like(x), scalars, x.new_empty((T, h, k), dtype=torch.int64), torch.empty_like(scalars),
-            x.new_empty((T, h * k), dtype=acc))
+    return forward_outputs(x, queries, k, gating)
 
 
-@_launch.custom_op("fused_backward")
+@_library.custom_op("fused_backward")
 def fused_backward(dy: torch.Tensor, x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
                    w_down: torch.Tensor, w_up: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
                    gates: torch.Tensor, z: torch.Tensor, gating: str, activation: str, id_head_offset: int,
@@ -92,7 +93,7 @@ def fused_backward(dy: torch.Tensor, x: torch.Tensor, queries: torch.Tensor, key
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dqueries, dkeys, dw_down, dw_up)."""
     dx, dgates, dw_down, dw_up = experts.launch_backward(
-        dy.contiguous(), x, ids, gates, z, w_down, w_up, activation, deterministic)
+        *_launch.contiguous(dy, x, ids, gates, z, w_down, w_up), activation, deterministic)
     dqueries, dkeys = retrieval.launch_retrieve_backward(
         None, dgates, queries, keys, ids, scores, gates, gating, id_head_offset)
     return dx, dqueries, dkeys, dw_down, dw_up
@@ -100,8 +101,7 @@ def fused_backward(dy: torch.Tensor, x: torch.Tensor, queries: torch.Tensor, key
 
 @fused_backward.register_fake
 def _(dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, gating, activation, id_head_offset, deterministic):
-    return (torch.empty_like(x), torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(w_down),
-            torch.empty_like(w_up))
+    return tuple(_library.empty(t.shape, t) for t in (x, queries, keys, w_down, w_up))
 
 
 def _setup_context(ctx, inputs, output):

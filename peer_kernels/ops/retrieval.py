@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import triton
 
-from .._checks import check_retrieval
+from .. import _checks, _library
 from ..kernels import retrieval as kernels
 from . import _launch
 
@@ -130,14 +130,20 @@ def query_strides(queries):
     return queries, queries.stride()[:3]
 
 
+def retrieve_outputs(queries, k, gating):
+    """Unwritten scores (T, h, k) in the accumulation dtype, ids (T, h, k) int64, gates like scores
+    (shape (0,) for gating "none")."""
+    T, h = queries.shape[:2]
+    acc = _checks.compute_dtype(queries.dtype)
+    return (_library.empty((T, h, k), queries, acc), _library.empty((T, h, k), queries, torch.int64),
+            _library.empty((T, h, k) if gating != "none" else (0,), queries, acc))
+
+
 def launch_retrieve(queries, keys, k, k_sub, gating, id_head_offset):
     """scores (T, h, k) fp32/fp64 descending, ids (T, h, k) int64, gates (T, h, k) or (0,)."""
     T, h, _, dk = queries.shape
     n = keys.shape[1]
-    acc = _launch.accumulate_dtype(queries.dtype)
-    scores = torch.empty((T, h, k), device=queries.device, dtype=acc)
-    ids = torch.empty((T, h, k), device=queries.device, dtype=torch.int64)
-    gates = torch.empty((T, h, k) if gating != "none" else (0,), device=queries.device, dtype=acc)
+    scores, ids, gates = retrieve_outputs(queries, k, gating)
     if T == 0:
         return scores, ids, gates
     queries, (stride_t, stride_h, stride_p) = query_strides(queries)
@@ -156,12 +162,13 @@ def launch_retrieve_backward(dscores, dgates, queries, keys, ids, scores, gates,
     """(dqueries, dkeys) in the inputs' dtypes; dscores / dgates may be None (no gradient)."""
     T, h, _, dk = queries.shape
     k = ids.shape[-1]
-    acc = _launch.accumulate_dtype(queries.dtype)
+    acc = _checks.compute_dtype(queries.dtype)
     dkeys = torch.zeros(keys.shape, device=keys.device, dtype=acc)
     use_gates = dgates is not None and gating != "none"
     if T == 0 or (dscores is None and not use_gates):
-        return torch.zeros_like(queries), dkeys.to(keys.dtype)
-    dqueries = torch.empty((T, h, 2, dk), device=queries.device, dtype=acc)
+        return _library.empty(queries.shape, queries).zero_(), dkeys.to(keys.dtype)
+    dqueries = _library.empty((T, h, 2, dk), queries, acc)
+    ids, scores, gates = ids.contiguous(), scores.contiguous(), gates.contiguous()
     queries, (stride_t, stride_h, stride_p) = query_strides(queries)
     keys = keys.contiguous()
     config = backward_config(dk, k)
@@ -177,7 +184,7 @@ def launch_retrieve_backward(dscores, dgates, queries, keys, ids, scores, gates,
 
 # ---- torch.library registration ------------------------------------------------------------------
 
-@_launch.custom_op("retrieve")
+@_library.custom_op("retrieve")
 def _retrieve_op(queries: torch.Tensor, keys: torch.Tensor, k: int, k_sub: int, gating: str,
                  id_head_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _launch.check_launchable(queries, kernels.product_key_topk_kernel)
@@ -186,13 +193,10 @@ def _retrieve_op(queries: torch.Tensor, keys: torch.Tensor, k: int, k_sub: int, 
 
 @_retrieve_op.register_fake
 def _(queries, keys, k, k_sub, gating, id_head_offset):
-    T, h = queries.shape[:2]
-    acc = _launch.accumulate_dtype(queries.dtype)
-    return (queries.new_empty((T, h, k), dtype=acc), queries.new_empty((T, h, k), dtype=torch.int64),
-            queries.new_empty((T, h, k) if gating != "none" else (0,), dtype=acc))
+    return retrieve_outputs(queries, k, gating)
 
 
-@_launch.custom_op("retrieve_backward")
+@_library.custom_op("retrieve_backward")
 def _retrieve_backward_op(dscores: Optional[torch.Tensor], dgates: Optional[torch.Tensor],
                           queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor,
                           scores: torch.Tensor, gates: torch.Tensor, gating: str,
@@ -202,7 +206,7 @@ def _retrieve_backward_op(dscores: Optional[torch.Tensor], dgates: Optional[torc
 
 @_retrieve_backward_op.register_fake
 def _(dscores, dgates, queries, keys, ids, scores, gates, gating, id_head_offset):
-    return torch.empty_like(queries), torch.empty_like(keys)
+    return _library.empty(queries.shape, queries), _library.empty(keys.shape, keys)
 
 
 def _setup_context(ctx, inputs, output):
@@ -235,6 +239,6 @@ def retrieve(queries, keys, k, k_sub, gating, id_head_offset=0):
 
 def product_key_topk(queries, keys, k, k_sub=None):
     """Product-key retrieval; same contract as peer_kernels.reference.product_key_topk."""
-    k_sub = check_retrieval(queries, keys, k, k_sub)
+    k_sub = _checks.check_retrieval(queries, keys, k, k_sub)
     scores, ids, _ = retrieve(queries, keys, k, k_sub, "none")
     return scores, ids

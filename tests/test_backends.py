@@ -1,0 +1,189 @@
+"""What every backend must do alike (peer_kernels.backends): the one tie rule on exact ties, NaN in
+giving NaN out, the same errors on bad input (the oracle included), and degenerate sizes that either
+work or raise a ValueError naming the argument."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from peer_kernels import backends, reference
+
+BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or backends.TRITON_INTERPRETED else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def ops(request):
+    """The op namespace of one backend, for tensors on the test device (the C++ one on the CPU)."""
+    device = torch.device("cpu") if request.param == "cpp" else DEVICE
+    return backends.get(request.param, device), device
+
+
+def half_keys(first, second, dtype=torch.float64):
+    """Queries (1, 1, 2, 1) of ones and keys (1, n, 2, 1) whose sub-key scores are exactly `first`
+    and `second`."""
+    keys = torch.tensor([first, second], dtype=dtype).T[None, :, :, None].contiguous()
+    return torch.ones(1, 1, 2, 1, dtype=dtype), keys
+
+
+# ---- ties -------------------------------------------------------------------------------------------
+
+def test_tie_between_candidates_goes_to_the_better_ranked_pair(ops):
+    """Half scores a = [5, 6], b = [2, 1], k = k' = 2: pairs by rank (a1, b0) = 8, then (a1, b1) and
+    (a0, b0) tie at 7; the rule takes (rank 0, rank 1) first: ids [1*2 + 0, 1*2 + 1] = [2, 3]."""
+    ops, device = ops
+    queries, keys = half_keys([5.0, 6.0], [2.0, 1.0])
+    scores, ids = ops.product_key_topk(queries.to(device), keys.to(device), 2, 2)
+    assert ids.cpu().tolist() == [[[2, 3]]]
+    assert scores.cpu().tolist() == [[[8.0, 7.0]]]
+
+
+def test_ties_within_a_half_go_to_the_smaller_index(ops):
+    """Every sub-key equal: each half ranks by index, the pairs by (rank a, rank b)."""
+    ops, device = ops
+    queries, keys = half_keys([1.0] * 5, [2.0] * 5)
+    _, ids = ops.product_key_topk(queries.to(device), keys.to(device), 4, 3)
+    assert ids.cpu().tolist() == [[[0, 1, 2, 5]]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_exact_ties_everywhere_match_the_oracle(ops, dtype):
+    """Small integers make every score exact in any summation order, and few distinct values make
+    many of them equal: the picks (order included) must be the oracle's, as must the scores and,
+    with them, the layer's output and gradients."""
+    ops, device = ops
+    T, h, n, dk, k, k_sub, d = 12, 2, 7, 4, 6, 4, 10
+    queries = torch.randint(-2, 3, (T, h, 2, dk)).to(dtype)
+    keys = torch.randint(-1, 2, (h, n, 2, dk)).to(dtype)
+    keys[:, 4:, 1] = keys[:, :3, 1]                # repeated sub-keys: equal scores
+    expected_scores, expected_ids = reference.product_key_topk(queries.double(), keys.double(), k, k_sub)
+    scores, ids = ops.product_key_topk(queries.to(device), keys.to(device), k, k_sub)
+    assert torch.equal(ids.cpu(), expected_ids)
+    assert torch.equal(scores.cpu().double(), expected_scores)
+    x = torch.randn(T, d, dtype=dtype)
+    w_down, w_up = torch.randn(n * n, d, dtype=dtype), torch.randn(n * n, d, dtype=dtype)
+    inputs = [t.to(device).requires_grad_() for t in (x, queries, keys, w_down, w_up)]
+    y = ops.peer_fused(*inputs, k, k_sub, "softmax", "relu")
+    expected = reference.peer_fused(*(t.detach().cpu().double() for t in inputs), k, k_sub, "softmax", "relu")
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-4   # a loose fp32 check: the picks are the point
+    torch.testing.assert_close(y.detach().cpu().double(), expected, rtol=tolerance, atol=tolerance)
+
+
+# ---- NaN in, NaN out --------------------------------------------------------------------------------
+
+def test_a_nan_sub_key_score_is_picked(ops):
+    """NaN ranks above every number (torch.sort's order): scores [0, NaN, 1, 3] keep NaN (index 1)
+    and 3 (index 3); nothing finite may come out of a pick that involves the NaN."""
+    ops, device = ops
+    queries, keys = half_keys([0.0, float("nan"), 1.0, 3.0], [0.0, 2.0, 1.0, -1.0])
+    expected_scores, expected_ids = reference.product_key_topk(queries, keys, 3, 2)
+    scores, ids = ops.product_key_topk(queries.to(device), keys.to(device), 3, 2)
+    assert torch.equal(ids.cpu(), expected_ids)
+    assert expected_ids.tolist() == [[[1 * 4 + 1, 1 * 4 + 2, 3 * 4 + 1]]]
+    assert torch.equal(torch.isnan(scores.cpu()), torch.isnan(expected_scores))
+    assert torch.isnan(scores[0, 0, :2]).all() and scores[0, 0, 2].item() == 5.0
+
+
+@pytest.mark.parametrize("gating, activation", [("relu", "relu"), ("softmax", "relu"), ("sigmoid", "gelu")])
+@pytest.mark.parametrize("where", ["x", "w_down", "queries"])
+def test_nan_in_gives_nan_out(ops, gating, activation, where):
+    """A NaN token, an all-NaN w_down, or a NaN query: the outputs are NaN exactly where the oracle's
+    are, through relu activation and relu gating too (max(NaN, 0) must not turn NaN into 0)."""
+    ops, device = ops
+    T, h, n, dk, d, k = 5, 2, 4, 6, 8, 3
+    inputs = dict(x=torch.randn(T, d, dtype=torch.float64), queries=torch.randn(T, h, 2, dk, dtype=torch.float64),
+                  keys=torch.randn(h, n, 2, dk, dtype=torch.float64),
+                  w_down=torch.randn(n * n, d, dtype=torch.float64), w_up=torch.randn(n * n, d, dtype=torch.float64))
+    if where == "x":
+        inputs["x"][2] = float("nan")
+    elif where == "w_down":
+        inputs["w_down"].fill_(float("nan"))
+    else:
+        inputs["queries"][3, 1, 0, 2] = float("nan")
+    expected = reference.peer_fused(*inputs.values(), k, k, gating, activation)
+    actual = ops.peer_fused(*(t.to(device) for t in inputs.values()), k, k, gating, activation).cpu()
+    assert torch.isnan(expected).any()
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-10, atol=1e-10)
+
+
+# ---- bad input: the same errors on every backend, the oracle included ---------------------------------
+
+def _expert_args(**change):
+    args = dict(x=torch.randn(4, 6), expert_ids=torch.randint(0, 5, (4, 2, 3)), gates=torch.rand(4, 2, 3),
+                w_down=torch.randn(5, 6), w_up=torch.randn(5, 6))
+    args.update(change)
+    return args
+
+
+EXPERT_ERRORS = [
+    (dict(expert_ids=torch.full((4, 2, 3), -1)), ValueError, r"expert_ids: expected values in \[0, 5\)"),
+    (dict(expert_ids=torch.full((4, 2, 3), 5)), ValueError, r"expert_ids: expected values in \[0, 5\)"),
+    (dict(expert_ids=torch.zeros(4, 2, 3, dtype=torch.int16)), TypeError, "expert_ids: expected dtype"),
+    (dict(expert_ids=torch.zeros(4, 2, 3, dtype=torch.uint8)), TypeError, "expert_ids: expected dtype"),
+    (dict(x=torch.ones(4, 6, dtype=torch.int64)), TypeError, "x: expected dtype"),
+    (dict(x=torch.randn(4, 0), w_down=torch.randn(5, 0), w_up=torch.randn(5, 0)), ValueError, "x: expected at least 1"),
+    (dict(x=torch.randn(4, 6, dtype=torch.float64)), TypeError, "float64 mixes"),
+    (dict(w_up=torch.randn(5, 6).bfloat16()), TypeError, "w_up: expected dtype"),
+    (dict(gates=torch.rand(4, 2, 2)), ValueError, "gates: expected shape"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", EXPERT_ERRORS)
+def test_expert_errors(ops, change, error, match):
+    ops, device = ops
+    args = {name: t.to(device) for name, t in _expert_args(**change).items()}
+    with pytest.raises(error, match=match):
+        ops.peer_experts(**args)
+
+
+RETRIEVAL_ERRORS = [
+    (dict(k=4, k_sub=7), ValueError, r"k_sub \(product_key_topk\): expected <= n = sqrt\(num_experts\) = 6"),
+    (dict(k=7, k_sub=None), ValueError, r"k \(product_key_topk defaults to it\): expected <= n"),
+    (dict(k=10, k_sub=3), ValueError, r"k: expected <= k_sub\*\*2 = 9"),
+    (dict(queries=torch.randn(5, 0, 2, 8)), ValueError, "queries: expected at least 1 head"),
+    (dict(queries=torch.randn(5, 2, 2, 0), keys=torch.randn(1, 6, 2, 0)), ValueError, "queries: expected at least 1"),
+    (dict(keys=torch.randn(1, 0, 2, 8)), ValueError, "k_sub .*: expected <= n .* = 0"),
+    (dict(keys=torch.randn(3, 6, 2, 8)), ValueError, "keys: expected 2 heads"),
+    (dict(keys=torch.randn(1, 6, 2, 8).double()), TypeError, "keys: expected dtype"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", RETRIEVAL_ERRORS)
+def test_retrieval_errors(ops, change, error, match):
+    ops, device = ops
+    args = dict(queries=torch.randn(5, 2, 2, 8), keys=torch.randn(1, 6, 2, 8), k=4, k_sub=3)
+    args.update(change)
+    args = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in args.items()}
+    with pytest.raises(error, match=match):
+        ops.product_key_topk(**args)
+
+
+# ---- degenerate sizes that work ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [0, 1])
+def test_zero_and_one_token(ops, T):
+    ops, device = ops
+    n, h, d = 3, 2, 5
+    inputs = [torch.randn(T, d, dtype=torch.float64), torch.randn(T, h, 2, 4, dtype=torch.float64),
+              torch.randn(h, n, 2, 4, dtype=torch.float64), torch.randn(n * n, d, dtype=torch.float64),
+              torch.randn(n * n, d, dtype=torch.float64)]
+    leaves = [t.to(device).requires_grad_() for t in inputs]
+    y = ops.peer_fused(*leaves, 2, 2)
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    ref_leaves = [t.clone().requires_grad_() for t in inputs]
+    expected_y = reference.peer_fused(*ref_leaves, 2, 2)
+    expected = torch.autograd.grad(expected_y, ref_leaves, torch.ones_like(expected_y))
+    assert y.shape == (T, d)
+    torch.testing.assert_close(y.detach().cpu(), expected_y.detach(), rtol=1e-10, atol=1e-10)
+    for g, e in zip(grads, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-10, atol=1e-10)
+
+
+def test_no_experts_per_token(ops):
+    """expert_ids (T, h, 0): y is zero and every gradient too."""
+    ops, device = ops
+    args = {name: t.to(device) for name, t in _expert_args(expert_ids=torch.zeros(4, 2, 0, dtype=torch.int64),
+                                                            gates=torch.rand(4, 2, 0)).items()}
+    y = ops.peer_experts(**args)
+    assert y.shape == (4, 6) and not y.any()

@@ -1,0 +1,99 @@
+"""Property-based differential test: random layer configurations, every backend against the float64
+oracle, the output and every gradient, within the bound of tests/bounds.py.
+
+The configurations cover heads, n, k, k', dk, d and T (0 and 1 included), every gating and
+activation, shared keys, separate embeddings per head, every query norm (batchnorm in training and
+in eval), the pre-norm, float64 and float32, expert ids near the table end, duplicate picks across
+heads, and exact score ties (small-integer inputs, where the tie rule decides every pick). Other
+inputs are kept clear of near-ties (utils.untie_layer), where correct backends may differ.
+
+CI runs the "ci" hypothesis profile (30 fixed examples, under a minute); a long random run is
+`python -m pytest tests/test_differential.py --hypothesis-profile=long` (2,000 examples).
+"""
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bounds
+import peer_kernels
+from conftest import DEVICE
+from peer_kernels import backends, reference
+from utils import untie_layer
+
+BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or backends.TRITON_INTERPRETED else [])
+
+
+@st.composite
+def configs(draw):
+    n = draw(st.integers(1, 6))
+    k_sub = draw(st.integers(1, n))
+    heads = draw(st.integers(1, 3))
+    exact_ties = draw(st.booleans())
+    return dict(
+        T=draw(st.sampled_from([0, 1, 2, 3, 5, 8])), dim=draw(st.integers(1, 12)), heads=heads, n=n, k_sub=k_sub,
+        k=draw(st.integers(1, min(k_sub * k_sub, 8))), dim_key=draw(st.integers(1, 6)),
+        gating=draw(st.sampled_from(reference.GATINGS)), activation=draw(st.sampled_from(reference.ACTIVATIONS)),
+        shared_keys=draw(st.booleans()), separate_embed_per_head=draw(st.booleans()),
+        query_norm=None if exact_ties else draw(st.sampled_from(["batchnorm", "layernorm", None])),
+        pre_rmsnorm=False if exact_ties else draw(st.booleans()), training=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32])), favor_last=draw(st.booleans()),
+        duplicate_heads=heads > 1 and draw(st.booleans()), exact_ties=exact_ties, seed=draw(st.integers(0, 2 ** 16)))
+
+
+def build(c):
+    """The layer and its input for configuration c, seeded."""
+    torch.manual_seed(c["seed"])
+    layer = peer_kernels.PEER(
+        c["dim"], heads=c["heads"], num_experts=c["n"] ** 2, num_experts_per_head=c["k"], dim_key=c["dim_key"],
+        product_key_topk=c["k_sub"], activation=c["activation"], gating=c["gating"], query_norm=c["query_norm"],
+        pre_rmsnorm=c["pre_rmsnorm"], shared_keys=c["shared_keys"], separate_embed_per_head=c["separate_embed_per_head"],
+        dtype=c["dtype"], device=DEVICE).train(c["training"])
+    x = torch.randn(c["T"], c["dim"], dtype=c["dtype"], device=DEVICE)
+    with torch.no_grad():
+        for p in layer.parameters():          # off the initial values (norms at identity, ...)
+            p.add_(torch.randn_like(p) * 0.2)
+        if c["query_norm"] == "batchnorm":
+            layer.query_norm.running_mean.normal_()
+            layer.query_norm.running_var.uniform_(0.5, 2)
+        if c["exact_ties"]:                   # small integers: every score exact, many equal
+            x.copy_(torch.randint(-2, 3, x.shape))
+            layer.to_queries.weight.copy_(torch.randint(-1, 2, layer.to_queries.weight.shape))
+            layer.keys.copy_(torch.randint(-1, 2, layer.keys.shape))
+        if c["favor_last"]:                   # the last sub-keys, hence the table's last rows, win
+            layer.keys[:, -1] *= 3
+        if c["duplicate_heads"]:              # heads 0 and 1 pick the same experts
+            weight = layer.to_queries.weight.view(2, c["heads"], c["dim_key"], c["dim"])
+            weight[:, 1] = weight[:, 0]
+            if not c["shared_keys"]:
+                layer.keys[1] = layer.keys[0]
+    if not c["exact_ties"] and c["T"] > (1 if c["training"] and c["query_norm"] == "batchnorm" else 0):
+        untie_layer(layer, x)
+    return layer, x
+
+
+@given(configs())
+def test_every_backend_matches_the_float64_oracle(c):
+    layer, x = build(c)
+    dy = torch.randn_like(x)
+    if c["T"] == 1 and c["training"] and c["query_norm"] == "batchnorm":
+        for backend in BACKENDS:
+            layer.backend = backend
+            with pytest.raises(ValueError, match="cannot normalise 1 token"):
+                layer(x)
+        return
+    if c["T"] == 0:
+        for backend in BACKENDS:
+            layer.backend = backend
+            assert layer(x).shape == (0, c["dim"])
+        return
+    expected = bounds.expected_layer(layer, x, dy)
+    for backend in BACKENDS:
+        candidate = copy.deepcopy(layer)
+        candidate.backend = backend
+        try:
+            bounds.check_all(bounds.layer_results(candidate, x, dy), expected)
+        except AssertionError as error:
+            raise AssertionError(f"backend {backend!r}, config {c}: {error}") from None
