@@ -94,9 +94,10 @@ inline void axpy(acc_t alpha, const src_t* src, acc_t* dst, int64_t d) {
 }
 
 // Entries grouped by the table row they add to: row r's entries are order[start[r] .. start[r+1]),
-// in increasing entry order (a stable counting sort), so every row sums in a fixed order.
+// in increasing entry order (a stable counting sort), so every row sums in a fixed order; `touched`
+// lists the rows with at least one entry, ascending.
 struct RowGroups {
-  std::vector<int64_t> start, order;
+  std::vector<int64_t> start, order, touched;
 };
 
 template <typename RowOf>
@@ -105,49 +106,44 @@ RowGroups group_by_row(int64_t entries, int64_t rows, RowOf row_of) {
   groups.start.assign(rows + 1, 0);
   groups.order.resize(entries);
   for (int64_t m = 0; m < entries; ++m) ++groups.start[row_of(m) + 1];
-  for (int64_t r = 0; r < rows; ++r) groups.start[r + 1] += groups.start[r];
+  for (int64_t r = 0; r < rows; ++r) {
+    if (groups.start[r + 1]) groups.touched.push_back(r);
+    groups.start[r + 1] += groups.start[r];
+  }
   std::vector<int64_t> next(groups.start.begin(), groups.start.end() - 1);
   for (int64_t m = 0; m < entries; ++m) groups.order[next[row_of(m)]++] = m;
   return groups;
 }
 
-// One table of a segmented sum: out[r, :] = sum over the entries m of row r of coef(m) * source(m)[0..d).
-template <typename out_t, typename Coef, typename Source>
-struct RowSum {
-  out_t* out;
-  Coef coef;
-  Source source;
+// For each touched row r: sum over its entries m of coef(m) * source(m)[0..d), written to row r of
+// `out` (a dense table whose untouched rows the caller has zeroed) or, when `compact`, to row i of
+// `out` for the i-th touched row (the values of a sparse gradient). Each row is summed by one thread.
+template <typename acc_t, typename out_t, typename Coef, typename Source>
+void sum_touched_rows(const RowGroups& groups, int64_t d, bool compact, out_t* out, const Coef& coef,
+                      const Source& source) {
+  const int64_t count = static_cast<int64_t>(groups.touched.size());
+  parallel_chunks(0, count, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> total(d);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = groups.touched[i];
+      std::fill(total.begin(), total.end(), acc_t(0));
+      for (int64_t p = groups.start[r]; p < groups.start[r + 1]; ++p) axpy(coef(groups.order[p]), source(groups.order[p]), total.data(), d);
+      std::copy(total.begin(), total.end(), out + (compact ? i : r) * d);
+    }
+  });
+}
+
+// A table's gradient: dense (like `table`, zeros but for the touched rows) or, when `sparse`, the
+// touched rows' values (rows, d) with `rows` filled with their ids (int64, ascending).
+struct TableGrad {
+  Tensor values, rows;
 };
 
-template <typename out_t, typename Coef, typename Source>
-RowSum<out_t, Coef, Source> row_sum(out_t* out, Coef coef, Source source) {
-  return {out, coef, source};
-}
-
-// Row r of one table: zeros when no entry touches it, else the sum accumulated in `total`.
-template <typename acc_t, typename Sum>
-void sum_row(const RowGroups& groups, int64_t r, int64_t d, std::vector<acc_t>& total, const Sum& sum) {
-  auto* row = sum.out + r * d;
-  if (groups.start[r] == groups.start[r + 1]) {
-    std::fill(row, row + d, 0);
-    return;
-  }
-  std::fill(total.begin(), total.end(), acc_t(0));
-  for (int64_t p = groups.start[r]; p < groups.start[r + 1]; ++p) {
-    const int64_t m = groups.order[p];
-    axpy(sum.coef(m), sum.source(m), total.data(), d);
-  }
-  std::copy(total.begin(), total.end(), row);
-}
-
-// Every row of every table grouped the same way (one pass over the rows for all of them).
-template <typename acc_t, typename... Sums>
-void sum_rows(const RowGroups& groups, int64_t d, const Sums&... sums) {
-  const int64_t rows = static_cast<int64_t>(groups.start.size()) - 1;
-  parallel_chunks(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> total(d);
-    for (int64_t r = begin; r < end; ++r) (sum_row(groups, r, d, total, sums), ...);
-  });
+TableGrad table_grad_outputs(const RowGroups& groups, const Tensor& table, bool sparse) {
+  if (!sparse) return {empty_table(table).zero_(), at::empty({0}, table.options().dtype(at::kLong))};
+  Tensor rows = at::empty({static_cast<int64_t>(groups.touched.size())}, table.options().dtype(at::kLong));
+  std::copy(groups.touched.begin(), groups.touched.end(), rows.data_ptr<int64_t>());
+  return {at::empty({rows.size(0), table.size(1)}, table.options()), rows};
 }
 
 // ---- retrieval -----------------------------------------------------------------------------------
@@ -210,7 +206,7 @@ std::vector<Tensor> retrieval_backward(const Tensor& dscores, const Tensor& quer
   if (q.stride(3) != 1) q = q.contiguous();
   const Tensor kk = keys.to(acc).contiguous();
   Tensor dq = at::empty({T, heads, 2, dk}, q.options());
-  Tensor dkeys = at::empty_like(kk);
+  Tensor dkeys = at::zeros_like(kk);
 
   AT_DISPATCH_FLOATING_TYPES(acc, "peer_retrieval_backward", [&] {
     const scalar_t* ds = dsigma.data_ptr<scalar_t>();
@@ -238,12 +234,12 @@ std::vector<Tensor> retrieval_backward(const Tensor& dscores, const Tensor& quer
     });
     // dkeys[row] += dsigma[pick] * q[t, h, half] over the entries of each key row.
     const RowGroups groups = group_by_row(2 * ids.numel(), key_heads * n * 2, [&](int64_t m) { return key_rows[m]; });
-    sum_rows<scalar_t>(groups, dk, row_sum(dkeys.data_ptr<scalar_t>(), [&](int64_t m) { return ds[m / 2]; },
-                                           [&](int64_t m) {
-                                             const int64_t token_head = m / 2 / k;
-                                             return q_p + token_head / heads * q_token +
-                                                    token_head % heads * q_head + m % 2 * q_half;
-                                           }));
+    sum_touched_rows<scalar_t>(groups, dk, false, dkeys.data_ptr<scalar_t>(), [&](int64_t m) { return ds[m / 2]; },
+                               [&](int64_t m) {
+                                 const int64_t token_head = m / 2 / k;
+                                 return q_p + token_head / heads * q_token + token_head % heads * q_head +
+                                        m % 2 * q_half;
+                               });
   });
   return {dq.to(queries.scalar_type()), dkeys.to(keys.scalar_type())};
 }
@@ -289,121 +285,179 @@ Tensor gates_backward(const Tensor& scores_in, const Tensor& gates_in, const Ten
   return dscores;
 }
 
-// ---- experts -------------------------------------------------------------------------------------
+// ---- experts ------------------------------------------------------------------------------------
+// The stage in two halves, as the Triton ops have them: down, z = w_down[e] . x[t]; and mix,
+// y[t] = sum_{h,j} gates[t,h,j] * act(z[t,h,j]) * w_up[e], e = expert_ids[t,h,j]. experts_forward and
+// experts_backward compose them. x (T, d_in) and dy (T, d_out) are small: they are converted to the
+// compute dtype; the tables (w_down (E, d_in), w_up (E, d_out)) are read as they are stored.
 
-// y[t] = sum_{h,j} gates[t,h,j] * act(z[t,h,j]) * w_up[e], z = w_down[e] . x[t], e = expert_ids[t,h,j].
-// Returns y (T, d) in x's dtype and z (T, h, k) in the compute dtype (saved for the backward).
-std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& gates_in,
-                                    const Tensor& w_down_in, const Tensor& w_up_in, const std::string& activation) {
-  const int act = activation_code(activation);
-  TORCH_CHECK(x_in.dim() == 2 && expert_ids.dim() == 3 && expert_ids.size(0) == x_in.size(0) &&
-                  gates_in.sizes() == expert_ids.sizes(),
-              "experts_forward: expected x (T, d), expert_ids and gates (T, h, k), got ", x_in.sizes(), ", ",
-              expert_ids.sizes(), ", ", gates_in.sizes());
-  check_tables(x_in, w_down_in, w_up_in);
-  const Tensor w_down = w_down_in.contiguous(), w_up = w_up_in.contiguous();
+Tensor checked_ids(const Tensor& expert_ids, const Tensor& table) {
+  TORCH_CHECK(expert_ids.dim() == 3, "expert_ids: expected shape (T, h, k), got ", expert_ids.sizes());
+  TORCH_CHECK(table.dim() == 2 && table.size(1) >= 1, "expected a table (E, d) with d >= 1, got ", table.sizes());
   const Tensor ids = expert_ids.to(at::kLong).contiguous();
-  check_ids(ids, w_down.size(0), "expert_ids", "rows of w_down");
-  // x is small (T, d): it is converted to the compute dtype; the tables are read as they are stored.
-  const auto acc = compute_type(x_in.scalar_type());
-  const Tensor x = x_in.to(acc).contiguous(), gates = gates_in.to(acc).contiguous();
-  const int64_t T = x.size(0), d = x.size(1), slots = ids.size(1) * ids.size(2);
-  Tensor y = at::empty_like(x);
-  Tensor z = at::empty(ids.sizes(), x.options());
+  check_ids(ids, table.size(0), "expert_ids", "rows of the expert tables");
+  return ids;
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_down.scalar_type(), "peer_experts_forward", [&] {
+// z (T, h, k) in the compute dtype of x.
+Tensor down_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& w_down_in) {
+  TORCH_CHECK(x_in.dim() == 2 && expert_ids.size(0) == x_in.size(0) && w_down_in.size(1) == x_in.size(1) &&
+                  (x_in.scalar_type() == at::kDouble) == (w_down_in.scalar_type() == at::kDouble),
+              "down_forward: expected x (T, d), expert_ids (T, h, k), w_down (E, d), float64 only together; got ",
+              x_in.sizes(), ", ", expert_ids.sizes(), ", ", w_down_in.sizes());
+  const Tensor ids = checked_ids(expert_ids, w_down_in), w_down = w_down_in.contiguous();
+  const Tensor x = x_in.to(compute_type(x_in.scalar_type())).contiguous();
+  const int64_t T = x.size(0), d = x.size(1), slots = ids.size(1) * ids.size(2);
+  Tensor z = at::empty(ids.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_down.scalar_type(), "peer_down_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* x_p = x.data_ptr<acc_t>();
     const scalar_t* down_p = w_down.data_ptr<scalar_t>();
-    const scalar_t* up_p = w_up.data_ptr<scalar_t>();
     const int64_t* id = ids.data_ptr<int64_t>();
-    const acc_t* g = gates.data_ptr<acc_t>();
     acc_t* z_p = z.data_ptr<acc_t>();
-    acc_t* y_p = y.data_ptr<acc_t>();
     parallel_chunks(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> x_row(d), y_row(d);
-      for (int64_t t = begin; t < end; ++t) {
-        std::copy(x_p + t * d, x_p + (t + 1) * d, x_row.begin());
-        std::fill(y_row.begin(), y_row.end(), acc_t(0));
-        for (int64_t slot = t * slots; slot < (t + 1) * slots; ++slot) {
-          if (slot + 1 < T * slots) {
-            prefetch_row(down_p + id[slot + 1] * d, d);
-            prefetch_row(up_p + id[slot + 1] * d, d);
-          }
-          const acc_t z_s = dot<acc_t>(down_p + id[slot] * d, x_row.data(), d);
-          acc_t a, slope;
-          activate<acc_t>(act, z_s, &a, &slope);
-          z_p[slot] = z_s;
-          axpy(g[slot] * a, up_p + id[slot] * d, y_row.data(), d);
-        }
-        std::copy(y_row.begin(), y_row.end(), y_p + t * d);
+      for (int64_t slot = begin * slots; slot < end * slots; ++slot) {
+        if (slot + 1 < T * slots) prefetch_row(down_p + id[slot + 1] * d, d);
+        z_p[slot] = dot<acc_t>(down_p + id[slot] * d, x_p + slot / slots * d, d);
       }
     });
   });
-  return {y.to(x_in.scalar_type()), z};
+  return z;
 }
 
-// Returns dx (T, d), dgates (T, h, k) in gates' dtype, dw_down and dw_up (E, d) dense.
-std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, const Tensor& expert_ids,
-                                     const Tensor& gates_in, const Tensor& z_in, const Tensor& w_down_in,
-                                     const Tensor& w_up_in, const std::string& activation) {
+// y (T, d_out) in the compute dtype (z's).
+Tensor mix_forward(const Tensor& z_in, const Tensor& expert_ids, const Tensor& gates_in, const Tensor& w_up_in,
+                   const std::string& activation) {
   const int act = activation_code(activation);
-  check_tables(x_in, w_down_in, w_up_in);
-  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "experts_backward: expected dy of shape ", x_in.sizes(), ", got ",
-              dy_in.sizes());
-  const Tensor w_down = w_down_in.contiguous(), w_up = w_up_in.contiguous();
-  const Tensor ids = expert_ids.to(at::kLong).contiguous();
-  check_ids(ids, w_down.size(0), "expert_ids", "rows of w_down");
-  const auto acc = compute_type(x_in.scalar_type());
-  const Tensor x = x_in.to(acc).contiguous(), dy = dy_in.to(acc).contiguous();
-  const Tensor gates = gates_in.to(acc).contiguous(), z = z_in.to(acc).contiguous();
-  const int64_t T = x.size(0), d = x.size(1), slots = ids.size(1) * ids.size(2);
-  Tensor dx = at::empty_like(x);
-  Tensor dgates = at::empty(ids.sizes(), x.options());
-  Tensor dw_down = empty_table(w_down), dw_up = empty_table(w_up);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_down.scalar_type(), "peer_experts_backward", [&] {
+  TORCH_CHECK(z_in.sizes() == expert_ids.sizes() && gates_in.sizes() == expert_ids.sizes(),
+              "mix_forward: expected z, expert_ids and gates of one shape (T, h, k), got ", z_in.sizes(), ", ",
+              expert_ids.sizes(), ", ", gates_in.sizes());
+  const Tensor ids = checked_ids(expert_ids, w_up_in), w_up = w_up_in.contiguous();
+  const Tensor z = z_in.contiguous(), gates = gates_in.to(z.scalar_type()).contiguous();
+  const int64_t T = z.size(0), d = w_up.size(1), slots = ids.size(1) * ids.size(2);
+  Tensor y = at::empty({T, d}, z.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_up.scalar_type(), "peer_mix_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* x_p = x.data_ptr<acc_t>();
+    TORCH_CHECK(z.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "mix_forward: z must be in the compute dtype of w_up (float64 only together)");
+    const scalar_t* up_p = w_up.data_ptr<scalar_t>();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    const acc_t* z_p = z.data_ptr<acc_t>();
+    const acc_t* g = gates.data_ptr<acc_t>();
+    acc_t* y_p = y.data_ptr<acc_t>();
+    parallel_chunks(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        acc_t* y_row = y_p + t * d;
+        std::fill(y_row, y_row + d, acc_t(0));
+        for (int64_t slot = t * slots; slot < (t + 1) * slots; ++slot) {
+          if (slot + 1 < T * slots) prefetch_row(up_p + id[slot + 1] * d, d);
+          acc_t a, slope;
+          activate<acc_t>(act, z_p[slot], &a, &slope);
+          axpy(g[slot] * a, up_p + id[slot] * d, y_row, d);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// {dz (T, h, k), dgates (T, h, k) in gates' dtype, dw_up, dw_up's rows}: dw_up dense (E, d_out) or,
+// with `sparse`, the touched rows' values with their ids in the last tensor (empty when dense).
+std::vector<Tensor> mix_backward(const Tensor& dy_in, const Tensor& z_in, const Tensor& expert_ids,
+                                 const Tensor& gates_in, const Tensor& w_up_in, const std::string& activation,
+                                 bool sparse) {
+  const int act = activation_code(activation);
+  const Tensor ids = checked_ids(expert_ids, w_up_in), w_up = w_up_in.contiguous();
+  const Tensor z = z_in.contiguous(), gates = gates_in.to(z.scalar_type()).contiguous();
+  const int64_t T = z.size(0), d = w_up.size(1), slots = ids.size(1) * ids.size(2);
+  TORCH_CHECK(dy_in.dim() == 2 && dy_in.size(0) == T && dy_in.size(1) == d, "mix_backward: expected dy (", T, ", ", d,
+              "), got ", dy_in.sizes());
+  const Tensor dy = dy_in.to(z.scalar_type()).contiguous();
+  Tensor dz = at::empty_like(z), dgates = at::empty_like(z);
+  const RowGroups groups = group_by_row(ids.numel(), w_up.size(0), [&](int64_t slot) { return ids.data_ptr<int64_t>()[slot]; });
+  TableGrad dw_up = table_grad_outputs(groups, w_up, sparse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_up.scalar_type(), "peer_mix_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const acc_t* dy_p = dy.data_ptr<acc_t>();
-    const scalar_t* down_p = w_down.data_ptr<scalar_t>();
     const scalar_t* up_p = w_up.data_ptr<scalar_t>();
     const int64_t* id = ids.data_ptr<int64_t>();
     const acc_t* g = gates.data_ptr<acc_t>();
     const acc_t* z_p = z.data_ptr<acc_t>();
+    acc_t* dz_p = dz.data_ptr<acc_t>();
     acc_t* dg = dgates.data_ptr<acc_t>();
-    acc_t* dx_p = dx.data_ptr<acc_t>();
-    // Per slot: the coefficients of x[t] in dw_down[e] (dz) and of dy[t] in dw_up[e] (gate * act).
-    std::vector<acc_t> dz(ids.numel()), gate_act(ids.numel());
+    // Per slot, the coefficient of dy[t] in dw_up[e]: gate * act(z).
+    std::vector<acc_t> gate_act(ids.numel());
     parallel_chunks(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> dy_row(d), dx_row(d);
-      for (int64_t t = begin; t < end; ++t) {
-        std::copy(dy_p + t * d, dy_p + (t + 1) * d, dy_row.begin());
-        std::fill(dx_row.begin(), dx_row.end(), acc_t(0));
-        for (int64_t slot = t * slots; slot < (t + 1) * slots; ++slot) {
-          if (slot + 1 < T * slots) {
-            prefetch_row(down_p + id[slot + 1] * d, d);
-            prefetch_row(up_p + id[slot + 1] * d, d);
-          }
-          const acc_t w = dot<acc_t>(up_p + id[slot] * d, dy_row.data(), d);
-          acc_t a, slope;
-          activate<acc_t>(act, z_p[slot], &a, &slope);
-          dg[slot] = a * w;
-          dz[slot] = g[slot] * w * slope;
-          gate_act[slot] = g[slot] * a;
-          axpy(dz[slot], down_p + id[slot] * d, dx_row.data(), d);
-        }
-        std::copy(dx_row.begin(), dx_row.end(), dx_p + t * d);
+      for (int64_t slot = begin * slots; slot < end * slots; ++slot) {
+        if (slot + 1 < T * slots) prefetch_row(up_p + id[slot + 1] * d, d);
+        const acc_t w = dot<acc_t>(up_p + id[slot] * d, dy_p + slot / slots * d, d);
+        acc_t a, slope;
+        activate<acc_t>(act, z_p[slot], &a, &slope);
+        dg[slot] = a * w;
+        dz_p[slot] = g[slot] * w * slope;
+        gate_act[slot] = g[slot] * a;
       }
     });
-    const RowGroups groups = group_by_row(ids.numel(), w_down.size(0), [&](int64_t slot) { return id[slot]; });
-    sum_rows<acc_t>(groups, d,
-                    row_sum(dw_down.data_ptr<scalar_t>(), [&](int64_t slot) { return dz[slot]; },
-                            [&](int64_t slot) { return x_p + slot / slots * d; }),
-                    row_sum(dw_up.data_ptr<scalar_t>(), [&](int64_t slot) { return gate_act[slot]; },
-                            [&](int64_t slot) { return dy_p + slot / slots * d; }));
+    sum_touched_rows<acc_t>(groups, d, sparse, dw_up.values.data_ptr<scalar_t>(),
+                            [&](int64_t slot) { return gate_act[slot]; },
+                            [&](int64_t slot) { return dy_p + slot / slots * d; });
   });
-  return {dx.to(x_in.scalar_type()), dgates.to(gates_in.scalar_type()), dw_down, dw_up};
+  return {dz, dgates.to(gates_in.scalar_type()), dw_up.values, dw_up.rows};
+}
+
+// {dx (T, d_in) in x's dtype, dw_down, dw_down's rows} (as mix_backward's dw_up).
+std::vector<Tensor> down_backward(const Tensor& dz_in, const Tensor& x_in, const Tensor& expert_ids,
+                                  const Tensor& w_down_in, bool sparse) {
+  const Tensor ids = checked_ids(expert_ids, w_down_in), w_down = w_down_in.contiguous();
+  const auto acc = compute_type(x_in.scalar_type());
+  const Tensor x = x_in.to(acc).contiguous(), dz = dz_in.to(acc).contiguous();
+  const int64_t T = x.size(0), d = x.size(1), slots = ids.size(1) * ids.size(2);
+  TORCH_CHECK(dz.sizes() == ids.sizes() && w_down.size(1) == d, "down_backward: expected dz like expert_ids and ",
+              "w_down (E, ", d, "), got ", dz.sizes(), ", ", w_down.sizes());
+  Tensor dx = at::empty_like(x);
+  const RowGroups groups = group_by_row(ids.numel(), w_down.size(0), [&](int64_t slot) { return ids.data_ptr<int64_t>()[slot]; });
+  TableGrad dw_down = table_grad_outputs(groups, w_down, sparse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_down.scalar_type(), "peer_down_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* x_p = x.data_ptr<acc_t>();
+    const scalar_t* down_p = w_down.data_ptr<scalar_t>();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    const acc_t* dz_p = dz.data_ptr<acc_t>();
+    acc_t* dx_p = dx.data_ptr<acc_t>();
+    parallel_chunks(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        acc_t* dx_row = dx_p + t * d;
+        std::fill(dx_row, dx_row + d, acc_t(0));
+        for (int64_t slot = t * slots; slot < (t + 1) * slots; ++slot) {
+          if (slot + 1 < T * slots) prefetch_row(down_p + id[slot + 1] * d, d);
+          axpy(dz_p[slot], down_p + id[slot] * d, dx_row, d);
+        }
+      }
+    });
+    sum_touched_rows<acc_t>(groups, d, sparse, dw_down.values.data_ptr<scalar_t>(),
+                            [&](int64_t slot) { return dz_p[slot]; },
+                            [&](int64_t slot) { return x_p + slot / slots * d; });
+  });
+  return {dx.to(x_in.scalar_type()), dw_down.values, dw_down.rows};
+}
+
+// {y (T, d_out) in x's dtype, z (T, h, k) in the compute dtype, saved for the backward}.
+std::vector<Tensor> experts_forward(const Tensor& x, const Tensor& expert_ids, const Tensor& gates,
+                                    const Tensor& w_down, const Tensor& w_up, const std::string& activation) {
+  check_tables(x, w_down, w_up);
+  const Tensor z = down_forward(x, expert_ids, w_down);
+  return {mix_forward(z, expert_ids, gates, w_up, activation).to(x.scalar_type()), z};
+}
+
+// {dx, dgates, dw_down, dw_up, rows}: rows (the touched rows of both tables, ascending) when
+// `sparse`, and then dw_down / dw_up are their values; else the dense gradients and an empty rows.
+std::vector<Tensor> experts_backward(const Tensor& dy, const Tensor& x, const Tensor& expert_ids, const Tensor& gates,
+                                     const Tensor& z, const Tensor& w_down, const Tensor& w_up,
+                                     const std::string& activation, bool sparse) {
+  check_tables(x, w_down, w_up);
+  const std::vector<Tensor> mix = mix_backward(dy, z, expert_ids, gates, w_up, activation, sparse);
+  const std::vector<Tensor> down = down_backward(mix[0], x, expert_ids, w_down, sparse);
+  return {down[0], mix[1], down[1], mix[2], down[2]};
 }
 
 }  // namespace

@@ -117,9 +117,29 @@ Tensor gates_backward(const Tensor& scores_in, const Tensor& gates_in, const Ten
   return dscores;
 }
 
+// The CUDA baseline (bench/) runs the whole expert stage on square tables with dense gradients; the
+// split halves, sparse gradients and d_in != d_out are the CPU extension's and the Triton ops'.
+[[noreturn]] void not_in_baseline(const char* what) {
+  TORCH_CHECK(false, what, " is not in the plain CUDA baseline of csrc_reference/ (a benchmark of the whole expert "
+              "stage): use backend='triton' for CUDA tensors");
+}
+
+Tensor down_forward(const Tensor&, const Tensor&, const Tensor&) { not_in_baseline("down_forward"); }
+Tensor mix_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::string&) {
+  not_in_baseline("mix_forward");
+}
+std::vector<Tensor> down_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool) {
+  not_in_baseline("down_backward");
+}
+std::vector<Tensor> mix_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 const std::string&, bool) {
+  not_in_baseline("mix_backward");
+}
+
 std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& gates_in,
                                     const Tensor& w_down_in, const Tensor& w_up_in, const std::string& activation) {
   check_cuda(x_in, "x");
+  if (w_up_in.dim() == 2 && w_up_in.size(1) != x_in.size(1)) not_in_baseline("d_out != d_in");
   TORCH_CHECK(x_in.dim() == 2 && expert_ids.dim() == 3 && expert_ids.size(0) == x_in.size(0) &&
                   gates_in.sizes() == expert_ids.sizes() && w_down_in.dim() == 2 &&
                   w_down_in.size(1) == x_in.size(1) && w_up_in.sizes() == w_down_in.sizes(),
@@ -145,8 +165,9 @@ std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& expert_ids
 
 std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, const Tensor& expert_ids,
                                      const Tensor& gates_in, const Tensor& z_in, const Tensor& w_down_in,
-                                     const Tensor& w_up_in, const std::string& activation) {
+                                     const Tensor& w_up_in, const std::string& activation, bool sparse) {
   check_cuda(x_in, "x");
+  if (sparse) not_in_baseline("sparse table gradients");
   TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "experts_backward: expected dy of shape ", x_in.sizes(), ", got ",
               dy_in.sizes());
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -168,7 +189,8 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto table = w_down_in.scalar_type();
-  return {dx.to(x_in.scalar_type()), dgates.to(gates_in.scalar_type()), dw_down.to(table), dw_up.to(table)};
+  return {dx.to(x_in.scalar_type()), dgates.to(gates_in.scalar_type()), dw_down.to(table), dw_up.to(table),
+          at::empty({0}, ids.options())};
 }
 
 }  // namespace

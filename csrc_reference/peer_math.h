@@ -23,7 +23,7 @@ using std::tanh;
 #endif
 
 // Codes shared with the Python side (peer_kernels/csrc.py passes the names, the bindings map them).
-enum Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
+enum Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kIdentity = 4 };
 enum Gating : int { kSoftmax = 0, kSigmoid = 1, kGateRelu = 2 };
 
 // act(z) and act'(z) together: the backward needs both, the forward only the first.
@@ -48,12 +48,16 @@ PEER_HD void activate(int activation, acc_t z, acc_t* value, acc_t* slope) {
       *slope = half * (one + th) + half * z * (one - th * th) * c * (one + acc_t(3) * cubic * z * z);
       return;
     }
-    default: {  // silu: z * sigmoid(z)
+    case kSilu: {  // z * sigmoid(z)
       const acc_t s = one / (one + exp(-z));
       *value = z * s;
       *slope = s * (one + z * (one - s));
       return;
     }
+    default:  // identity
+      *value = z;
+      *slope = one;
+      return;
   }
 }
 

@@ -20,7 +20,8 @@ inline int activation_code(const std::string& name) {
   if (name == "gelu") return kGelu;
   if (name == "gelu_tanh") return kGeluTanh;
   if (name == "silu") return kSilu;
-  TORCH_CHECK(false, "activation: expected one of relu, gelu, gelu_tanh, silu, got '", name, "'");
+  if (name == "identity") return kIdentity;
+  TORCH_CHECK(false, "activation: expected one of relu, gelu, gelu_tanh, silu, identity, got '", name, "'");
 }
 
 inline int gating_code(const std::string& name) {
@@ -49,12 +50,12 @@ inline int64_t check_retrieval(const at::Tensor& queries, const at::Tensor& keys
 // The expert tables for x (T, d): w_down and w_up (E, d) of one dtype, which is float64 exactly when
 // x's is (float64 computes in float64 and mixes with nothing; other dtypes mix freely).
 inline void check_tables(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up) {
-  TORCH_CHECK(x.dim() == 2 && w_down.dim() == 2 && w_down.size(1) == x.size(1) && w_up.sizes() == w_down.sizes() &&
-                  w_up.scalar_type() == w_down.scalar_type() &&
+  TORCH_CHECK(x.dim() == 2 && w_down.dim() == 2 && w_up.dim() == 2 && w_down.size(1) == x.size(1) &&
+                  w_up.size(0) == w_down.size(0) && w_up.scalar_type() == w_down.scalar_type() &&
                   (x.scalar_type() == at::kDouble) == (w_down.scalar_type() == at::kDouble),
-              "expected x (T, d) and w_down, w_up (E, d) of one dtype, float64 only with a float64 x; got x ",
-              x.sizes(), " ", x.scalar_type(), ", w_down ", w_down.sizes(), " ", w_down.scalar_type(), ", w_up ",
-              w_up.sizes(), " ", w_up.scalar_type());
+              "expected x (T, d_in), w_down (E, d_in) and w_up (E, d_out) of one dtype, float64 only with a float64 x;"
+              " got x ", x.sizes(), " ", x.scalar_type(), ", w_down ", w_down.sizes(), " ", w_down.scalar_type(),
+              ", w_up ", w_up.sizes(), " ", w_up.scalar_type());
 }
 
 }  // namespace peer
@@ -69,7 +70,12 @@ inline void check_tables(const at::Tensor& x, const at::Tensor& w_down, const at
           "dscores, queries, keys, expert_ids -> dqueries, dkeys");                                    \
     m.def("experts_forward", &peer::experts_forward, "x, expert_ids, gates, w_down, w_up, activation -> y, z"); \
     m.def("experts_backward", &peer::experts_backward,                                                 \
-          "dy, x, expert_ids, gates, z, w_down, w_up, activation -> dx, dgates, dw_down, dw_up");      \
+          "dy, x, expert_ids, gates, z, w_down, w_up, activation, sparse -> dx, dgates, dw_down, dw_up, rows"); \
+    m.def("down_forward", &peer::down_forward, "x, expert_ids, w_down -> z");                          \
+    m.def("down_backward", &peer::down_backward, "dz, x, expert_ids, w_down, sparse -> dx, dw_down, rows"); \
+    m.def("mix_forward", &peer::mix_forward, "z, expert_ids, gates, w_up, activation -> y");           \
+    m.def("mix_backward", &peer::mix_backward,                                                         \
+          "dy, z, expert_ids, gates, w_up, activation, sparse -> dz, dgates, dw_up, rows");            \
     m.def("gates_forward", &peer::gates_forward, "scores (..., k), gating -> gates");                  \
     m.def("gates_backward", &peer::gates_backward, "scores, gates, dgates, gating -> dscores");        \
   }

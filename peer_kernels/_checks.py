@@ -12,7 +12,7 @@ import math
 
 import torch
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
 GATINGS = ("softmax", "sigmoid", "relu")
 QUERY_NORMS = ("batchnorm", "layernorm", None)
 BACKENDS = ("auto", "triton", "cpp", "reference")
@@ -127,16 +127,17 @@ def check_retrieval(queries, keys, k, k_sub):
     return resolve_k_sub(k, k_sub, keys.shape[1], "k")
 
 
-def check_tables(x, w_down, w_up, rows=None):
-    """w_down / w_up (rows, d) of one float dtype, on x's device; float64 only with a float64 x."""
-    d = x.shape[1]
-    check_tensor("w_down", w_down, (rows, d), device=x.device)
-    check_tensor("w_up", w_up, tuple(w_down.shape), dtypes=(w_down.dtype,), device=x.device)
+def check_tables(x, w_down, w_up, rows=None, d_out=None):
+    """w_down (rows, d_in) with x's d_in and w_up (rows, d_out) of one float dtype, on x's device;
+    float64 only with a float64 x. d_out: required width of w_up, or None (any, at least 1)."""
+    check_tensor("w_down", w_down, (rows, x.shape[1]), device=x.device)
+    check_tensor("w_up", w_up, (w_down.shape[0], d_out), dtypes=(w_down.dtype,), device=x.device)
+    check_at_least("w_up", w_up.shape[1], "feature in dim 1 (d_out)")
     check_float64_alone([("x", x), ("w_down", w_down)])
 
 
 def check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=True):
-    """x (T, d), expert_ids (T, h, k) int32/int64, gates (T, h, k), w_down / w_up (E, d).
+    """x (T, d_in), expert_ids (T, h, k) int32/int64, gates (T, h, k), w_down (E, d_in), w_up (E, d_out).
 
     Ids are checked against the table size on the host (one reduction): a kernel must never read
     out of bounds. check_range=False leaves that to check_expert_ids (for code traced by
@@ -174,5 +175,30 @@ def check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, se
         raise ValueError(f"queries: expected {x.shape[0]} tokens (x's dim 0) in dim 0, got {queries.shape[0]}")
     check_tensor("queries", queries, device=x.device)
     check_float64_alone([("x", x), ("queries", queries)])
-    check_tables(x, w_down, w_up, rows=(h if separate_embed_per_head else 1) * keys.shape[1] ** 2)
+    check_tables(x, w_down, w_up, rows=(h if separate_embed_per_head else 1) * keys.shape[1] ** 2,
+                 d_out=x.shape[1])
     return k_sub
+
+
+def check_down(x, expert_ids, w_down, check_range=True):
+    """The down projection's arguments: x (T, d), expert_ids (T, h, k), w_down (E, d)."""
+    check_tensor("x", x, (None, None))
+    check_at_least("x", x.shape[1], "feature in dim 1 (d)")
+    check_tensor("expert_ids", expert_ids, (x.shape[0], None, None), dtypes=ID_DTYPES, device=x.device)
+    check_tensor("w_down", w_down, (None, x.shape[1]), device=x.device)
+    check_float64_alone([("x", x), ("w_down", w_down)])
+    if check_range:
+        check_expert_ids(expert_ids, w_down.shape[0])
+
+
+def check_mix(z, expert_ids, gates, w_up, activation, check_range=True):
+    """The up mix's arguments: z, expert_ids, gates (T, h, k), w_up (E, d_out)."""
+    check_choice("activation", activation, ACTIVATIONS)
+    check_tensor("z", z, (None, None, None))
+    check_tensor("expert_ids", expert_ids, tuple(z.shape), dtypes=ID_DTYPES, device=z.device)
+    check_tensor("gates", gates, tuple(z.shape), device=z.device)
+    check_tensor("w_up", w_up, (None, None), device=z.device)
+    check_at_least("w_up", w_up.shape[1], "feature in dim 1 (d_out)")
+    check_float64_alone([("z", z), ("w_up", w_up)])
+    if check_range:
+        check_expert_ids(expert_ids, w_up.shape[0])

@@ -1,5 +1,6 @@
-"""Backend selection. A backend is a module exposing the three ops of SPEC section 2 with the
-reference's signatures: `product_key_topk`, `peer_experts` and `peer_fused`.
+"""Backend selection. A backend is a module exposing the ops of SPEC section 2 with the reference's
+signatures: `product_key_topk`, `peer_experts` and `peer_fused`, and the expert stage's two halves
+`peer_down` and `peer_mix` (for column-sharded tables).
 
 - "reference": `peer_kernels.reference` (any device, autograd, float64).
 - "triton": `peer_kernels.ops` (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).

@@ -35,7 +35,8 @@ import torch
 
 from . import _checks, _library, reference
 
-__all__ = ["available", "cuda_available", "product_key_topk", "peer_experts", "peer_fused", "sources_dir"]
+__all__ = ["available", "cuda_available", "product_key_topk", "peer_experts", "peer_down", "peer_mix", "peer_fused",
+           "sources_dir"]
 
 # name of the cached build -> its sources in csrc_reference/
 _EXTENSIONS = {
@@ -248,7 +249,8 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Te
                          z: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, activation: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dgates, dw_down, dw_up); dw_* dense, in the tables' dtype."""
-    dx, dgates, dw_down, dw_up = _call("experts_backward", dy, x, expert_ids, gates, z, w_down, w_up, activation)
+    dx, dgates, dw_down, dw_up, _ = _call("experts_backward", dy, x, expert_ids, gates, z, w_down, w_up, activation,
+                                          False)
     return dx, dgates, dw_down, dw_up
 
 
@@ -271,6 +273,79 @@ def _experts_backward(ctx, dy, _):
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
+
+
+@_library.custom_op("cpp_down")
+def _down_op(x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """z = w_down[e] . x (T, h, k) in the compute dtype."""
+    return _call("down_forward", x, expert_ids, w_down)
+
+
+@_down_op.register_fake
+def _(x, expert_ids, w_down):
+    return _library.empty(expert_ids.shape, x, _checks.compute_dtype(x.dtype))
+
+
+@_library.custom_op("cpp_down_backward")
+def _down_backward_op(dz: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor,
+                      w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw_down, _ = _call("down_backward", dz, x, expert_ids, w_down, False)
+    return dx, dw_down
+
+
+@_down_backward_op.register_fake
+def _(dz, x, expert_ids, w_down):
+    return _library.empty(x.shape, x), _library.empty(w_down.shape, w_down)
+
+
+def _down_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _down_backward(ctx, dz):
+    dx, dw_down = _down_backward_op(dz, *ctx.saved_tensors)
+    return dx, None, dw_down
+
+
+_down_op.register_autograd(_down_backward, setup_context=_down_setup)
+
+
+@_library.custom_op("cpp_mix")
+def _mix_op(z: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_up: torch.Tensor,
+            activation: str) -> torch.Tensor:
+    """y = sum g act(z) w_up[e] (T, d_out) in z's dtype."""
+    return _call("mix_forward", z, expert_ids, gates, w_up, activation)
+
+
+@_mix_op.register_fake
+def _(z, expert_ids, gates, w_up, activation):
+    return _library.empty((z.shape[0], w_up.shape[1]), z)
+
+
+@_library.custom_op("cpp_mix_backward")
+def _mix_backward_op(dy: torch.Tensor, z: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                     w_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dz, dgates, dw_up, _ = _call("mix_backward", dy, z, expert_ids, gates, w_up, activation, False)
+    return dz, dgates, dw_up
+
+
+@_mix_backward_op.register_fake
+def _(dy, z, expert_ids, gates, w_up, activation):
+    return _library.empty(z.shape, z), _library.empty(gates.shape, gates), _library.empty(w_up.shape, w_up)
+
+
+def _mix_setup(ctx, inputs, output):
+    z, expert_ids, gates, w_up, activation = inputs
+    ctx.save_for_backward(z, expert_ids, gates, w_up)
+    ctx.activation = activation
+
+
+def _mix_backward(ctx, dy):
+    dz, dgates, dw_up = _mix_backward_op(dy, *ctx.saved_tensors, ctx.activation)
+    return dz, None, dgates, dw_up, None
+
+
+_mix_op.register_autograd(_mix_backward, setup_context=_mix_setup)
 
 
 @_library.custom_op("cpp_fused")
@@ -300,8 +375,8 @@ def _fused_backward_op(dy: torch.Tensor, x: torch.Tensor, queries: torch.Tensor,
                        gates: torch.Tensor, z: torch.Tensor, gating: str, activation: str, id_head_offset: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dqueries, dkeys, dw_down, dw_up)."""
-    dx, dgates, dw_down, dw_up = _call("experts_backward", dy, x, _table_rows(ids, id_head_offset), gates, z,
-                                       w_down, w_up, activation)
+    dx, dgates, dw_down, dw_up, _ = _call("experts_backward", dy, x, _table_rows(ids, id_head_offset), gates, z,
+                                          w_down, w_up, activation, False)
     dscores = _call("gates_backward", scores, gates, dgates, gating)
     dqueries, dkeys = _call("retrieval_backward", dscores, queries, keys, ids)
     return dx, dqueries, dkeys, dw_down, dw_up
@@ -349,6 +424,22 @@ def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu"):
     if not built(x.device.type):
         return reference.peer_experts(x, expert_ids, gates, w_down, w_up, activation)
     return _experts_op(x, expert_ids, gates, w_down, w_up, activation)[0]
+
+
+def peer_down(x, expert_ids, w_down):
+    """See `peer_kernels.reference.peer_down`."""
+    _checks.check_down(x, expert_ids, w_down)
+    if not built(x.device.type):
+        return reference.peer_down(x, expert_ids, w_down)
+    return _down_op(x, expert_ids, w_down)
+
+
+def peer_mix(z, expert_ids, gates, w_up, activation="gelu"):
+    """See `peer_kernels.reference.peer_mix`."""
+    _checks.check_mix(z, expert_ids, gates, w_up, activation)
+    if not built(z.device.type):
+        return reference.peer_mix(z, expert_ids, gates, w_up, activation)
+    return _mix_op(z, expert_ids, gates, w_up, activation)
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",

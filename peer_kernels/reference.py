@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ._library import autocast_off
-from ._checks import ACTIVATIONS, GATINGS, check_experts, check_fused, check_retrieval, compute_dtype  # noqa: F401
+from ._checks import (ACTIVATIONS, GATINGS, check_down, check_experts, check_fused, check_mix,  # noqa: F401
+                      check_retrieval, compute_dtype)
 
 
 def activate(z, activation):
@@ -33,6 +34,8 @@ def activate(z, activation):
         return F.gelu(z, approximate="tanh")
     if activation == "silu":
         return F.silu(z)
+    if activation == "identity":
+        return z
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
 
@@ -88,19 +91,31 @@ def product_key_topk(queries, keys, k, k_sub=None):
 def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu"):
     """Single-neuron expert mixing: y[t] = sum_{h,j} gates[t,h,j] * act(u_e . x[t]) * v_e.
 
-    x (T, d), expert_ids (T, h, k) indexing rows of w_down / w_up (E, d), gates (T, h, k).
-    Returns y (T, d) in x's dtype.
+    x (T, d_in), expert_ids (T, h, k) indexing rows of w_down (E, d_in) and w_up (E, d_out), gates
+    (T, h, k). Returns y (T, d_out) in x's dtype. d_in != d_out with activation="identity" gives
+    retrieved rank-1 adapters (peer_kernels.compat.PEERLora).
     """
     check_experts(x, expert_ids, gates, w_down, w_up, activation)
-    dtype = compute_dtype(x.dtype)
-    ids = expert_ids.long()
-    down_rows = w_down[ids].to(dtype)  # (T, h, k, d): the tensor the fused kernels never build
-    up_rows = w_up[ids].to(dtype)
+    return peer_mix(peer_down(x, expert_ids, w_down), expert_ids, gates, w_up, activation).to(x.dtype)
+
+
+def peer_down(x, expert_ids, w_down):
+    """The experts' down projections z[t,h,j] = u_e . x[t]: x (T, d), expert_ids (T, h, k),
+    w_down (E, d) -> z (T, h, k) in the compute dtype. With peer_mix, the expert stage split where a
+    column-sharded table needs a sum of z over its shards (peer_kernels.distributed)."""
+    check_down(x, expert_ids, w_down)
+    down_rows = w_down[expert_ids.long()].to(compute_dtype(x.dtype))  # (T, h, k, d): never built by the kernels
     with autocast_off(x):
-        z = torch.einsum("thkd,td->thk", down_rows, x.to(dtype))
-        a = activate(z, activation)
-        y = torch.einsum("thk,thkd->td", gates.to(dtype) * a, up_rows)
-    return y.to(x.dtype)
+        return torch.einsum("thkd,td->thk", down_rows, x.to(down_rows.dtype))
+
+
+def peer_mix(z, expert_ids, gates, w_up, activation="gelu"):
+    """y[t] = sum_{h,j} gates[t,h,j] * act(z[t,h,j]) * v_e: z, expert_ids, gates (T, h, k), w_up
+    (E, d_out) -> y (T, d_out) in z's dtype (the compute dtype)."""
+    check_mix(z, expert_ids, gates, w_up, activation)
+    up_rows = w_up[expert_ids.long()].to(z.dtype)
+    with autocast_off(z):
+        return torch.einsum("thk,thkd->td", gates.to(z.dtype) * activate(z, activation), up_rows)
 
 
 def head_offsets(expert_ids, num_experts):

@@ -108,7 +108,7 @@ def experts_forward(x, ex, rows, gates, eg, w_down, w_up, activation):
     y = torch.einsum("ts,tsd->td", coef, V)
     ey = torch.einsum("ts,tsd->td", ecoef + coef.abs(), V.abs())
     saved = dict(x=x, ex=ex, rows=rows, gates=gates, eg=eg, U=U, V=V, ez=ez, a=a, ea=ea, da=da, dda=dda,
-                 own_da=own_da, coef=coef, ecoef=ecoef, table_shape=w_down.shape)
+                 own_da=own_da, coef=coef, ecoef=ecoef, down_shape=w_down.shape, up_shape=w_up.shape)
     return y, ey, saved
 
 
@@ -130,12 +130,12 @@ def experts_backward(s, dy, edy):
     dx = torch.einsum("ts,tsd->td", dz, s["U"])
     edx = torch.einsum("ts,tsd->td", edz + dz.abs(), s["U"].abs())
     x, ex, coef = s["x"][:, None], s["ex"][:, None], s["coef"][..., None]
-    rows, shape = s["rows"], s["table_shape"]
-    dw_down = _scatter_rows(rows, dz[..., None] * x, shape)
-    edw_down = _scatter_rows(rows, edz[..., None] * x.abs() + dz.abs()[..., None] * (x.abs() + ex), shape)
+    rows, down_shape, up_shape = s["rows"], s["down_shape"], s["up_shape"]
+    dw_down = _scatter_rows(rows, dz[..., None] * x, down_shape)
+    edw_down = _scatter_rows(rows, edz[..., None] * x.abs() + dz.abs()[..., None] * (x.abs() + ex), down_shape)
     dyr, edyr = dy[:, None], edy[:, None]
-    dw_up = _scatter_rows(rows, coef * dyr, shape)
-    edw_up = _scatter_rows(rows, s["ecoef"][..., None] * dyr.abs() + coef.abs() * (dyr.abs() + edyr), shape)
+    dw_up = _scatter_rows(rows, coef * dyr, up_shape)
+    edw_up = _scatter_rows(rows, s["ecoef"][..., None] * dyr.abs() + coef.abs() * (dyr.abs() + edyr), up_shape)
     return dict(dx=(dx, edx), dgates=(dgates, edg), dw_down=(dw_down, edw_down), dw_up=(dw_up, edw_up))
 
 
@@ -225,6 +225,45 @@ def experts(x, expert_ids, gates, w_down, w_up, dy, activation):
     out["dgates"] = tuple(t.view(gates.shape) for t in out["dgates"])
     out["y"] = (y, ey)
     return out
+
+
+def down(x, expert_ids, w_down, dz):
+    """z = w_down[e] . x on exact inputs, and its backward for the output gradient dz:
+    name -> (value, S) for z, dx, dw_down."""
+    T = x.shape[0]
+    rows = expert_ids.reshape(T, -1).long()
+    U = w_down[rows]
+    z = torch.einsum("tsd,td->ts", U, x)
+    ez = torch.einsum("tsd,td->ts", U.abs(), x.abs())
+    dzs = dz.reshape(T, -1)
+    dx = torch.einsum("ts,tsd->td", dzs, U)
+    edx = torch.einsum("ts,tsd->td", dzs.abs(), U.abs())
+    dw = _scatter_rows(rows, dzs[..., None] * x[:, None], w_down.shape)
+    edw = _scatter_rows(rows, dzs.abs()[..., None] * x.abs()[:, None], w_down.shape)
+    return dict(z=(z.view(dz.shape), ez.view(dz.shape)), dx=(dx, edx), dw_down=(dw, edw))
+
+
+def mix(z, expert_ids, gates, w_up, dy, activation):
+    """y = sum g act(z) w_up[e] on exact inputs (z given), and its backward for dy:
+    name -> (value, S) for y, dz, dgates, dw_up."""
+    T = z.shape[0]
+    rows = expert_ids.reshape(T, -1).long()
+    zs, g = z.reshape(T, -1), gates.reshape(T, -1)
+    V = w_up[rows]
+    a, da, dda, own_a, own_da = _derivatives(zs, activation)
+    coef, ecoef = g * a, g.abs() * own_a + (g * a).abs()
+    y = torch.einsum("ts,tsd->td", coef, V)
+    ey = torch.einsum("ts,tsd->td", ecoef + coef.abs(), V.abs())
+    w = torch.einsum("tsd,td->ts", V, dy)
+    ew = torch.einsum("tsd,td->ts", V.abs(), dy.abs())
+    dgates, dz = a * w, g * w * da
+    edg = a.abs() * ew + w.abs() * own_a + dgates.abs()
+    edz = (g * w).abs() * own_da + (g * da).abs() * ew + dz.abs()
+    dw = _scatter_rows(rows, coef[..., None] * dy[:, None], w_up.shape)
+    edw = _scatter_rows(rows, ecoef[..., None] * dy.abs()[:, None] + coef.abs()[..., None] * dy.abs()[:, None],
+                        w_up.shape)
+    return dict(y=(y, ey), dz=(dz.view(z.shape), edz.view(z.shape)), dgates=(dgates.view(z.shape), edg.view(z.shape)),
+                dw_up=(dw, edw))
 
 
 def retrieval(queries, keys, k, k_sub, dscores):

@@ -4,6 +4,7 @@ work or raise a ValueError naming the argument."""
 import pytest
 import torch
 
+import bounds
 from conftest import DEVICE
 from peer_kernels import backends, reference
 
@@ -187,3 +188,55 @@ def test_no_experts_per_token(ops):
                                                             gates=torch.rand(4, 2, 0)).items()}
     y = ops.peer_experts(**args)
     assert y.shape == (4, 6) and not y.any()
+
+
+# ---- the expert stage: both widths, the identity activation, and its two halves ---------------------
+
+def _expert_inputs(T=7, h=2, k=3, d_in=10, d_out=6, rows=9, dtype=torch.float32):
+    ids = torch.randint(0, rows, (T, h, k))
+    ids[0, 1] = ids[0, 0]                      # duplicates across heads
+    ids.view(-1)[-1] = rows - 1                # the table's last row
+    return (torch.randn(T, d_in, dtype=dtype), ids, torch.rand(T, h, k, dtype=dtype) + 0.1,
+            torch.randn(rows, d_in, dtype=dtype), torch.randn(rows, d_out, dtype=dtype))
+
+
+def _grads(fn, leaves, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, dy)
+
+
+@pytest.mark.parametrize("activation", ["identity", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_experts_with_two_widths(ops, activation, dtype):
+    """x (T, d_in), w_down (E, d_in), w_up (E, d_out) -> y (T, d_out): retrieved rank-1 adapters with
+    the identity activation (peer-pytorch's PEERLora), or any activation."""
+    ops, device = ops
+    x, ids, gates, w_down, w_up = _expert_inputs(dtype=dtype)
+    dy = torch.randn(7, 6, dtype=dtype)
+    y, (dx, dgates, dw_down, dw_up) = _grads(
+        lambda x, g, wd, wu: ops.peer_experts(x, ids.to(device), g, wd, wu, activation),
+        [t.to(device) for t in (x, gates, w_down, w_up)], dy.to(device))
+    assert y.shape == (7, 6)
+    expected = bounds.experts(x.double(), ids, gates.double(), w_down.double(), w_up.double(), dy.double(), activation)
+    bounds.check_all({n: t.cpu() for n, t in dict(y=y, dx=dx, dgates=dgates, dw_down=dw_down, dw_up=dw_up).items()},
+                     expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_down_and_mix_are_the_expert_stage_in_two(ops, dtype):
+    ops, device = ops
+    x, ids, gates, w_down, w_up = _expert_inputs(dtype=dtype)
+    dz = torch.randn(7, 2, 3, dtype=dtype)
+    z, (dx, dw_down) = _grads(lambda x, wd: ops.peer_down(x, ids.to(device), wd),
+                              [x.to(device), w_down.to(device)], dz.to(device))
+    assert z.shape == (7, 2, 3) and z.dtype == dz.dtype
+    bounds.check_all({n: t.cpu() for n, t in dict(z=z, dx=dx, dw_down=dw_down).items()},
+                     bounds.down(x.double(), ids, w_down.double(), dz.double()))
+    z64 = z.detach().cpu().double()
+    dy = torch.randn(7, 6, dtype=z.dtype)
+    y, (dz_out, dgates, dw_up) = _grads(lambda z, g, wu: ops.peer_mix(z, ids.to(device), g, wu, "silu"),
+                                        [z.detach(), gates.to(device), w_up.to(device)], dy.to(device))
+    assert y.shape == (7, 6) and y.dtype == z.dtype
+    bounds.check_all({n: t.cpu() for n, t in dict(y=y, dz=dz_out, dgates=dgates, dw_up=dw_up).items()},
+                     bounds.mix(z64, ids, gates.double(), w_up.double(), dy.double(), "silu"))

@@ -234,7 +234,7 @@ def test_out_of_range_ids_raise(ext):
         with pytest.raises(RuntimeError, match=rf"expert_ids: expected values in \[0, 5\).*got {bad}"):
             ext.experts_forward(x, ids, gates, w_down, w_up, "gelu")
         with pytest.raises(RuntimeError, match=r"expert_ids: expected values in \[0, 5\)"):
-            ext.experts_backward(x, x, ids, gates, gates, w_down, w_up, "gelu")
+            ext.experts_backward(x, x, ids, gates, gates, w_down, w_up, "gelu", False)
     queries, keys = torch.randn(T, h, 2, 4), torch.randn(h, 3, 2, 4)
     sub_key_ids = random_ids(T, h, k, 9)
     sub_key_ids[1, 0, 1] = 9  # a = 3 does not exist for n = 3

@@ -124,6 +124,22 @@ def test_deterministic_is_bitwise_reproducible():
     bounds.check_all(first, exact(*inputs, dy))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 500], ids=["all-one-row", "long-runs", "short-runs"])
+def test_sorted_reduction_across_chunks(rows):
+    """The segmented reduction's programs own chunks of the sorted slots (4 chunks here): runs of one
+    row that cross chunk boundaries (a row used by hundreds of slots), a single row, and rows used
+    once or twice. Bitwise reproducible, within the bound of the oracle, untouched rows exactly 0."""
+    inputs = make_inputs(T=32, h=4, k=4, d=24, rows=rows)
+    first, dy = forward_and_grads(peer_experts, *inputs)
+    second, _ = forward_and_grads(peer_experts, *inputs, dy=dy)
+    for name in NAMES:
+        assert torch.equal(first[name], second[name]), name
+    bounds.check_all(first, exact(*inputs, dy))
+    untouched = torch.ones(rows, dtype=torch.bool)
+    untouched[inputs[1].unique()] = False
+    assert not first["dw_down"][untouched].any() and not first["dw_up"][untouched].any()
+
+
 def saved_bytes(fn, x, expert_ids, gates, w_down, w_up):
     """Bytes autograd saves for backward, parameters (the tables) excluded."""
     params = {w_down.data_ptr(), w_up.data_ptr()}
@@ -177,7 +193,7 @@ def test_empty_launches_nothing(empty, monkeypatch):
     T, k = (0, 3) if empty == "tokens" else (4, 0)
     inputs = make_inputs(T=T, h=2, k=k, d=8, rows=5)
     expected, dy = forward_and_grads(reference.peer_experts, *inputs)
-    for name in ("experts_fwd_kernel", "experts_bwd_tokens_kernel", "experts_bwd_rows_kernel"):
+    for name in ("experts_fwd_kernel", "experts_bwd_tokens_kernel", "table_grad_kernel"):
         monkeypatch.setattr(kernels, name, _NoLaunch())
     for deterministic in (False, True):
         actual, _ = forward_and_grads(peer_experts, *inputs, dy=dy, deterministic=deterministic)
@@ -273,50 +289,56 @@ def _ptr(dtype):
     return "*" + TRITON_DTYPES[dtype]
 
 
-def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch):
+def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch, halves=False):
     """The launches ops/experts.py makes for these shapes, as compile jobs. dtypes: one dtype for x
-    and the tables, or (x's, the tables')."""
+    and the tables, or (x's, the tables'). halves: also the down / mix halves apart."""
     dtype, table = dtypes if isinstance(dtypes, tuple) else (dtypes, dtypes)
     acc = compute_dtype(dtype)
     gates = torch.float32 if dtype != torch.float64 else dtype
     act = _launch.activation_id(activation)
 
-    def tile(atomic=False):
+    def tile(atomic=False, **flags):
         block_t, block_s, block_d, num_warps = _launch.gather_tile(T, S, D, acc, atomic)
         return dict(module=MODULE, arch=arch, num_warps=num_warps,
-                    constexprs=dict(D=D, S=S, ACTIVATION=act, BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d))
+                    constexprs=dict(D_IN=D, D_OUT=D, S=S, ACTIVATION=act, BLOCK_T=block_t, BLOCK_S=block_s,
+                                    BLOCK_D=block_d, **flags))
 
-    common = tile()
     tokens = {"x_ptr": _ptr(dtype), "expert_ids_ptr": _ptr(ids_dtype), "gates_ptr": _ptr(gates),
               "w_down_ptr": _ptr(table), "w_up_ptr": _ptr(table)}
-    # only the forward is disassembled (~1 s each); spills of the others show in their LOCAL bytes
-    jobs = [dict(common, kernel="experts_fwd_kernel", disassemble=True,
-                 signature=dict(tokens, y_ptr=_ptr(dtype), z_ptr=_ptr(acc), T="i32"))]
+    forward = dict(tokens, y_ptr=_ptr(dtype), z_ptr=_ptr(acc), T="i32")
+    # only the whole forward is disassembled (~1 s each); spills of the others show in their LOCAL bytes
+    jobs = [dict(tile(DOWN=True, UP=True), kernel="experts_fwd_kernel", disassemble=True, signature=forward)]
     bwd = dict(tokens, dy_ptr=_ptr(dtype), z_ptr=_ptr(acc), dx_ptr=_ptr(dtype), dgates_ptr=_ptr(gates),
                dz_ptr=_ptr(acc), ga_ptr=_ptr(acc), T="i32")
-    for atomic in (True, False):
-        table_grad = acc if atomic else table
-        launch = tile(atomic)
-        jobs.append(dict(launch, kernel="experts_bwd_tokens_kernel", disassemble=False,
-                         constexprs=dict(launch["constexprs"], ATOMIC=atomic),
-                         signature=dict(bwd, dw_down_ptr=_ptr(table_grad), dw_up_ptr=_ptr(table_grad))))
-    block_n, block_rd, row_warps = _launch.row_tile(D, T * S / E)
-    jobs.append(dict(module=MODULE, kernel="experts_bwd_rows_kernel", arch=arch, num_warps=row_warps, disassemble=False,
-                     constexprs=dict(D=D, S=S, BLOCK_N=block_n, BLOCK_D=block_rd),
-                     signature={"x_ptr": _ptr(dtype), "dy_ptr": _ptr(dtype), "dz_ptr": _ptr(acc),
-                                "ga_ptr": _ptr(acc), "slot_order_ptr": "*i64", "row_starts_ptr": "*i64",
-                                "dw_down_ptr": _ptr(table), "dw_up_ptr": _ptr(table)}))
+    halves_flags = [(True, True)] + ([(True, False), (False, True)] if halves else [])
+    for up, down in halves_flags:
+        for atomic in (True, False):
+            table_grad = acc if atomic else table
+            jobs.append(dict(tile(atomic, UP=up, DOWN=down, ATOMIC=atomic), kernel="experts_bwd_tokens_kernel",
+                             disassemble=False,
+                             signature=dict(bwd, dw_down_ptr=_ptr(table_grad), dw_up_ptr=_ptr(table_grad))))
+        if (up, down) != (True, True):
+            jobs.append(dict(tile(DOWN=down, UP=up), kernel="experts_fwd_kernel", disassemble=False, signature=forward))
+    block_n, block_d, _, num_warps = _launch.table_grad_tile(D, T * S, torch.device("cpu"))
+    jobs.append(dict(module=MODULE, kernel="table_grad_kernel", arch=arch, num_warps=num_warps, disassemble=False,
+                     constexprs=dict(D=D, S=S, BLOCK_N=block_n, BLOCK_D=block_d),
+                     signature={"src_ptr": _ptr(dtype), "weights_ptr": _ptr(acc), "sorted_ids_ptr": "*i32",
+                                "order_ptr": "*i64", "out_rows_ptr": "*i32", "out_ptr": _ptr(table), "n": "i32",
+                                "chunk": "i32"}))
     return jobs
 
 
 @pytest.fixture(scope="module")
 def aot_results():
-    jobs = [job for shape in AOT_SHAPES for arch in aot.ARCHS for job in aot_jobs(*shape, arch)]
+    jobs = [job for shape in AOT_SHAPES for arch in aot.ARCHS
+            for job in aot_jobs(*shape, arch, halves=shape is AOT_SHAPES[0] and arch == 90)]
     return list(zip(jobs, aot.compile_report(jobs)))
 
 
 def test_aot_compiles_without_spills(aot_results):
-    assert len(aot_results) == len(AOT_SHAPES) * len(aot.ARCHS) * 4
+    # per shape and arch: forward, two token-major backwards (atomic or not), the sorted reduction;
+    # the paper's shape on sm_90 adds the two halves' forwards and backwards
+    assert len(aot_results) == len(AOT_SHAPES) * len(aot.ARCHS) * 4 + 6
     for job, stats in aot_results:
         assert stats["local_bytes"] == 0 and stats.get("stl", 0) == stats.get("ldl", 0) == 0, (aot.describe(job), stats)
         assert 0 < stats["registers"] <= 255, aot.describe(job)
@@ -333,7 +355,7 @@ def test_aot_forward_gathers_rows_with_128bit_loads(aot_results):
         if job["kernel"] != "experts_fwd_kernel":
             continue
         c = job["constexprs"]
-        if job["signature"]["w_down_ptr"] not in ("*bf16", "*fp16") or c["D"] % 8:
+        if job["signature"]["w_down_ptr"] not in ("*bf16", "*fp16") or c["D_IN"] % 8 or not job["disassemble"]:
             continue
         per_table = c["BLOCK_T"] * c["BLOCK_S"] * c["BLOCK_D"] // (32 * job["num_warps"] * 8)
         assert stats["ldg128"] >= 2 * per_table, (aot.describe(job), stats)

@@ -59,7 +59,17 @@ def test_triton_ops(dtype):
         torch.library.opcheck(experts.experts_forward, (x, ids_t, gates_s, w_down, w_up, "silu", deterministic))
         _, z = experts.experts_forward(x, ids, gates_s, w_down, w_up, "silu", deterministic)
         torch.library.opcheck(experts.experts_backward,
-                              detached(dy, x, ids_t, gates_s, column_major(z), w_down, w_up, "silu", deterministic))
+                              detached(dy, x, ids_t, gates_s, column_major(z.reshape(T, -1)).view(z.shape), w_down,
+                                       w_up, "silu", deterministic))
+    for deterministic in (True, False):
+        torch.library.opcheck(experts.down_forward, (x, ids_t, w_down, deterministic))
+        z = experts.down_forward(x, ids, w_down, deterministic)
+        dz = column_major(torch.randn(T, H * K, dtype=z.dtype, device=DEVICE)).view(T, H, K)
+        torch.library.opcheck(experts.down_backward, detached(dz, x, ids_t, w_down, deterministic))
+        gates_s = strided_gates(ids, dtype, DEVICE)
+        torch.library.opcheck(experts.mix_forward, (z.detach().requires_grad_(), ids_t, gates_s, w_up, "relu",
+                                                    deterministic))
+        torch.library.opcheck(experts.mix_backward, detached(dy, z, ids_t, gates_s, w_up, "relu", deterministic))
     for one_pass in (True, False):
         args = (x, queries, keys, w_down, w_up, K, K_SUB, "sigmoid", "gelu", 0, one_pass, True)
         torch.library.opcheck(fused.fused_forward, args)
@@ -81,6 +91,12 @@ def test_cpp_ops(dtype):
     torch.library.opcheck(csrc._experts_op, (x, ids_t, gates, w_down, w_up, "gelu_tanh"))
     _, z = csrc._experts_op(x, ids, gates, w_down, w_up, "gelu_tanh")
     torch.library.opcheck(csrc._experts_backward_op, detached(dy, x, ids_t, gates, z, w_down, w_up, "gelu_tanh"))
+    torch.library.opcheck(csrc._down_op, (x, ids_t, w_down))
+    z = csrc._down_op(x, ids, w_down)
+    torch.library.opcheck(csrc._down_backward_op, detached(column_major(z.reshape(T, -1)).view(T, H, K), x, ids_t,
+                                                           w_down))
+    torch.library.opcheck(csrc._mix_op, (z.detach().requires_grad_(), ids_t, gates, w_up, "identity"))
+    torch.library.opcheck(csrc._mix_backward_op, detached(dy, z, ids_t, gates, w_up, "identity"))
     rows = (H * N * N, D)
     separate = (x, queries, keys, torch.randn(rows, dtype=dtype).requires_grad_(),
                 column_major(torch.randn(rows, dtype=dtype)).requires_grad_())
@@ -93,8 +109,9 @@ def test_cpp_ops(dtype):
 
 def test_every_registered_op_is_checked():
     """A new op must be added to the opchecks above: the namespace holds exactly these."""
-    checked = {"experts_forward", "experts_backward", "retrieve", "retrieve_backward", "fused_forward",
-               "fused_backward", "cpp_retrieve", "cpp_retrieve_backward", "cpp_experts", "cpp_experts_backward",
-               "cpp_fused", "cpp_fused_backward"}
+    checked = {"experts_forward", "experts_backward", "down_forward", "down_backward", "mix_forward", "mix_backward",
+               "retrieve", "retrieve_backward", "fused_forward", "fused_backward",
+               "cpp_retrieve", "cpp_retrieve_backward", "cpp_experts", "cpp_experts_backward", "cpp_down",
+               "cpp_down_backward", "cpp_mix", "cpp_mix_backward", "cpp_fused", "cpp_fused_backward"}
     registered = {name for name in dir(torch.ops.peer_kernels) if not name.startswith("_")} - {"name"}
     assert registered == checked

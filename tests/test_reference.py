@@ -15,7 +15,9 @@ def _act(z, activation):
         return 0.5 * z * (1.0 + math.erf(z / math.sqrt(2.0)))
     if activation == "gelu_tanh":
         return 0.5 * z * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
-    return z / (1.0 + math.exp(-z))  # silu
+    if activation == "silu":
+        return z / (1.0 + math.exp(-z))
+    return z  # identity
 
 
 def _gates(scores, gating):

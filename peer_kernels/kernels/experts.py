@@ -1,14 +1,15 @@
 """Triton kernels of the expert stage: SPEC section 1 steps 5-6 and their backward.
 
 Token t mixes S = h*k single-neuron experts ("slots"): y[t] = sum_s g[t,s] act(w_down[e] . x[t]) w_up[e]
-with e = expert_ids[t, s]. Ids are spread over ~1M rows, so no table row is reused across the tokens of
+with e = expert_ids[t, s]; x and w_down have D_IN columns, y and w_up D_OUT (equal in the PEER layer;
+rank-1 adapters, peer_kernels.compat.PEERLora, have two widths and the identity activation). Ids are spread over ~1M rows, so no table row is reused across the tokens of
 a tile: this is a pure gather, bound by memory bandwidth. The kernels therefore use no tensor cores;
 what matters is many 128-bit row loads in flight per thread (D chunks of 8+ contiguous half-precision
-elements, alignment known from the constexpr D) and registers that never spill.
+elements, alignment known from the constexpr widths) and registers that never spill.
 
-Layouts (all contiguous): x, y, dy, dx (T, D); expert_ids, gates, dgates and per-slot scalars (T, S),
-the (h, k) dims flattened; tables w_down, w_up and their gradients (E, D). Row offsets are int64:
-E * D reaches 2**31 for a 1024**2 x 4096 table. Accumulation is in fp32, or fp64 for fp64 inputs (the
+Layouts (all contiguous): x, dx (T, D_IN); y, dy (T, D_OUT); expert_ids, gates, dgates and per-slot
+scalars (T, S), the (h, k) dims flattened; tables w_down (E, D_IN), w_up (E, D_OUT) and their
+gradients alike. Row offsets are int64: E * D reaches 2**31 for a 1024**2 x 4096 table. Accumulation is in fp32, or fp64 for fp64 inputs (the
 per-slot scalar buffers carry that accumulation dtype).
 """
 import triton
@@ -19,6 +20,7 @@ RELU = tl.constexpr(0)
 GELU = tl.constexpr(1)
 GELU_TANH = tl.constexpr(2)
 SILU = tl.constexpr(3)
+IDENTITY = tl.constexpr(4)
 
 
 @triton.jit
@@ -59,8 +61,10 @@ def activate(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == GELU_TANH:
         u = _const(0.7978845608028654, z) * (z + _const(0.044715, z) * z * z * z)
         a = 0.5 * z * (1.0 + _tanh(u))
-    else:
+    elif ACTIVATION == SILU:
         a = z * _sigmoid(z)
+    else:
+        a = z
     return a
 
 
@@ -81,180 +85,253 @@ def activate_with_grad(z, ACTIVATION: tl.constexpr):
         th = _tanh(c * (z + b * z * z * z))
         a = 0.5 * z * (1.0 + th)
         da = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * c * (1.0 + 3.0 * b * z * z)
-    else:
+    elif ACTIVATION == SILU:
         sig = _sigmoid(z)
         a = z * sig
         da = sig * (1.0 + z * (1.0 - sig))
+    else:
+        a = z
+        da = tl.full(z.shape, 1.0, z.dtype)
     return a, da
 
 
 @triton.jit
 def mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, expert_ids, gates, offs_t, slot_mask, T,
-                D: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_D: tl.constexpr):
+                D_IN: tl.constexpr, D_OUT: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_D: tl.constexpr):
     """Writes y for a tile of tokens whose ids / gates are already in registers; returns z.
 
-    x_ptr, y_ptr (T, D); w_down_ptr, w_up_ptr (E, D); expert_ids (BLOCK_T, BLOCK_S) any int;
-    gates (BLOCK_T, BLOCK_S) in the accumulation dtype, 0 where slot_mask is off;
-    offs_t (BLOCK_T,) token indices. Returns z = w_down[e] . x[t], (BLOCK_T, BLOCK_S).
+    x_ptr (T, D_IN), y_ptr (T, D_OUT); w_down_ptr (E, D_IN), w_up_ptr (E, D_OUT); expert_ids
+    (BLOCK_T, BLOCK_S) any int; gates (BLOCK_T, BLOCK_S) in the accumulation dtype, 0 where
+    slot_mask is off; offs_t (BLOCK_T,) token indices. Returns z = w_down[e] . x[t], (BLOCK_T, BLOCK_S).
     Shared with the one-pass fused kernel, which computes ids and gates itself.
     """
-    acc_dtype = gates.dtype
-    token_rows = offs_t.to(tl.int64)[:, None] * D                 # (BT, 1)
-    expert_rows = expert_ids.to(tl.int64)[:, :, None] * D         # (BT, BS, 1)
-    token_mask = (offs_t < T)[:, None]
-    row_mask = slot_mask[:, :, None]
-
-    # Two streaming passes over D: the activation needs the full down-dot before any up row is useful,
+    # Two streaming passes: the activation needs the full down-dot before any up row is useful,
     # and holding all S rows of a token across D would not fit in registers.
-    z = tl.zeros(expert_ids.shape, acc_dtype)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        x_chunk = tl.load(x_ptr + token_rows + offs_d[None, :], mask=token_mask & d_mask[None, :], other=0.0)
-        u = tl.load(w_down_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
-                    other=0.0)
-        z += tl.sum(u.to(acc_dtype) * x_chunk.to(acc_dtype)[:, None, :], axis=2)
-
-    coef = gates * activate(z, ACTIVATION)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        v = tl.load(w_up_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
-                    other=0.0)
-        y = tl.sum(coef[:, :, None] * v.to(acc_dtype), axis=1)
-        tl.store(y_ptr + token_rows + offs_d[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=token_mask & d_mask[None, :])
+    z = down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, gates.dtype, D_IN, BLOCK_D)
+    mix_up(y_ptr, w_up_ptr, expert_ids, gates * activate(z, ACTIVATION), offs_t, slot_mask, T, D_OUT, BLOCK_D)
     return z
 
 
 @triton.jit
-def _load_slots(expert_ids_ptr, gates_ptr, T, S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-                acc_dtype: tl.constexpr):
-    """This program's token tile: (offs_t, flat slot index, slot mask, expert ids, gates)."""
+def down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype: tl.constexpr,
+                 D_IN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z = w_down[e] . x[t] (BLOCK_T, BLOCK_S) for x_ptr (T, D_IN), w_down_ptr (E, D_IN)."""
+    token_rows = offs_t.to(tl.int64)[:, None] * D_IN              # (BT, 1)
+    expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_IN      # (BT, BS, 1)
+    token_mask = (offs_t < T)[:, None]
+    row_mask = slot_mask[:, :, None]
+    z = tl.zeros(expert_ids.shape, acc_dtype)
+    for d0 in range(0, D_IN, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D_IN
+        x_chunk = tl.load(x_ptr + token_rows + offs_d[None, :], mask=token_mask & d_mask[None, :], other=0.0)
+        u = tl.load(w_down_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
+                    other=0.0)
+        z += tl.sum(u.to(acc_dtype) * x_chunk.to(acc_dtype)[:, None, :], axis=2)
+    return z
+
+
+@triton.jit
+def mix_up(y_ptr, w_up_ptr, expert_ids, coef, offs_t, slot_mask, T, D_OUT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """y[t] = sum_s coef[t, s] w_up[e] for y_ptr (T, D_OUT), w_up_ptr (E, D_OUT); coef (BLOCK_T, BLOCK_S)."""
+    token_rows = offs_t.to(tl.int64)[:, None] * D_OUT
+    expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_OUT
+    token_mask = (offs_t < T)[:, None]
+    row_mask = slot_mask[:, :, None]
+    for d0 in range(0, D_OUT, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D_OUT
+        v = tl.load(w_up_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
+                    other=0.0)
+        y = tl.sum(coef[:, :, None] * v.to(coef.dtype), axis=1)
+        tl.store(y_ptr + token_rows + offs_d[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=token_mask & d_mask[None, :])
+
+
+@triton.jit
+def _load_slots(expert_ids_ptr, T, S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's token tile: (offs_t, flat slot index, slot mask, expert ids)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, BLOCK_S)
     slots = offs_t.to(tl.int64)[:, None] * S + offs_s[None, :]
     slot_mask = (offs_t[:, None] < T) & (offs_s[None, :] < S)
     expert_ids = tl.load(expert_ids_ptr + slots, mask=slot_mask, other=0)
-    gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0).to(acc_dtype)
-    return offs_t, slots, slot_mask, expert_ids, gates
+    return offs_t, slots, slot_mask, expert_ids
 
 
 @triton.jit
 def experts_fwd_kernel(
-    x_ptr,            # (T, D)
+    x_ptr,            # (T, D_IN), read when DOWN
     expert_ids_ptr,   # (T, S) int32 | int64
-    gates_ptr,        # (T, S) any float dtype
-    w_down_ptr,       # (E, D)
-    w_up_ptr,         # (E, D)
-    y_ptr,            # (T, D) out, x's dtype
-    z_ptr,            # (T, S) out, accumulation dtype: saved for backward
+    gates_ptr,        # (T, S) any float dtype, read when UP
+    w_down_ptr,       # (E, D_IN), read when DOWN
+    w_up_ptr,         # (E, D_OUT), read when UP
+    y_ptr,            # (T, D_OUT) out when UP, x's dtype
+    z_ptr,            # (T, S) accumulation dtype: out when DOWN (saved for backward), in otherwise
     T,
-    D: tl.constexpr, S: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_IN: tl.constexpr, D_OUT: tl.constexpr, S: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOWN: tl.constexpr, UP: tl.constexpr,
 ):
+    """The expert stage, or one half of it: DOWN computes z = w_down[e] . x, UP mixes
+    y = sum g act(z) w_up[e] (from this z, or from z_ptr). Both: peer_experts; DOWN alone and UP
+    alone: the split that column-sharded tables need (peer_kernels.distributed)."""
     acc_dtype: tl.constexpr = z_ptr.dtype.element_ty
-    offs_t, slots, slot_mask, expert_ids, gates = _load_slots(expert_ids_ptr, gates_ptr, T, S, BLOCK_T, BLOCK_S,
-                                                              acc_dtype)
-    z = mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, expert_ids, gates, offs_t, slot_mask, T, D, ACTIVATION,
-                    BLOCK_D)
-    tl.store(z_ptr + slots, z, mask=slot_mask)
+    offs_t, slots, slot_mask, expert_ids = _load_slots(expert_ids_ptr, T, S, BLOCK_T, BLOCK_S)
+    if DOWN:
+        z = down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype, D_IN, BLOCK_D)
+        tl.store(z_ptr + slots, z, mask=slot_mask)
+    else:
+        z = tl.load(z_ptr + slots, mask=slot_mask, other=0.0)
+    if UP:
+        gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0).to(acc_dtype)
+        mix_up(y_ptr, w_up_ptr, expert_ids, gates * activate(z, ACTIVATION), offs_t, slot_mask, T, D_OUT, BLOCK_D)
 
 
 @triton.jit
 def experts_bwd_tokens_kernel(
-    x_ptr, dy_ptr,             # (T, D)
+    x_ptr,                     # (T, D_IN), read when DOWN and ATOMIC
+    dy_ptr,                    # (T, D_OUT), read when UP
     expert_ids_ptr,            # (T, S) int32 | int64
-    gates_ptr,                 # (T, S)
-    z_ptr,                     # (T, S) accumulation dtype, from the forward
-    w_down_ptr, w_up_ptr,      # (E, D)
-    dx_ptr,                    # (T, D) out, x's dtype
-    dgates_ptr,                # (T, S) out, gates' dtype
-    dz_ptr, ga_ptr,            # (T, S) out unless ATOMIC: the per-slot weights of the expert-major pass
-    dw_down_ptr, dw_up_ptr,    # (E, D) fp32 | fp64 zero-initialized accumulators, used only if ATOMIC
+    gates_ptr, z_ptr,          # (T, S), read when UP; z in the accumulation dtype, from the forward
+    w_down_ptr,                # (E, D_IN), read when DOWN
+    w_up_ptr,                  # (E, D_OUT), read when UP
+    dx_ptr,                    # (T, D_IN) out when DOWN, x's dtype
+    dgates_ptr,                # (T, S) out when UP, gates' dtype
+    dz_ptr,                    # (T, S) accumulation dtype: out when UP (d loss / d z), in otherwise
+    ga_ptr,                    # (T, S) out when UP and not ATOMIC: g act(z), the weights of dw_up
+    dw_down_ptr, dw_up_ptr,    # (E, D_IN), (E, D_OUT) fp32 | fp64 zero-initialised, used only if ATOMIC
     T,
-    D: tl.constexpr, S: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC: tl.constexpr,
+    D_IN: tl.constexpr, D_OUT: tl.constexpr, S: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    UP: tl.constexpr, DOWN: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """Token-major backward: dx, dgates, and either the table gradients by atomics or the per-slot
-    weights dz = g act'(z) (w_up[e] . dy) and ga = g act(z) that the expert-major pass sums."""
-    acc_dtype: tl.constexpr = z_ptr.dtype.element_ty
-    offs_t, slots, slot_mask, expert_ids, gates = _load_slots(expert_ids_ptr, gates_ptr, T, S, BLOCK_T, BLOCK_S,
-                                                              acc_dtype)
-    z = tl.load(z_ptr + slots, mask=slot_mask, other=0.0)
-    a, da = activate_with_grad(z, ACTIVATION)
-    ga = gates * a
-    token_rows = offs_t.to(tl.int64)[:, None] * D
-    expert_rows = expert_ids.to(tl.int64)[:, :, None] * D
+    """Token-major backward. UP: w = w_up[e] . dy, dgates = act(z) w, dz = g act'(z) w, and dw_up by
+    atomics or its per-slot weights ga = g act(z) for the sorted pass. DOWN: dx = sum dz w_down[e],
+    and dw_down by atomics (its weights are dz, for the sorted pass)."""
+    acc_dtype: tl.constexpr = dz_ptr.dtype.element_ty
+    offs_t, slots, slot_mask, expert_ids = _load_slots(expert_ids_ptr, T, S, BLOCK_T, BLOCK_S)
     token_mask = (offs_t < T)[:, None]
     row_mask = slot_mask[:, :, None]
-
-    w = tl.zeros(expert_ids.shape, acc_dtype)                      # w_up[e] . dy[t]
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        dy_chunk = tl.load(dy_ptr + token_rows + offs_d[None, :], mask=token_mask & d_mask[None, :],
-                           other=0.0).to(acc_dtype)
-        v = tl.load(w_up_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
-                    other=0.0)
-        w += tl.sum(v.to(acc_dtype) * dy_chunk[:, None, :], axis=2)
-        if ATOMIC:
-            # relaxed: only the sum matters, not ordering against other memory
-            tl.atomic_add(dw_up_ptr + expert_rows + offs_d[None, None, :], ga[:, :, None] * dy_chunk[:, None, :],
-                          mask=row_mask & d_mask[None, None, :], sem="relaxed")
-
-    tl.store(dgates_ptr + slots, (a * w).to(dgates_ptr.dtype.element_ty), mask=slot_mask)
-    dz = gates * w * da
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        u = tl.load(w_down_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
-                    other=0.0)
-        dx = tl.sum(dz[:, :, None] * u.to(acc_dtype), axis=1)
-        tl.store(dx_ptr + token_rows + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=token_mask & d_mask[None, :])
-        if ATOMIC:
-            x_chunk = tl.load(x_ptr + token_rows + offs_d[None, :], mask=token_mask & d_mask[None, :],
-                              other=0.0).to(acc_dtype)
-            tl.atomic_add(dw_down_ptr + expert_rows + offs_d[None, None, :], dz[:, :, None] * x_chunk[:, None, :],
-                          mask=row_mask & d_mask[None, None, :], sem="relaxed")
-    if not ATOMIC:
+    if UP:
+        gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0).to(acc_dtype)
+        z = tl.load(z_ptr + slots, mask=slot_mask, other=0.0)
+        a, da = activate_with_grad(z, ACTIVATION)
+        ga = gates * a
+        token_rows = offs_t.to(tl.int64)[:, None] * D_OUT
+        expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_OUT
+        w = tl.zeros(expert_ids.shape, acc_dtype)                  # w_up[e] . dy[t]
+        for d0 in range(0, D_OUT, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D_OUT
+            dy_chunk = tl.load(dy_ptr + token_rows + offs_d[None, :], mask=token_mask & d_mask[None, :],
+                               other=0.0).to(acc_dtype)
+            v = tl.load(w_up_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
+                        other=0.0)
+            w += tl.sum(v.to(acc_dtype) * dy_chunk[:, None, :], axis=2)
+            if ATOMIC:
+                # relaxed: only the sum matters, not ordering against other memory
+                tl.atomic_add(dw_up_ptr + expert_rows + offs_d[None, None, :],
+                              ga[:, :, None] * dy_chunk[:, None, :], mask=row_mask & d_mask[None, None, :],
+                              sem="relaxed")
+        tl.store(dgates_ptr + slots, (a * w).to(dgates_ptr.dtype.element_ty), mask=slot_mask)
+        dz = gates * w * da
         tl.store(dz_ptr + slots, dz, mask=slot_mask)
-        tl.store(ga_ptr + slots, ga, mask=slot_mask)
+        if not ATOMIC:
+            tl.store(ga_ptr + slots, ga, mask=slot_mask)
+    else:
+        dz = tl.load(dz_ptr + slots, mask=slot_mask, other=0.0)
+    if DOWN:
+        token_rows = offs_t.to(tl.int64)[:, None] * D_IN
+        expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_IN
+        for d0 in range(0, D_IN, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D_IN
+            u = tl.load(w_down_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
+                        other=0.0)
+            dx = tl.sum(dz[:, :, None] * u.to(acc_dtype), axis=1)
+            tl.store(dx_ptr + token_rows + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=token_mask & d_mask[None, :])
+            if ATOMIC:
+                x_chunk = tl.load(x_ptr + token_rows + offs_d[None, :], mask=token_mask & d_mask[None, :],
+                                  other=0.0).to(acc_dtype)
+                tl.atomic_add(dw_down_ptr + expert_rows + offs_d[None, None, :],
+                              dz[:, :, None] * x_chunk[:, None, :], mask=row_mask & d_mask[None, None, :],
+                              sem="relaxed")
 
 
 @triton.jit
-def experts_bwd_rows_kernel(
-    x_ptr, dy_ptr,             # (T, D)
-    dz_ptr, ga_ptr,            # (T*S,) per-slot weights, accumulation dtype
-    slot_order_ptr,            # (T*S,) int64: slot indices sorted by expert id, stably
-    row_starts_ptr,            # (E+1,) int64: expert e's slots are slot_order[row_starts[e]:row_starts[e+1]]
-    dw_down_ptr, dw_up_ptr,    # (E, D) out, the tables' dtype; every row is written (zeros if untouched)
+def _segmented_add(flag_a, sum_a, flag_b, sum_b):
+    # b starts a new run: its sum restarts; else it continues a's run
+    return flag_a | flag_b, tl.where(flag_b != 0, sum_b, sum_a + sum_b)
+
+
+@triton.jit
+def _first_run_start(sorted_ids_ptr, start, n, BLOCK_N: tl.constexpr):
+    """The first sorted position >= start at which a run of equal ids begins (n if none)."""
+    found = start - start + n      # int64, like the loop's own values
+    pos = start
+    searching = pos < n
+    while searching:
+        offs = pos + tl.arange(0, BLOCK_N)
+        valid = offs < n
+        ids = tl.load(sorted_ids_ptr + offs, mask=valid, other=-1)
+        previous = tl.load(sorted_ids_ptr + offs - 1, mask=valid & (offs > 0), other=-2)
+        begins = valid & ((offs == 0) | (ids != previous))
+        found = tl.min(tl.where(begins, offs, n))
+        pos += BLOCK_N
+        searching = (found == n) & (pos < n)
+    return found
+
+
+@triton.jit
+def table_grad_kernel(
+    src_ptr,          # (T, D): the rows the slots' weights multiply (x for dw_down, dy for dw_up)
+    weights_ptr,      # (T*S,) accumulation dtype: each slot's weight (dz for dw_down, g act(z) for dw_up)
+    sorted_ids_ptr,   # (n,) int32 | int64: every slot's table row, sorted stably (n = T*S)
+    order_ptr,        # (n,) int64: the slot at each sorted position
+    out_rows_ptr,     # (n,) int: where each sorted position's run goes in out (its table row, or its run's rank)
+    out_ptr,          # (rows, D): written at the runs' out rows only
+    n, chunk,
     D: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Expert-major deterministic reduction: one program per (table row, D chunk) sums
-    dw_down[e] = sum dz[s] x[t(s)] and dw_up[e] = sum ga[s] dy[t(s)] over the row's slots in sorted
-    order, with a fixed reduction tree and no atomics: bitwise reproducible."""
-    acc_dtype: tl.constexpr = dz_ptr.dtype.element_ty
-    row = tl.program_id(0).to(tl.int64)
+    """Table gradient as a segmented reduction over the slots sorted by row: out[out_rows[run]] =
+    sum over the run's slots of weight * src[token]. Program (p, c) owns the runs that begin in
+    positions [p * chunk, (p + 1) * chunk), walks them BLOCK_N slots at a time (past its chunk to
+    finish its last run) and sums columns c * BLOCK_D.. with a segmented scan, so every run is summed
+    by one program in one fixed order: no atomics, bitwise reproducible, and only touched rows are
+    written. A few thousand programs cover a million slots."""
+    acc_dtype: tl.constexpr = weights_ptr.dtype.element_ty
+    chunk_start = tl.program_id(0).to(tl.int64) * chunk
+    chunk_end = tl.minimum(chunk_start + chunk, n)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    start = tl.load(row_starts_ptr + row)
-    end = tl.load(row_starts_ptr + row + 1)
-    acc_down = tl.zeros((BLOCK_N, BLOCK_D), acc_dtype)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_D), acc_dtype)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        slots = tl.load(slot_order_ptr + offs_n, mask=n_mask, other=0)
-        dz = tl.load(dz_ptr + slots, mask=n_mask, other=0.0)
-        ga = tl.load(ga_ptr + slots, mask=n_mask, other=0.0)
-        token_rows = (slots // S)[:, None] * D
-        mask = n_mask[:, None] & d_mask[None, :]
-        x_rows = tl.load(x_ptr + token_rows + offs_d[None, :], mask=mask, other=0.0)
-        dy_rows = tl.load(dy_ptr + token_rows + offs_d[None, :], mask=mask, other=0.0)
-        acc_down += dz[:, None] * x_rows.to(acc_dtype)
-        acc_up += ga[:, None] * dy_rows.to(acc_dtype)
-    out = row * D + offs_d
-    tl.store(dw_down_ptr + out, tl.sum(acc_down, axis=0).to(dw_down_ptr.dtype.element_ty), mask=d_mask)
-    tl.store(dw_up_ptr + out, tl.sum(acc_up, axis=0).to(dw_up_ptr.dtype.element_ty), mask=d_mask)
+    lane = tl.arange(0, BLOCK_N)
+    pos = _first_run_start(sorted_ids_ptr, chunk_start, n, BLOCK_N)
+    carry = tl.zeros((BLOCK_D,), acc_dtype)
+    walking = pos < chunk_end
+    while walking:
+        offs = pos + lane
+        valid = offs < n
+        ids = tl.load(sorted_ids_ptr + offs, mask=valid, other=-1)
+        previous = tl.load(sorted_ids_ptr + offs - 1, mask=valid & (offs > 0), other=-2)
+        following = tl.load(sorted_ids_ptr + offs + 1, mask=offs + 1 < n, other=-3)
+        begins = valid & ((offs == 0) | (ids != previous))
+        # the first run beginning at or past chunk_end is the next program's
+        stop = tl.min(tl.where(begins & (offs >= chunk_end), lane, BLOCK_N))
+        owned = valid & (lane < stop)
+        ends = owned & (ids != following)
+        slots = tl.load(order_ptr + offs, mask=owned, other=0)
+        weights = tl.load(weights_ptr + slots, mask=owned, other=0.0)
+        rows = tl.load(src_ptr + (slots // S)[:, None] * D + offs_d[None, :], mask=owned[:, None] & d_mask[None, :],
+                       other=0.0)
+        terms = weights[:, None] * rows.to(acc_dtype) + tl.where(lane[:, None] == 0, carry[None, :], 0.0)
+        flags = tl.broadcast_to(begins[:, None].to(tl.int32), (BLOCK_N, BLOCK_D))
+        _, sums = tl.associative_scan((flags, terms), 0, _segmented_add)
+        out_rows = tl.load(out_rows_ptr + offs, mask=ends, other=0).to(tl.int64)
+        tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], sums.to(out_ptr.dtype.element_ty),
+                 mask=ends[:, None] & d_mask[None, :])
+        last = lane == BLOCK_N - 1
+        open_run = tl.max(tl.where(last & owned & ~ends, 1, 0)) == 1
+        carry = tl.where(open_run, tl.sum(tl.where(last[:, None], sums, 0.0), axis=0), 0.0)
+        pos += BLOCK_N
+        walking = (stop == BLOCK_N) & ((pos < chunk_end) | open_run)

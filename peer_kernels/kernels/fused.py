@@ -65,5 +65,5 @@ def peer_fused_kernel(
         expert_ids = tl.load(ids_ptr + slots, mask=slot_mask, other=0)
         gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0)
         z = mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, expert_ids, gates, offs_mix, slot_mask, T,
-                        D, ACTIVATION, BLOCK_D)
+                        D, D, ACTIVATION, BLOCK_D)
         tl.store(z_ptr + slots, z.to(acc_dtype), mask=slot_mask)

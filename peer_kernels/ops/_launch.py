@@ -1,5 +1,7 @@
 """Launch helpers shared by the op families: constexpr ids, block-size picks and device checks.
 Nothing here launches a kernel; torch.library registration is peer_kernels/_library.py."""
+import functools
+
 import torch
 import triton
 
@@ -28,6 +30,16 @@ def cuda_arch(device):
     return 10 * major + minor
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def contiguous(*tensors):
     return tuple(t.contiguous() for t in tensors)
 
@@ -49,10 +61,13 @@ def gather_tile(num_tokens, slots, dim, acc_dtype=torch.float32, atomic=False):
     return block_t, block_s, block_d, num_warps
 
 
-def row_tile(dim, rows_per_expert):
-    """(BLOCK_N, BLOCK_D, num_warps) for the expert-major reduction: BLOCK_N slots of one row at a
-    time, sized to the mean number of slots per expert (about 1 at the paper's shapes); two
-    (BLOCK_N, BLOCK_D) accumulators of at most 2048 values each, 16 per thread."""
-    block_d = min(triton.next_power_of_2(dim), 1024)
-    block_n = min(triton.next_power_of_2(max(1, round(rows_per_expert))), max(1, 2048 // block_d))
-    return block_n, block_d, 4
+def table_grad_tile(dim, slots, device):
+    """(BLOCK_N, BLOCK_D, chunk, num_warps) of kernels/experts.table_grad_kernel: windows of BLOCK_N
+    sorted slots x BLOCK_D columns, at most 2048 fp32 values (16 per thread at 4 warps, the segmented
+    scan's working set), and chunks of sorted positions per program: ~4 programs per SM per column
+    block on a GPU (a million slots: ~500 per chunk), a few windows per chunk elsewhere."""
+    block_d = min(triton.next_power_of_2(dim), 256)
+    block_n = max(2, 2048 // block_d)
+    programs = 4 * sm_count(device) if device.type == "cuda" else 4
+    chunk = max(block_n, triton.cdiv(triton.cdiv(slots, programs), block_n) * block_n)
+    return block_n, block_d, chunk, 4

@@ -41,7 +41,7 @@ def one_pass_config(T, heads, d, n, dk, k, k_sub, dtype, activation, gating, arc
 def forward_outputs(x, queries, k, gating):
     """Unwritten (y, scores, ids, gates, z) of fused_forward."""
     scores, ids, gates = retrieval.retrieve_outputs(queries, k, gating)
-    y, z = experts.forward_outputs(x, ids)
+    y, z = experts.forward_outputs(x, ids, x.shape[1])
     return y, scores, ids, gates, z
 
 
