@@ -1,4 +1,5 @@
-"""What is measured: shapes, presets, the four ops (retrieval, experts, fused, layer), their inputs,
+"""What is measured: shapes, presets, the ops (retrieval, experts, fused, layer, and step: the layer's
+training step with an optimizer), their inputs,
 byte and flop counts, and how an output is checked against the reference."""
 import copy
 import dataclasses
@@ -8,8 +9,13 @@ import torch
 
 from peer_kernels import PEER, reference
 
-MODES = ("forward", "backward", "forward+backward")
-OPS = ("retrieval", "experts", "fused", "layer")
+MODES = ("forward", "backward", "forward+backward", "step")
+OPS = ("retrieval", "experts", "fused", "layer", "step")
+
+
+def modes_of(op, modes):
+    """The step op has one mode, the whole step (forward, backward, optimizer); the others the rest."""
+    return ("step",) if op == "step" else tuple(m for m in modes if m != "step")
 # The bench dtype's tolerance on the relative RMS error against the reference (which computes
 # half-precision inputs in float32); a provider above it gets no row.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -99,7 +105,7 @@ class Workload:
             cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
             return t.detach().to(cast).requires_grad_(t.requires_grad)
 
-        token_dim = 1 if self.op == "layer" else 0
+        token_dim = 1 if self.op in ("layer", "step") else 0
         first = {name: leaf(t.narrow(token_dim, 0, min(tokens or t.shape[token_dim], t.shape[token_dim])))
                  for name, t in self.sets[0].items()}
         if dtype is None:
@@ -143,7 +149,7 @@ def make_workload(op, shape, device, num_sets):
     torch.manual_seed(0)
     dtype = shape.torch_dtype
     T, d, h, dk = shape.T, shape.d, shape.h, shape.dk
-    if op == "layer":
+    if op in ("layer", "step"):
         layer = PEER(d, heads=h, num_experts=shape.N, num_experts_per_head=shape.k, dim_key=dk,
                      product_key_topk=shape.k_sub, activation=shape.activation, gating=shape.gating,
                      query_norm=None, backend="reference", device=device, dtype=dtype)
@@ -184,7 +190,7 @@ def num_input_sets(op, shape, device):
             "ids_gates": shape.h * shape.k * (8 + size), "scores_dy": shape.h * shape.k * 4}
     per_token = sum(rows[name] for name in {
         "retrieval": ("queries", "scores_dy"), "experts": ("x", "dy", "ids_gates"),
-        "fused": ("x", "dy", "queries"), "layer": ("x", "dy")}[op])
+        "fused": ("x", "dy", "queries"), "layer": ("x", "dy"), "step": ("x", "dy")}[op])
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     return max(2, min(8, math.ceil(4 * l2 / (per_token * shape.T))))
 
@@ -205,7 +211,7 @@ def call(op, runner, inputs, shape):
 
 
 GRAD_INPUTS = {"retrieval": ("queries", "keys"), "experts": ("x", "gates", "w_down", "w_up"),
-               "fused": ("x", "queries", "keys", "w_down", "w_up"), "layer": ("x",)}
+               "fused": ("x", "queries", "keys", "w_down", "w_up"), "layer": ("x",), "step": ("x",)}
 
 
 def grad_targets(op, runner, inputs):
@@ -267,7 +273,7 @@ def grad_error(grads, expected):
 
 # ---- what a case moves and computes --------------------------------------------------------------
 
-MODE_FACTOR = {"forward": 1, "backward": 2, "forward+backward": 3}
+MODE_FACTOR = {"forward": 1, "backward": 2, "forward+backward": 3, "step": 3}
 
 
 def gather_bytes(op, shape, mode):
@@ -286,5 +292,5 @@ def flops(op, shape, mode):
     retrieval = 2 * T * shape.h * 2 * shape.n * shape.dk
     experts = 4 * T * shape.h * shape.k * shape.d
     forward = {"retrieval": retrieval, "experts": experts, "fused": retrieval + experts,
-               "layer": 2 * T * shape.d * 2 * shape.h * shape.dk + retrieval + experts}[op]
+               "layer": 2 * T * shape.d * 2 * shape.h * shape.dk + retrieval + experts}[op if op != "step" else "layer"]
     return MODE_FACTOR[mode] * forward

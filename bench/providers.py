@@ -30,6 +30,7 @@ class Runner:
     # Computes in the input dtype (e.g. sub-key scores rounded to bf16 before top-k, which then picks
     # other experts on near-ties): checked in float32 as well when the bench-dtype check fails.
     native_precision: bool = False
+    optimizers: tuple = ()  # step only: what steps the module's parameters
 
 
 def _peer_params(layer):
@@ -62,7 +63,7 @@ def _triton_ops(device):
 # ---- providers -----------------------------------------------------------------------------------
 
 def build_reference(op, workload):
-    if op == "layer":
+    if op in ("layer", "step"):
         return _layer_with_backend(workload.shared["layer"], "reference")
     return Runner(getattr(reference, OP_FUNCTIONS[op]))
 
@@ -122,14 +123,40 @@ def build_embedding_bag(op, workload):
 
 
 def build_peer_pytorch(op, workload):
-    """PEER_pytorch.PEER with the same weights (non_competing_scores=False: softmax over the k)."""
+    """PEER_pytorch.PEER with the same weights (non_competing_scores=False: softmax over the k); for
+    the step op with AdamW on all of its parameters."""
     _import("PEER_pytorch")
     layer = workload.shared["layer"]
     with torch.device(workload.device):  # its tables are initialised where they live, not on the host
         other = layer.to_peer_pytorch()
     theirs = {"to_queries.weight": other.to_queries[0].weight, "keys": other.keys,
               "w_down": other.weight_down_embed.weight, "w_up": other.weight_up_embed.weight}
-    return Runner(other, tuple(theirs[name] for name in LAYER_PARAMS), native_precision=True)
+    optimizers = (_adamw(other.parameters(), workload.device),) if op == "step" else ()
+    return Runner(other, tuple(theirs[name] for name in LAYER_PARAMS), native_precision=True, optimizers=optimizers)
+
+
+def _adamw(params, device):
+    """AdamW as users run it: the fused kernel on a GPU, foreach on a CPU."""
+    return torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+
+
+def build_step(op, workload, table_optimizer=None):
+    """The layer's training step on this package (backend "auto": Triton on a GPU, C++ on a CPU), on
+    its own copy of the weights (steps change them): dense gradients and AdamW on every parameter,
+    or, with table_optimizer, sparse table gradients stepped by it and AdamW on the rest."""
+    layer = copy.deepcopy(workload.shared["layer"])
+    layer.backend, layer.sparse_grad = "auto", table_optimizer is not None
+    params = dict(layer.named_parameters())
+    if table_optimizer is None:
+        optimizers = (_adamw(params.values(), workload.device),)
+    else:
+        tables = [params.pop("w_down"), params.pop("w_up")]
+        optimizers = (table_optimizer(tables), _adamw(params.values(), workload.device))
+    return Runner(layer, _peer_params(layer), optimizers=optimizers)
+
+
+def _optim():
+    return _import("peer_kernels.optim")
 
 
 # name -> (ops it implements, builder); the table's order
@@ -142,7 +169,11 @@ PROVIDERS = {
     "triton-atomic": (("experts", "fused"), functools.partial(build_triton, deterministic=False)),
     "csrc": (("retrieval", "experts", "fused", "layer"), build_csrc),
     "embedding_bag": (("experts",), build_embedding_bag),
-    "peer-pytorch": (("layer",), build_peer_pytorch),
+    "peer-pytorch": (("layer", "step"), build_peer_pytorch),
+    "adamw": (("step",), build_step),
+    "sparse-adamw": (("step",), lambda op, w: build_step(op, w, lambda p: _optim().SparseAdamW(p, lr=1e-4))),
+    "rowwise-adagrad": (("step",), lambda op, w: build_step(op, w, lambda p: _optim().RowwiseAdagrad(p))),
+    "torch-sparse-adam": (("step",), lambda op, w: build_step(op, w, lambda p: torch.optim.SparseAdam(p, lr=1e-4))),
 }
 
 

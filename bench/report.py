@@ -62,10 +62,11 @@ def table(meta, rows):
                          error])
         out += ["", shape, _table(headers, body)]
     notes = ["", "ms: median; IQR %: interquartile range / median; x ref / x peer-pt: their ms / this ms (> 1 is faster); GB/s: expert-row bytes "
-             "(T*h*k*2*d*bytes, x2 backward, x3 both) / ms; % copy: of the copy bandwidth above; peak MiB: "
-             "memory allocated at the peak beyond the inputs (GPU: max_memory_allocated; CPU: the running sum "
-             "of the profiler's allocation records, per op); rel err: relative RMS error against the "
-             "reference, outputs and gradients; (fp32): within tolerance only when run in float32."]
+             "(T*h*k*2*d*bytes, x2 backward, x3 both and step) / ms; % copy: of the copy bandwidth above; peak "
+             "MiB: memory allocated at the peak beyond the inputs (GPU: max_memory_allocated; CPU: the running sum "
+             "of the profiler's allocation records, per op), for a step plus the parameters and the optimizer "
+             "state; rel err: relative RMS error against the reference, outputs and gradients (a step: its "
+             "forward); (fp32): within tolerance only when run in float32."]
     return "\n".join(out + notes)
 
 

@@ -140,23 +140,45 @@ def _verdicts(checker, name, runner, with_grads, shape):
     return verdicts
 
 
+def _optimizer_step(runner):
+    for optimizer in runner.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def _phases(op, runner, shape, with_backward):
-    """One iteration: the forward (autograd recording, as in training), then maybe the backward."""
+    """One iteration: the forward (autograd recording, as in training), then maybe the backward; the
+    step op's backward fills .grad and an optimizer step follows."""
     forward = [lambda inputs: (inputs, cases.call(op, runner, inputs, shape))]
+    if op == "step":
+        return forward + [lambda state: state[1][0].backward(state[0]["dy"]), lambda _: _optimizer_step(runner)]
     if not with_backward:
         return forward
     return forward + [lambda state: cases.backward(op, runner, *state)]
 
 
+def _resident_bytes(runner):
+    """What a training step keeps between steps: the module's parameters and the optimizer state."""
+    tensors = {id(p): p for p in runner.fn.parameters()}
+    for optimizer in runner.optimizers:
+        for state in optimizer.state.values():
+            tensors.update({id(t): t for t in state.values() if isinstance(t, torch.Tensor)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def measure_modes(device, op, runner, workload, modes, warm):
     """{mode: (times in ms, peak bytes)} from one series of iterations: forward and backward are
-    timed in the same training-step iterations, forward+backward is their sum per iteration.
+    timed in the same training-step iterations, forward+backward is their sum per iteration; a
+    step's time is its forward, backward and optimizer step, its peak what the iteration allocates
+    on top of the parameters and the optimizer state, which it includes.
     warm: the check already ran this runner at these shapes (timing.measure)."""
     with_backward = any(mode != "forward" for mode in modes)
     phases = _phases(op, runner, workload.shape, with_backward)
     items = [workload.inputs(i) for i in range(len(workload.sets))]
     series = timing.measure(device, items, phases, warm)
     peaks = timing.peak_memory_bytes(device, phases, items[0])
+    if op == "step":
+        return {"step": ([sum(parts) for parts in zip(*series)], max(peaks) + _resident_bytes(runner))}
     measured = {"forward": (series[0], peaks[0])}
     if with_backward:
         measured["backward"] = (series[1], peaks[1])
@@ -204,8 +226,9 @@ def run(preset, preset_name, device, ops, modes, names, left_out, on_result, log
                 skip(shape, op, "*", None, _first_line(error))
                 _free_memory(device)
                 continue
+            op_modes = cases.modes_of(op, modes)
             for name in names:
-                if not providers.supports(name, op):
+                if not providers.supports(name, op) or not op_modes:
                     continue
                 try:
                     runner = providers.build(name, op, workload)
@@ -215,12 +238,18 @@ def run(preset, preset_name, device, ops, modes, names, left_out, on_result, log
                     _free_memory(device)
                     continue
                 started = time.perf_counter()
-                verdicts = _verdicts(checker, name, runner, any(m != "forward" for m in modes), shape)
+                # a step is checked on its forward (its gradients are the layer op's, checked there)
+                graded = op != "step" and any(m != "forward" for m in op_modes)
+                verdicts = _verdicts(checker, name, runner, graded, shape)
                 _free_memory(device)
-                good = [mode for mode in modes if verdicts[mode != "forward"][2] is None]
-                for mode in modes:
+
+                def verdict(mode):
+                    return verdicts[graded and mode != "forward"]
+
+                good = [mode for mode in op_modes if verdict(mode)[2] is None]
+                for mode in op_modes:
                     if mode not in good:
-                        skip(shape, op, name, mode, verdicts[mode != "forward"][2])
+                        skip(shape, op, name, mode, verdict(mode)[2])
                 try:
                     warm = checker.data is workload
                     measured = measure_modes(device, op, runner, workload, good, warm) if good else {}
@@ -231,7 +260,7 @@ def run(preset, preset_name, device, ops, modes, names, left_out, on_result, log
                     _free_memory(device)
                 seconds = time.perf_counter() - started
                 for mode, (times, peak) in measured.items():
-                    error, checked_dtype, _ = verdicts[mode != "forward"]
+                    error, checked_dtype, _ = verdict(mode)
                     rows.append(make_row(op, mode, shape, name, times, peak, error, checked_dtype, meta["copy_gbps"]))
                     passed = "" if checked_dtype == shape.dtype else f" (passed in {checked_dtype})"
                     log(f"  {op:9s} {mode:16s} {name:14s} {rows[-1]['median_ms']:10.3f} ms  err {error:.1e}{passed}"

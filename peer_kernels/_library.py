@@ -24,3 +24,22 @@ def autocast_off(like):
     """A context in which an op computes in the dtypes it documents: torch.autocast, which would
     run its matmuls in 16 bits, is switched off on `like`'s device."""
     return torch.autocast(like.device.type, enabled=False)
+
+
+def table_gradients(rows, sparse, grads, tables):
+    """The gradients autograd gets for the tables from what a backward op returned: dense as they
+    are, or, with `sparse`, coalesced sparse COO tensors of the touched rows (rows (U,) int64
+    ascending and unique, each grad their values (U, d)): the nn.Embedding(sparse=True) layout."""
+    if not sparse:
+        return list(grads)
+    return [torch.sparse_coo_tensor(rows[None], values, tuple(t.shape), is_coalesced=True, check_invariants=False)
+            for values, t in zip(grads, tables)]
+
+
+def fake_table_grads(sparse, *tables):
+    """Fake table gradients and their rows, as the backward ops return them: dense (each like its
+    table, rows empty) or sparse (values (U, d) per table and rows (U,), U depending on the data)."""
+    if not sparse:
+        return (*(empty(t.shape, t) for t in tables), empty((0,), tables[0], torch.int64))
+    count = torch.library.get_ctx().new_dynamic_size()
+    return (*(empty((count, t.shape[1]), t) for t in tables), empty((count,), tables[0], torch.int64))

@@ -233,78 +233,85 @@ _retrieve_op.register_autograd(_retrieve_backward, setup_context=_retrieve_setup
 
 @_library.custom_op("cpp_experts")
 def _experts_op(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
-                w_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+                w_up: torch.Tensor, activation: str, sparse_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, z), z = w_down[e] . x (T, h, k) in the compute dtype, saved for the backward."""
     y, z = _call("experts_forward", x, expert_ids, gates, w_down, w_up, activation)
     return y, z
 
 
 @_experts_op.register_fake
-def _(x, expert_ids, gates, w_down, w_up, activation):
-    return _library.empty(x.shape, x), _library.empty(expert_ids.shape, x, _checks.compute_dtype(x.dtype))
+def _(x, expert_ids, gates, w_down, w_up, activation, sparse_grad):
+    return (_library.empty((x.shape[0], w_up.shape[1]), x),
+            _library.empty(expert_ids.shape, x, _checks.compute_dtype(x.dtype)))
 
 
 @_library.custom_op("cpp_experts_backward")
 def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                         z: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, activation: str
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dgates, dw_down, dw_up); dw_* dense, in the tables' dtype."""
-    dx, dgates, dw_down, dw_up, _ = _call("experts_backward", dy, x, expert_ids, gates, z, w_down, w_up, activation,
-                                          False)
-    return dx, dgates, dw_down, dw_up
+                         z: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, activation: str, sparse_grad: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dgates, dw_down, dw_up, rows): dense table gradients and no rows, or the touched rows and
+    their values."""
+    dx, dgates, dw_down, dw_up, rows = _call("experts_backward", dy, x, expert_ids, gates, z, w_down, w_up,
+                                             activation, sparse_grad)
+    return dx, dgates, dw_down, dw_up, rows
 
 
 @_experts_backward_op.register_fake
-def _(dy, x, expert_ids, gates, z, w_down, w_up, activation):
-    return (_library.empty(x.shape, x), _library.empty(gates.shape, gates), _library.empty(w_down.shape, w_down),
-            _library.empty(w_up.shape, w_up))
+def _(dy, x, expert_ids, gates, z, w_down, w_up, activation, sparse_grad):
+    return (_library.empty(x.shape, x), _library.empty(gates.shape, gates),
+            *_library.fake_table_grads(sparse_grad, w_down, w_up))
 
 
 def _experts_setup(ctx, inputs, output):
-    x, expert_ids, gates, w_down, w_up, activation = inputs
+    x, expert_ids, gates, w_down, w_up, activation, sparse_grad = inputs
     ctx.save_for_backward(x, expert_ids, gates, output[1], w_down, w_up)
-    ctx.activation = activation
+    ctx.options = (activation, sparse_grad)
     ctx.mark_non_differentiable(output[1])
 
 
 def _experts_backward(ctx, dy, _):
-    dx, dgates, dw_down, dw_up = _experts_backward_op(dy, *ctx.saved_tensors, ctx.activation)
-    return dx, None, dgates, dw_down, dw_up, None
+    x, expert_ids, gates, z, w_down, w_up = ctx.saved_tensors
+    dx, dgates, dw_down, dw_up, rows = _experts_backward_op(dy, *ctx.saved_tensors, *ctx.options)
+    dw_down, dw_up = _library.table_gradients(rows, ctx.options[1], (dw_down, dw_up), (w_down, w_up))
+    return dx, None, dgates, dw_down, dw_up, None, None
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 
 @_library.custom_op("cpp_down")
-def _down_op(x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+def _down_op(x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor, sparse_grad: bool) -> torch.Tensor:
     """z = w_down[e] . x (T, h, k) in the compute dtype."""
     return _call("down_forward", x, expert_ids, w_down)
 
 
 @_down_op.register_fake
-def _(x, expert_ids, w_down):
+def _(x, expert_ids, w_down, sparse_grad):
     return _library.empty(expert_ids.shape, x, _checks.compute_dtype(x.dtype))
 
 
 @_library.custom_op("cpp_down_backward")
-def _down_backward_op(dz: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor,
-                      w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, dw_down, _ = _call("down_backward", dz, x, expert_ids, w_down, False)
-    return dx, dw_down
+def _down_backward_op(dz: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor,
+                      sparse_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw_down, rows = _call("down_backward", dz, x, expert_ids, w_down, sparse_grad)
+    return dx, dw_down, rows
 
 
 @_down_backward_op.register_fake
-def _(dz, x, expert_ids, w_down):
-    return _library.empty(x.shape, x), _library.empty(w_down.shape, w_down)
+def _(dz, x, expert_ids, w_down, sparse_grad):
+    return (_library.empty(x.shape, x), *_library.fake_table_grads(sparse_grad, w_down))
 
 
 def _down_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, expert_ids, w_down, sparse_grad = inputs
+    ctx.save_for_backward(x, expert_ids, w_down)
+    ctx.sparse_grad = sparse_grad
 
 
 def _down_backward(ctx, dz):
-    dx, dw_down = _down_backward_op(dz, *ctx.saved_tensors)
-    return dx, None, dw_down
+    x, expert_ids, w_down = ctx.saved_tensors
+    dx, dw_down, rows = _down_backward_op(dz, x, expert_ids, w_down, ctx.sparse_grad)
+    return dx, None, *_library.table_gradients(rows, ctx.sparse_grad, (dw_down,), (w_down,)), None
 
 
 _down_op.register_autograd(_down_backward, setup_context=_down_setup)
@@ -312,37 +319,40 @@ _down_op.register_autograd(_down_backward, setup_context=_down_setup)
 
 @_library.custom_op("cpp_mix")
 def _mix_op(z: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_up: torch.Tensor,
-            activation: str) -> torch.Tensor:
+            activation: str, sparse_grad: bool) -> torch.Tensor:
     """y = sum g act(z) w_up[e] (T, d_out) in z's dtype."""
     return _call("mix_forward", z, expert_ids, gates, w_up, activation)
 
 
 @_mix_op.register_fake
-def _(z, expert_ids, gates, w_up, activation):
+def _(z, expert_ids, gates, w_up, activation, sparse_grad):
     return _library.empty((z.shape[0], w_up.shape[1]), z)
 
 
 @_library.custom_op("cpp_mix_backward")
 def _mix_backward_op(dy: torch.Tensor, z: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                     w_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dz, dgates, dw_up, _ = _call("mix_backward", dy, z, expert_ids, gates, w_up, activation, False)
-    return dz, dgates, dw_up
+                     w_up: torch.Tensor, activation: str, sparse_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dz, dgates, dw_up, rows = _call("mix_backward", dy, z, expert_ids, gates, w_up, activation, sparse_grad)
+    return dz, dgates, dw_up, rows
 
 
 @_mix_backward_op.register_fake
-def _(dy, z, expert_ids, gates, w_up, activation):
-    return _library.empty(z.shape, z), _library.empty(gates.shape, gates), _library.empty(w_up.shape, w_up)
+def _(dy, z, expert_ids, gates, w_up, activation, sparse_grad):
+    return (_library.empty(z.shape, z), _library.empty(gates.shape, gates),
+            *_library.fake_table_grads(sparse_grad, w_up))
 
 
 def _mix_setup(ctx, inputs, output):
-    z, expert_ids, gates, w_up, activation = inputs
+    z, expert_ids, gates, w_up, activation, sparse_grad = inputs
     ctx.save_for_backward(z, expert_ids, gates, w_up)
-    ctx.activation = activation
+    ctx.options = (activation, sparse_grad)
 
 
 def _mix_backward(ctx, dy):
-    dz, dgates, dw_up = _mix_backward_op(dy, *ctx.saved_tensors, ctx.activation)
-    return dz, None, dgates, dw_up, None
+    z, expert_ids, gates, w_up = ctx.saved_tensors
+    dz, dgates, dw_up, rows = _mix_backward_op(dy, *ctx.saved_tensors, *ctx.options)
+    return dz, None, dgates, *_library.table_gradients(rows, ctx.options[1], (dw_up,), (w_up,)), None, None
 
 
 _mix_op.register_autograd(_mix_backward, setup_context=_mix_setup)
@@ -350,8 +360,8 @@ _mix_op.register_autograd(_mix_backward, setup_context=_mix_setup)
 
 @_library.custom_op("cpp_fused")
 def _fused_op(x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, w_down: torch.Tensor,
-              w_up: torch.Tensor, k: int, k_sub: int, gating: str, activation: str, id_head_offset: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              w_up: torch.Tensor, k: int, k_sub: int, gating: str, activation: str, id_head_offset: int,
+              sparse_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Retrieval -> gating -> experts, each stage a C++ call: (y, scores, ids, gates, z); only
     (T, h, k) tensors pass between the stages. ids are product-key ids a*n + b; head h reads table
     rows ids + h * id_head_offset (separate embeddings per head)."""
@@ -362,7 +372,7 @@ def _fused_op(x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, w_down
 
 
 @_fused_op.register_fake
-def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
+def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, sparse_grad):
     shape = (x.shape[0], queries.shape[1], k)
     acc = _checks.compute_dtype(queries.dtype)
     return (_library.empty(x.shape, x), _library.empty(shape, x, acc), _library.empty(shape, x, torch.int64),
@@ -372,32 +382,36 @@ def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offs
 @_library.custom_op("cpp_fused_backward")
 def _fused_backward_op(dy: torch.Tensor, x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
                        w_down: torch.Tensor, w_up: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
-                       gates: torch.Tensor, z: torch.Tensor, gating: str, activation: str, id_head_offset: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dqueries, dkeys, dw_down, dw_up)."""
-    dx, dgates, dw_down, dw_up, _ = _call("experts_backward", dy, x, _table_rows(ids, id_head_offset), gates, z,
-                                          w_down, w_up, activation, False)
+                       gates: torch.Tensor, z: torch.Tensor, gating: str, activation: str, id_head_offset: int,
+                       sparse_grad: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dqueries, dkeys, dw_down, dw_up, rows), the table gradients as cpp_experts_backward's."""
+    dx, dgates, dw_down, dw_up, rows = _call("experts_backward", dy, x, _table_rows(ids, id_head_offset), gates, z,
+                                             w_down, w_up, activation, sparse_grad)
     dscores = _call("gates_backward", scores, gates, dgates, gating)
     dqueries, dkeys = _call("retrieval_backward", dscores, queries, keys, ids)
-    return dx, dqueries, dkeys, dw_down, dw_up
+    return dx, dqueries, dkeys, dw_down, dw_up, rows
 
 
 @_fused_backward_op.register_fake
-def _(dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, gating, activation, id_head_offset):
-    return tuple(_library.empty(t.shape, t) for t in (x, queries, keys, w_down, w_up))
+def _(dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, gating, activation, id_head_offset, sparse_grad):
+    return (*(_library.empty(t.shape, t) for t in (x, queries, keys)),
+            *_library.fake_table_grads(sparse_grad, w_down, w_up))
 
 
 def _fused_setup(ctx, inputs, output):
-    x, queries, keys, w_down, w_up, _, _, gating, activation, id_head_offset = inputs
+    x, queries, keys, w_down, w_up, _, _, gating, activation, id_head_offset, sparse_grad = inputs
     _, scores, ids, gates, z = output
     ctx.save_for_backward(x, queries, keys, w_down, w_up, scores, ids, gates, z)
-    ctx.options = (gating, activation, id_head_offset)
+    ctx.options = (gating, activation, id_head_offset, sparse_grad)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _fused_backward(ctx, dy, *_):
-    dx, dqueries, dkeys, dw_down, dw_up = _fused_backward_op(dy, *ctx.saved_tensors, *ctx.options)
-    return dx, dqueries, dkeys, dw_down, dw_up, None, None, None, None, None
+    w_down, w_up = ctx.saved_tensors[3:5]
+    dx, dqueries, dkeys, dw_down, dw_up, rows = _fused_backward_op(dy, *ctx.saved_tensors, *ctx.options)
+    dw_down, dw_up = _library.table_gradients(rows, ctx.options[-1], (dw_down, dw_up), (w_down, w_up))
+    return dx, dqueries, dkeys, dw_down, dw_up, None, None, None, None, None, None
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -418,37 +432,38 @@ def product_key_topk(queries, keys, k, k_sub=None):
     return _retrieve_op(queries, keys, k, k_sub)
 
 
-def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu"):
+def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", sparse_grad=False):
     """See `peer_kernels.reference.peer_experts`."""
     _checks.check_experts(x, expert_ids, gates, w_down, w_up, activation)
     if not built(x.device.type):
-        return reference.peer_experts(x, expert_ids, gates, w_down, w_up, activation)
-    return _experts_op(x, expert_ids, gates, w_down, w_up, activation)[0]
+        return reference.peer_experts(x, expert_ids, gates, w_down, w_up, activation, sparse_grad)
+    return _experts_op(x, expert_ids, gates, w_down, w_up, activation, bool(sparse_grad))[0]
 
 
-def peer_down(x, expert_ids, w_down):
+def peer_down(x, expert_ids, w_down, sparse_grad=False):
     """See `peer_kernels.reference.peer_down`."""
     _checks.check_down(x, expert_ids, w_down)
     if not built(x.device.type):
-        return reference.peer_down(x, expert_ids, w_down)
-    return _down_op(x, expert_ids, w_down)
+        return reference.peer_down(x, expert_ids, w_down, sparse_grad)
+    return _down_op(x, expert_ids, w_down, bool(sparse_grad))
 
 
-def peer_mix(z, expert_ids, gates, w_up, activation="gelu"):
+def peer_mix(z, expert_ids, gates, w_up, activation="gelu", sparse_grad=False):
     """See `peer_kernels.reference.peer_mix`."""
     _checks.check_mix(z, expert_ids, gates, w_up, activation)
     if not built(z.device.type):
-        return reference.peer_mix(z, expert_ids, gates, w_up, activation)
-    return _mix_op(z, expert_ids, gates, w_up, activation)
+        return reference.peer_mix(z, expert_ids, gates, w_up, activation, sparse_grad)
+    return _mix_op(z, expert_ids, gates, w_up, activation, bool(sparse_grad))
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False):
+               separate_embed_per_head=False, sparse_grad=False):
     """See `peer_kernels.reference.peer_fused`."""
     k_sub = _checks.check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation,
                                 separate_embed_per_head)
     if not built(x.device.type):
         return reference.peer_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation,
-                                    separate_embed_per_head)
+                                    separate_embed_per_head, sparse_grad)
     id_head_offset = keys.shape[1] ** 2 if separate_embed_per_head else 0
-    return _fused_op(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset)[0]
+    return _fused_op(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
+                     bool(sparse_grad))[0]

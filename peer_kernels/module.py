@@ -71,6 +71,10 @@ class PEER(nn.Module):
     updates the running statistics twice. query_norm="layernorm" (per token, per head and half)
     or None has none of these.
 
+    sparse_grad=True: the tables' gradients are coalesced sparse COO tensors of the rows the batch
+    touched (the nn.Embedding(sparse=True) contract), for torch.optim.SparseAdam / SGD / Adagrad
+    or peer_kernels.optim.SparseAdamW / RowwiseAdagrad.
+
     Dtypes: the parameters may be float32 while activations are bf16/fp16 (mixed precision). The
     layer computes in the autocast dtype under torch.autocast, else in x's dtype: the query path
     (projection, norm, sub-key scores) runs in that dtype (outside autocast, the projection in the
@@ -82,7 +86,7 @@ class PEER(nn.Module):
     def __init__(self, dim, *, heads=8, num_experts=1024 ** 2, num_experts_per_head=16, dim_key=128,
                  product_key_topk=None, activation="gelu", gating="softmax", query_norm="batchnorm",
                  pre_rmsnorm=False, shared_keys=False, separate_embed_per_head=False, dropout=0.0,
-                 backend="auto", device=None, dtype=None):
+                 sparse_grad=False, backend="auto", device=None, dtype=None):
         super().__init__()
         n, k_sub = check_config(
             dim=dim, heads=heads, num_experts=num_experts, num_experts_per_head=num_experts_per_head,
@@ -94,6 +98,8 @@ class PEER(nn.Module):
         self.activation, self.gating, self.query_norm_kind = activation, gating, query_norm
         self.pre_rmsnorm, self.shared_keys = pre_rmsnorm, shared_keys
         self.separate_embed_per_head, self.dropout, self.backend = separate_embed_per_head, dropout, backend
+        self.sparse_grad = bool(sparse_grad)
+        self._sparse_grad_hooks = {}
 
         self.norm = RMSNorm(dim, **factory) if pre_rmsnorm else nn.Identity()
         self.to_queries = nn.Linear(dim, heads * 2 * dim_key, bias=False, **factory)
@@ -130,7 +136,7 @@ class PEER(nn.Module):
                 f"num_experts_per_head={self.num_experts_per_head}, product_key_topk={self.product_key_topk}, "
                 f"dim_key={self.dim_key}, activation={self.activation!r}, gating={self.gating!r}, "
                 f"shared_keys={self.shared_keys}, separate_embed_per_head={self.separate_embed_per_head}, "
-                f"dropout={self.dropout}, backend={self.backend!r}")
+                f"dropout={self.dropout}, sparse_grad={self.sparse_grad}, backend={self.backend!r}")
 
     def queries(self, x):
         """x (T, dim) -> queries (T, heads, 2, dim_key), a view of the (half, head, dk) projection."""
@@ -150,8 +156,20 @@ class PEER(nn.Module):
             raise ValueError("PEER: the parameters are on the meta device (not allocated); call "
                              "layer.to_empty(device=...) and then layer.reset_parameters() first")
 
+    def _flag_fresh_sparse_grads(self):
+        """Table gradients with sparse_grad come out of the backward coalesced (unique, sorted rows),
+        but torch's gradient accumulation drops that flag when it stores a fresh sparse gradient in
+        .grad. Each table whose .grad is unset now gets a post-accumulate hook that puts the flag back
+        on the first gradient stored (no copy); sums of later micro-batches stay as torch makes them."""
+        for table in (self.w_down, self.w_up):
+            if id(table) not in self._sparse_grad_hooks:
+                self._sparse_grad_hooks[id(table)] = table.register_post_accumulate_grad_hook(_flag_coalesced)
+            table._peer_fresh_grad = table.grad is None
+
     def forward(self, x):
         self._check_input(x)
+        if self.sparse_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._flag_fresh_sparse_grads()
         autocast = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         if x.numel() == 0:
@@ -176,10 +194,11 @@ class PEER(nn.Module):
             if self.separate_embed_per_head:
                 expert_ids = reference.head_offsets(expert_ids, self.num_experts)
             gates = F.dropout(reference.gate(scores, self.gating), self.dropout, training=True)
-            y = ops.peer_experts(tokens, expert_ids, gates, self.w_down, self.w_up, self.activation)
+            y = ops.peer_experts(tokens, expert_ids, gates, self.w_down, self.w_up, self.activation,
+                                 sparse_grad=self.sparse_grad)
         else:
             y = ops.peer_fused(tokens, queries, keys, self.w_down, self.w_up, k, k_sub, self.gating,
-                               self.activation, self.separate_embed_per_head)
+                               self.activation, self.separate_embed_per_head, sparse_grad=self.sparse_grad)
         return y.reshape(x.shape)
 
     # ---- peer-pytorch interop -------------------------------------------------------------------
@@ -232,6 +251,15 @@ class PEER(nn.Module):
         ours = self.state_dict()
         other.load_state_dict({theirs: ours[mine] for mine, theirs in _PEER_PYTORCH_KEYS.items() if mine in ours})
         return other
+
+
+def _flag_coalesced(table):
+    """PEER._flag_fresh_sparse_grads's hook: the first gradient stored is the backward's own."""
+    grad = table.grad
+    if getattr(table, "_peer_fresh_grad", False) and grad is not None and grad.is_sparse and not grad.is_coalesced():
+        table.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                             check_invariants=False)
+    table._peer_fresh_grad = False
 
 
 def _activation_name(activation):

@@ -88,32 +88,57 @@ def product_key_topk(queries, keys, k, k_sub=None):
     return scores, candidate_ids.gather(-1, pick)
 
 
-def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu"):
+class _SparseRows(torch.autograd.Function):
+    """table[ids], whose gradient is a coalesced sparse COO tensor of the rows in ids (the
+    nn.Embedding(sparse=True) layout, coalesced): the tables' gradients with sparse_grad=True."""
+
+    @staticmethod
+    def forward(ctx, table, ids):
+        ctx.save_for_backward(ids)
+        ctx.shape = table.shape
+        return table[ids]
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, = ctx.saved_tensors
+        rows = torch.sparse_coo_tensor(ids.reshape(1, -1), grad.reshape(-1, grad.shape[-1]), ctx.shape)
+        return rows.coalesce(), None
+
+
+def _rows(table, expert_ids, dtype, sparse_grad):
+    """The (T, h, k, d) rows the fused kernels never build, in the compute dtype."""
+    ids = expert_ids.long()
+    return (_SparseRows.apply(table, ids) if sparse_grad else table[ids]).to(dtype)
+
+
+def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", sparse_grad=False):
     """Single-neuron expert mixing: y[t] = sum_{h,j} gates[t,h,j] * act(u_e . x[t]) * v_e.
 
     x (T, d_in), expert_ids (T, h, k) indexing rows of w_down (E, d_in) and w_up (E, d_out), gates
     (T, h, k). Returns y (T, d_out) in x's dtype. d_in != d_out with activation="identity" gives
-    retrieved rank-1 adapters (peer_kernels.compat.PEERLora).
+    retrieved rank-1 adapters (peer_kernels.compat.PEERLora). sparse_grad=True: the tables'
+    gradients are coalesced sparse COO tensors of the rows in expert_ids.
     """
     check_experts(x, expert_ids, gates, w_down, w_up, activation)
-    return peer_mix(peer_down(x, expert_ids, w_down), expert_ids, gates, w_up, activation).to(x.dtype)
+    z = peer_down(x, expert_ids, w_down, sparse_grad)
+    return peer_mix(z, expert_ids, gates, w_up, activation, sparse_grad).to(x.dtype)
 
 
-def peer_down(x, expert_ids, w_down):
+def peer_down(x, expert_ids, w_down, sparse_grad=False):
     """The experts' down projections z[t,h,j] = u_e . x[t]: x (T, d), expert_ids (T, h, k),
     w_down (E, d) -> z (T, h, k) in the compute dtype. With peer_mix, the expert stage split where a
     column-sharded table needs a sum of z over its shards (peer_kernels.distributed)."""
     check_down(x, expert_ids, w_down)
-    down_rows = w_down[expert_ids.long()].to(compute_dtype(x.dtype))  # (T, h, k, d): never built by the kernels
+    down_rows = _rows(w_down, expert_ids, compute_dtype(x.dtype), sparse_grad)
     with autocast_off(x):
         return torch.einsum("thkd,td->thk", down_rows, x.to(down_rows.dtype))
 
 
-def peer_mix(z, expert_ids, gates, w_up, activation="gelu"):
+def peer_mix(z, expert_ids, gates, w_up, activation="gelu", sparse_grad=False):
     """y[t] = sum_{h,j} gates[t,h,j] * act(z[t,h,j]) * v_e: z, expert_ids, gates (T, h, k), w_up
     (E, d_out) -> y (T, d_out) in z's dtype (the compute dtype)."""
     check_mix(z, expert_ids, gates, w_up, activation)
-    up_rows = w_up[expert_ids.long()].to(z.dtype)
+    up_rows = _rows(w_up, expert_ids, z.dtype, sparse_grad)
     with autocast_off(z):
         return torch.einsum("thk,thkd->td", gates.to(z.dtype) * activate(z, activation), up_rows)
 
@@ -126,17 +151,17 @@ def head_offsets(expert_ids, num_experts):
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False):
+               separate_embed_per_head=False, sparse_grad=False):
     """Everything after the query projection: retrieval, gating and expert mixing.
 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) with S = h
-    when separate_embed_per_head else 1. Returns y (T, d).
+    when separate_embed_per_head else 1. Returns y (T, d). sparse_grad as in peer_experts.
     """
     k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head)
     scores, expert_ids = product_key_topk(queries, keys, k, k_sub)
     if separate_embed_per_head:
         expert_ids = head_offsets(expert_ids, keys.shape[1] ** 2)
-    return peer_experts(x, expert_ids, gate(scores, gating), w_down, w_up, activation)
+    return peer_experts(x, expert_ids, gate(scores, gating), w_down, w_up, activation, sparse_grad)
 
 
 def routing_margin(queries, keys, k, k_sub=None):

@@ -240,3 +240,93 @@ def test_down_and_mix_are_the_expert_stage_in_two(ops, dtype):
     assert y.shape == (7, 6) and y.dtype == z.dtype
     bounds.check_all({n: t.cpu() for n, t in dict(y=y, dz=dz_out, dgates=dgates, dw_up=dw_up).items()},
                      bounds.mix(z64, ids, gates.double(), w_up.double(), dy.double(), "silu"))
+
+
+# ---- sparse table gradients -------------------------------------------------------------------------
+
+def _touched(ids, rows):
+    return torch.unique(ids.reshape(-1) % rows)
+
+
+def _touched_rows_of(grad):
+    """The rows of a sparse table gradient, checked unique and ascending: the backward produces it
+    coalesced (torch's gradient accumulation may drop the flag when it stores it in .grad; PEER
+    with sparse_grad=True puts it back, tests/test_module.py)."""
+    assert grad.is_sparse
+    rows = grad._indices()[0].cpu()
+    assert (rows.diff() > 0).all()
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_sparse_table_gradients_of_the_expert_op(ops, dtype):
+    """Coalesced sparse COO gradients holding exactly the touched rows (duplicates across heads and
+    tokens summed), equal to the oracle's dense gradients there."""
+    ops, device = ops
+    x, ids, gates, w_down, w_up = _expert_inputs(dtype=dtype)
+    dy = torch.randn(7, 6, dtype=dtype)
+    leaves = [t.to(device).requires_grad_() for t in (x, gates, w_down, w_up)]
+    y = ops.peer_experts(leaves[0], ids.to(device), leaves[1], leaves[2], leaves[3], "gelu", sparse_grad=True)
+    y.backward(dy.to(device))
+    expected = bounds.experts(x.double(), ids, gates.double(), w_down.double(), w_up.double(), dy.double(), "gelu")
+    touched = _touched(ids, w_down.shape[0])
+    for name, table in (("dw_down", leaves[2]), ("dw_up", leaves[3])):
+        grad = table.grad
+        assert grad.shape == table.shape and grad.dtype == dtype
+        assert torch.equal(_touched_rows_of(grad), touched)
+        exact, magnitude = expected[name]
+        bounds.check(name, grad._values().cpu(), exact[touched], magnitude[touched])
+    for name, leaf in (("dx", leaves[0]), ("dgates", leaves[1])):
+        bounds.check(name, leaf.grad.cpu(), *expected[name])
+
+
+def test_sparse_gradients_of_the_fused_op_with_separate_embeddings(ops):
+    """Head h owns rows [h*n*n, (h+1)*n*n): the touched rows are the ids offset per head."""
+    ops, device = ops
+    T, h, n, dk, d, k = 9, 3, 4, 5, 8, 3
+    inputs = [torch.randn(T, d, dtype=torch.float64), torch.randn(T, h, 2, dk, dtype=torch.float64),
+              torch.randn(1, n, 2, dk, dtype=torch.float64), torch.randn(h * n * n, d, dtype=torch.float64),
+              torch.randn(h * n * n, d, dtype=torch.float64)]
+    leaves = [t.to(device).requires_grad_() for t in inputs]
+    ops.peer_fused(*leaves, k, k, separate_embed_per_head=True, sparse_grad=True).sum().backward()
+    dense = [t.detach().clone().requires_grad_() for t in inputs]
+    reference.peer_fused(*dense, k, k, separate_embed_per_head=True).sum().backward()
+    _, ids = reference.product_key_topk(inputs[1], inputs[2], k, k)
+    touched = torch.unique(reference.head_offsets(ids, n * n))
+    for sparse, full in zip(leaves[3:], dense[3:]):
+        assert torch.equal(_touched_rows_of(sparse.grad), touched)
+        torch.testing.assert_close(sparse.grad.to_dense().cpu(), full.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_sparse_gradients_accumulate_over_micro_batches(ops):
+    """Two backward passes add sparse to sparse; coalesced, the sum is the dense sum."""
+    ops, device = ops
+    first, second = _expert_inputs(), _expert_inputs()
+    w_down = first[3].to(device).requires_grad_()
+    w_up = first[4].to(device).requires_grad_()
+    for x, ids, gates, _, _ in (first, second):
+        ops.peer_experts(x.to(device), ids.to(device), gates.to(device), w_down, w_up, sparse_grad=True).sum().backward()
+    dense_down, dense_up = first[3].detach().clone().requires_grad_(), first[4].detach().clone().requires_grad_()
+    for x, ids, gates, _, _ in (first, second):
+        reference.peer_experts(x, ids, gates, dense_down, dense_up).sum().backward()
+    for sparse, dense in ((w_down, dense_down), (w_up, dense_up)):
+        assert sparse.grad.is_sparse
+        torch.testing.assert_close(sparse.grad.coalesce().to_dense().cpu(), dense.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_adam_on_sparse_gradients_is_lazy_adam(ops):
+    """torch.optim.SparseAdam takes the sparse gradients as they are and updates only the touched
+    rows, by the Adam formulas (a hand transcription here)."""
+    ops, device = ops
+    x, ids, gates, w_down, w_up = _expert_inputs(dtype=torch.float64)
+    table = w_up.to(device).requires_grad_()
+    optimizer = torch.optim.SparseAdam([table], lr=0.1, betas=(0.9, 0.99), eps=1e-8)
+    ops.peer_experts(x.to(device), ids.to(device), gates.to(device), w_down.to(device), table, sparse_grad=True).sum().backward()
+    grad = table.grad.coalesce().to_dense().cpu()
+    before = table.detach().cpu().clone()
+    optimizer.step()
+    rows = _touched(ids, w_up.shape[0])
+    m, v = 0.1 * grad[rows], 0.01 * grad[rows] ** 2       # one step: (1 - beta) g, (1 - beta2) g**2
+    expected = before.clone()
+    expected[rows] -= 0.1 * 0.01 ** 0.5 / 0.1 * m / (v.sqrt() + 1e-8)   # lr sqrt(1 - b2) / (1 - b1)
+    torch.testing.assert_close(table.detach().cpu(), expected, rtol=1e-12, atol=1e-12)

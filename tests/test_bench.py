@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROVIDERS = ["reference", "csrc", "embedding_bag", "peer-pytorch"]
+PROVIDERS = ["reference", "csrc", "embedding_bag", "peer-pytorch", "adamw", "sparse-adamw", "rowwise-adagrad",
+             "torch-sparse-adam"]
+STEP_PROVIDERS = ["peer-pytorch", "adamw", "sparse-adamw", "rowwise-adagrad", "torch-sparse-adam"]
 
 
 def _bench(*args, cwd=ROOT):
@@ -39,6 +41,12 @@ def test_every_provider_is_checked_and_timed(smoke_run):
         for op in ops:
             modes = {r["mode"] for r in rows if r["provider"] == provider and r["op"] == op}
             assert modes == {"forward", "backward", "forward+backward"}, (provider, op)
+    steps = {r["provider"]: r for r in rows if r["op"] == "step"}
+    assert set(steps) == set(STEP_PROVIDERS) and all(r["mode"] == "step" for r in steps.values())
+    # the step's peak holds the parameters and the optimizer state: AdamW's two moments per value
+    # make it the largest, row-wise Adagrad's one float per row the smallest of this package's
+    assert steps["rowwise-adagrad"]["peak_bytes"] < steps["sparse-adamw"]["peak_bytes"]
+    assert steps["rowwise-adagrad"]["peak_bytes"] < steps["adamw"]["peak_bytes"]
     for row in rows:
         assert row["median_ms"] > 0 and len(row["times_ms"]) == row["reps"] >= 1
         assert row["error"] < 1e-3, row  # fp32 against the reference

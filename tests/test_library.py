@@ -54,28 +54,27 @@ def test_triton_ops(dtype):
     torch.library.opcheck(retrieval._retrieve_backward_op,
                           detached(dscores, None, queries, keys, ids, scores, gates, "none", 0))
     ids_t = ids.transpose(1, 2).contiguous().transpose(1, 2)
-    for deterministic in (True, False):
+    for deterministic, sparse in ((True, False), (False, False), (True, True)):
         gates_s = strided_gates(ids, dtype, DEVICE)
-        torch.library.opcheck(experts.experts_forward, (x, ids_t, gates_s, w_down, w_up, "silu", deterministic))
-        _, z = experts.experts_forward(x, ids, gates_s, w_down, w_up, "silu", deterministic)
+        torch.library.opcheck(experts.experts_forward, (x, ids_t, gates_s, w_down, w_up, "silu", deterministic, sparse))
+        _, z = experts.experts_forward(x, ids, gates_s, w_down, w_up, "silu", deterministic, sparse)
         torch.library.opcheck(experts.experts_backward,
                               detached(dy, x, ids_t, gates_s, column_major(z.reshape(T, -1)).view(z.shape), w_down,
-                                       w_up, "silu", deterministic))
-    for deterministic in (True, False):
-        torch.library.opcheck(experts.down_forward, (x, ids_t, w_down, deterministic))
-        z = experts.down_forward(x, ids, w_down, deterministic)
+                                       w_up, "silu", deterministic, sparse))
+        torch.library.opcheck(experts.down_forward, (x, ids_t, w_down, deterministic, sparse))
+        z = experts.down_forward(x, ids, w_down, deterministic, sparse)
         dz = column_major(torch.randn(T, H * K, dtype=z.dtype, device=DEVICE)).view(T, H, K)
-        torch.library.opcheck(experts.down_backward, detached(dz, x, ids_t, w_down, deterministic))
-        gates_s = strided_gates(ids, dtype, DEVICE)
+        torch.library.opcheck(experts.down_backward, detached(dz, x, ids_t, w_down, deterministic, sparse))
         torch.library.opcheck(experts.mix_forward, (z.detach().requires_grad_(), ids_t, gates_s, w_up, "relu",
-                                                    deterministic))
-        torch.library.opcheck(experts.mix_backward, detached(dy, z, ids_t, gates_s, w_up, "relu", deterministic))
-    for one_pass in (True, False):
-        args = (x, queries, keys, w_down, w_up, K, K_SUB, "sigmoid", "gelu", 0, one_pass, True)
+                                                    deterministic, sparse))
+        torch.library.opcheck(experts.mix_backward, detached(dy, z, ids_t, gates_s, w_up, "relu", deterministic,
+                                                             sparse))
+    for one_pass, sparse in ((True, False), (False, False), (True, True)):
+        args = (x, queries, keys, w_down, w_up, K, K_SUB, "sigmoid", "gelu", 0, one_pass, True, sparse)
         torch.library.opcheck(fused.fused_forward, args)
         _, scores, ids, gates, z = fused.fused_forward(*args)
         torch.library.opcheck(fused.fused_backward, detached(dy, x, queries, keys, w_down, w_up, scores, ids, gates,
-                                                             z, "sigmoid", "gelu", 0, True))
+                                                             z, "sigmoid", "gelu", 0, True, sparse))
 
 
 @pytest.mark.skipif(not csrc.available(), reason="the C++ extension did not build")
@@ -88,20 +87,22 @@ def test_cpp_ops(dtype):
     torch.library.opcheck(csrc._retrieve_backward_op, detached(dscores, queries, keys, ids))
     ids_t = ids.transpose(1, 2).contiguous().transpose(1, 2)
     gates = strided_gates(ids, dtype, torch.device("cpu"))
-    torch.library.opcheck(csrc._experts_op, (x, ids_t, gates, w_down, w_up, "gelu_tanh"))
-    _, z = csrc._experts_op(x, ids, gates, w_down, w_up, "gelu_tanh")
-    torch.library.opcheck(csrc._experts_backward_op, detached(dy, x, ids_t, gates, z, w_down, w_up, "gelu_tanh"))
-    torch.library.opcheck(csrc._down_op, (x, ids_t, w_down))
-    z = csrc._down_op(x, ids, w_down)
-    torch.library.opcheck(csrc._down_backward_op, detached(column_major(z.reshape(T, -1)).view(T, H, K), x, ids_t,
-                                                           w_down))
-    torch.library.opcheck(csrc._mix_op, (z.detach().requires_grad_(), ids_t, gates, w_up, "identity"))
-    torch.library.opcheck(csrc._mix_backward_op, detached(dy, z, ids_t, gates, w_up, "identity"))
+    for sparse in (False, True):
+        torch.library.opcheck(csrc._experts_op, (x, ids_t, gates, w_down, w_up, "gelu_tanh", sparse))
+        _, z = csrc._experts_op(x, ids, gates, w_down, w_up, "gelu_tanh", sparse)
+        torch.library.opcheck(csrc._experts_backward_op, detached(dy, x, ids_t, gates, z, w_down, w_up, "gelu_tanh",
+                                                                  sparse))
+        torch.library.opcheck(csrc._down_op, (x, ids_t, w_down, sparse))
+        z = csrc._down_op(x, ids, w_down, sparse)
+        torch.library.opcheck(csrc._down_backward_op, detached(column_major(z.reshape(T, -1)).view(T, H, K), x, ids_t,
+                                                               w_down, sparse))
+        torch.library.opcheck(csrc._mix_op, (z.detach().requires_grad_(), ids_t, gates, w_up, "identity", sparse))
+        torch.library.opcheck(csrc._mix_backward_op, detached(dy, z, ids_t, gates, w_up, "identity", sparse))
     rows = (H * N * N, D)
     separate = (x, queries, keys, torch.randn(rows, dtype=dtype).requires_grad_(),
                 column_major(torch.randn(rows, dtype=dtype)).requires_grad_())
-    for args in ((x, queries, keys, w_down, w_up, K, K_SUB, "relu", "relu", 0),
-                 (*separate, K, K_SUB, "softmax", "silu", N * N)):
+    for args in ((x, queries, keys, w_down, w_up, K, K_SUB, "relu", "relu", 0, False),
+                 (*separate, K, K_SUB, "softmax", "silu", N * N, True)):
         torch.library.opcheck(csrc._fused_op, args)
         _, scores, ids, gates, z = csrc._fused_op(*args)
         torch.library.opcheck(csrc._fused_backward_op, detached(dy, *args[:5], scores, ids, gates, z, *args[7:]))

@@ -361,3 +361,37 @@ def test_bf16_input_into_an_fp32_layer():
                             torch.zeros(5, 32, dtype=torch.float64), torch.zeros(5, 32, dtype=torch.float64), 5, 5,
                             "softmax", "gelu", False)
     bounds.check("y", y, *expected["y"])
+
+
+# ---- sparse table gradients ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_sparse_grad_with_pytorchs_sparse_optimizers(backend):
+    """sparse_grad=True: w_down.grad / w_up.grad are coalesced sparse COO tensors of the touched
+    rows, equal to the dense gradients there (which are zero elsewhere), and torch.optim.SparseAdam,
+    SGD and Adagrad step on them unchanged."""
+    torch.manual_seed(0)
+    sparse = peer_kernels.PEER(16, **SMALL, sparse_grad=True, backend=backend, query_norm="layernorm")
+    dense = peer_kernels.PEER(16, **SMALL, backend=backend, query_norm="layernorm")
+    dense.load_state_dict(sparse.state_dict())
+    x = untie_layer(dense, torch.randn(2, 5, 16))
+    dy = torch.randn(2, 5, 16)
+    expected = bounds.expected_layer(dense, x, dy)
+    for layer in (sparse, dense):
+        (layer(x) * dy).sum().backward()
+    for name in ("w_down", "w_up"):
+        grad, full = sparse.get_parameter(name).grad, dense.get_parameter(name).grad
+        assert grad.is_sparse and grad.is_coalesced() and grad.shape == full.shape
+        rows = grad.indices()[0]
+        untouched = torch.ones(full.shape[0], dtype=torch.bool)
+        untouched[rows] = False
+        assert not full[untouched].any()
+        exact, magnitude = expected[name]
+        bounds.check(name, grad.values(), exact[rows], magnitude[rows])
+    for optimizer in (torch.optim.SparseAdam([sparse.w_down, sparse.w_up]),
+                      torch.optim.SGD([sparse.w_down, sparse.w_up], lr=0.1),
+                      torch.optim.Adagrad([sparse.w_down, sparse.w_up])):
+        before = sparse.w_down.detach().clone()
+        optimizer.step()
+        changed = (sparse.w_down != before).any(dim=1)
+        assert torch.equal(changed.nonzero()[:, 0], sparse.w_down.grad.indices()[0])

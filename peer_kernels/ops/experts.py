@@ -38,6 +38,19 @@ def _launchable(t, kernel):
     _launch.check_launchable(t, kernel)
 
 
+def _checked_ids(expert_ids, rows):
+    """Ids no kernel can read or write out of a table with: checked on the host for CPU tensors (a
+    ValueError); on a GPU without a host sync (which would cost a round trip per call and rule out
+    CUDA-graph capture): an asynchronous device assert, which fails the next synchronisation with
+    the message, and ids clamped into [0, rows) until then."""
+    if not expert_ids.is_cuda:
+        _checks.check_expert_ids(expert_ids, rows)
+        return expert_ids
+    torch._assert_async(((expert_ids >= 0) & (expert_ids < rows)).all(),
+                        f"expert_ids: expected values in [0, {rows}) (rows of the expert tables)")
+    return expert_ids.clamp(0, rows - 1)
+
+
 # ---- forward ------------------------------------------------------------------------------------
 
 def _forward(x, expert_ids, gates, w_down, w_up, z, y, activation, down, up):
@@ -132,13 +145,25 @@ def reduce_table_grad(src, weights, sorted_ids, order, out_rows, out, S):
     return out
 
 
-def _dense_table_grads(pairs, expert_ids):
-    """pairs: (src, weights, table) -> dense gradients (zeros but for the touched rows), one sort."""
-    sorted_ids, order = sorted_slots(expert_ids, pairs[0][2].shape[0])
+def table_grads(pairs, expert_ids, sparse):
+    """pairs: (src, weights, table) -> ([gradient per table], rows), from one sort of the slots.
+    Dense: each gradient like its table, zeros but for the touched rows; rows empty. Sparse: the
+    touched rows (U,) int64 ascending, and each gradient their values (U, d). Sparse results have a
+    data-dependent size, read back to the host once (as nn.Embedding(sparse=True) does)."""
+    table = pairs[0][2]
+    sorted_ids, order = sorted_slots(expert_ids, table.shape[0])
     S = _slots(expert_ids)
-    return [reduce_table_grad(src, weights.reshape(-1), sorted_ids, order, sorted_ids,
-                              torch.zeros(table.shape, dtype=table.dtype, device=table.device), S)
-            for src, weights, table in pairs]
+    if not sparse:
+        rows = _no_rows(table)
+        return [reduce_table_grad(src, weights.reshape(-1), sorted_ids, order, sorted_ids, torch.zeros_like(t), S)
+                for src, weights, t in pairs], rows
+    begins = torch.ones_like(sorted_ids, dtype=torch.bool)
+    begins[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    run_index = torch.cumsum(begins, 0) - 1         # each sorted position's run: its row in the values
+    rows = sorted_ids[begins].long()
+    return [reduce_table_grad(src, weights.reshape(-1), sorted_ids, order, run_index,
+                              _library.empty((rows.shape[0], t.shape[1]), t), S)
+            for src, weights, t in pairs], rows
 
 
 def _atomic_scratch(table):
@@ -146,134 +171,156 @@ def _atomic_scratch(table):
     return torch.zeros(table.shape, dtype=_acc(table), device=table.device)
 
 
-def launch_backward(dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic):
-    """(dx, dgates, dw_down, dw_up) in the dtypes of (x, gates, w_down, w_up); inputs contiguous."""
+def _no_rows(like):
+    return torch.empty((0,), dtype=torch.int64, device=like.device)
+
+
+def _no_slots_grads(sparse, *tables):
+    """The table gradients when no slot touches a table: zeros, or no rows at all."""
+    if not sparse:
+        return (*(torch.zeros_like(t) for t in tables), _no_rows(tables[0]))
+    return (*(t.new_empty((0, t.shape[1])) for t in tables), _no_rows(tables[0]))
+
+
+def launch_backward(dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic, sparse):
+    """(dx, dgates, dw_down, dw_up, rows) in the dtypes of (x, gates, w_down, w_up), the table
+    gradients as table_grads gives them; inputs contiguous."""
     dx, dgates = _library.empty(x.shape, x), _library.empty(gates.shape, gates)
     if x.shape[0] == 0 or _slots(expert_ids) == 0:
-        return dx.zero_(), dgates, torch.zeros_like(w_down), torch.zeros_like(w_up)
+        return (dx.zero_(), dgates, *_no_slots_grads(sparse, w_down, w_up))
     dz = _library.empty(z.shape, z)
-    if not deterministic:
+    if not (deterministic or sparse):
         acc_down, acc_up = _atomic_scratch(w_down), _atomic_scratch(w_up)
         _tokens_backward(dy, x, expert_ids, gates, z, dz, w_down, w_up, dx, dgates, None, acc_down, acc_up,
                          activation, True, True)
-        return dx, dgates, acc_down.to(w_down.dtype), acc_up.to(w_up.dtype)
+        return dx, dgates, acc_down.to(w_down.dtype), acc_up.to(w_up.dtype), _no_rows(w_down)
     ga = _library.empty(z.shape, z)
     _tokens_backward(dy, x, expert_ids, gates, z, dz, w_down, w_up, dx, dgates, ga, None, None, activation,
                      True, True)
-    dw_down, dw_up = _dense_table_grads([(x, dz, w_down), (dy, ga, w_up)], expert_ids)
-    return dx, dgates, dw_down, dw_up
+    (dw_down, dw_up), rows = table_grads([(x, dz, w_down), (dy, ga, w_up)], expert_ids, sparse)
+    return dx, dgates, dw_down, dw_up, rows
 
 
-def launch_down_backward(dz, x, expert_ids, w_down, deterministic):
-    """(dx, dw_down) of z = w_down[e] . x; inputs contiguous."""
+def launch_down_backward(dz, x, expert_ids, w_down, deterministic, sparse):
+    """(dx, dw_down, rows) of z = w_down[e] . x; inputs contiguous."""
     dx = _library.empty(x.shape, x)
     if dz.numel() == 0:
-        return dx.zero_(), torch.zeros_like(w_down)
-    if not deterministic:
+        return (dx.zero_(), *_no_slots_grads(sparse, w_down))
+    if not (deterministic or sparse):
         acc_down = _atomic_scratch(w_down)
         _tokens_backward(dz, x, expert_ids, dz, dz, dz, w_down, dz, dx, None, None, acc_down, None, "identity",
                          False, True)
-        return dx, acc_down.to(w_down.dtype)
+        return dx, acc_down.to(w_down.dtype), _no_rows(w_down)
     _tokens_backward(dz, x, expert_ids, dz, dz, dz, w_down, dz, dx, None, None, None, None, "identity", False, True)
-    return dx, _dense_table_grads([(x, dz, w_down)], expert_ids)[0]
+    (dw_down,), rows = table_grads([(x, dz, w_down)], expert_ids, sparse)
+    return dx, dw_down, rows
 
 
-def launch_mix_backward(dy, z, expert_ids, gates, w_up, activation, deterministic):
-    """(dz, dgates, dw_up) of y = sum g act(z) w_up[e]; inputs contiguous."""
+def launch_mix_backward(dy, z, expert_ids, gates, w_up, activation, deterministic, sparse):
+    """(dz, dgates, dw_up, rows) of y = sum g act(z) w_up[e]; inputs contiguous."""
     dz, dgates = _library.empty(z.shape, z), _library.empty(gates.shape, gates)
     if z.numel() == 0:
-        return dz, dgates, torch.zeros_like(w_up)
-    if not deterministic:
+        return (dz, dgates, *_no_slots_grads(sparse, w_up))
+    if not (deterministic or sparse):
         acc_up = _atomic_scratch(w_up)
         _tokens_backward(dy, dz, expert_ids, gates, z, dz, dz, w_up, None, dgates, None, None, acc_up, activation,
                          True, False)
-        return dz, dgates, acc_up.to(w_up.dtype)
+        return dz, dgates, acc_up.to(w_up.dtype), _no_rows(w_up)
     ga = _library.empty(z.shape, z)
     _tokens_backward(dy, dz, expert_ids, gates, z, dz, dz, w_up, None, dgates, ga, None, None, activation, True,
                      False)
-    return dz, dgates, _dense_table_grads([(dy, ga, w_up)], expert_ids)[0]
+    (dw_up,), rows = table_grads([(dy, ga, w_up)], expert_ids, sparse)
+    return dz, dgates, dw_up, rows
 
 
 # ---- torch.library ops ----------------------------------------------------------------------------
 
 @_library.custom_op("experts_forward")
 def experts_forward(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
-                    w_up: torch.Tensor, activation: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, z); `deterministic` only travels to the backward. Inputs are validated."""
+                    w_up: torch.Tensor, activation: str, deterministic: bool, sparse_grad: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, z); `deterministic` and `sparse_grad` only travel to the backward. Inputs are validated."""
     _launchable(x, kernels.experts_fwd_kernel)
     # Here rather than in peer_experts: this runs eagerly even inside a torch.compile'd graph.
-    _checks.check_expert_ids(expert_ids, w_down.shape[0])
+    expert_ids = _checked_ids(expert_ids, w_down.shape[0])
     return launch_forward(*_launch.contiguous(x, expert_ids, gates, w_down, w_up), activation)
 
 
 @experts_forward.register_fake
-def _(x, expert_ids, gates, w_down, w_up, activation, deterministic):
+def _(x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad):
     return forward_outputs(x, expert_ids, w_up.shape[1])
 
 
 @_library.custom_op("experts_backward")
 def experts_backward(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
                      z: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, activation: str,
-                     deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     deterministic: bool, sparse_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dgates, dw_down, dw_up, rows): dense table gradients and no rows, or with sparse_grad
+    the touched rows and their values."""
     # autograd hands over broadcast or strided gradients (e.g. from .sum())
-    return launch_backward(*_launch.contiguous(dy, x, expert_ids, gates, z, w_down, w_up), activation, deterministic)
+    expert_ids = _checked_ids(expert_ids, w_down.shape[0])
+    return launch_backward(*_launch.contiguous(dy, x, expert_ids, gates, z, w_down, w_up), activation, deterministic,
+                           sparse_grad)
 
 
 @experts_backward.register_fake
-def _(dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic):
-    return tuple(_library.empty(t.shape, t) for t in (x, gates, w_down, w_up))
+def _(dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic, sparse_grad):
+    return (_library.empty(x.shape, x), _library.empty(gates.shape, gates),
+            *_library.fake_table_grads(sparse_grad, w_down, w_up))
 
 
 def _experts_setup(ctx, inputs, output):
-    x, expert_ids, gates, w_down, w_up, activation, deterministic = inputs
+    x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad = inputs
     ctx.save_for_backward(x, expert_ids, gates, output[1], w_down, w_up)
-    ctx.activation, ctx.deterministic = activation, deterministic
+    ctx.options = (activation, deterministic, sparse_grad)
     ctx.mark_non_differentiable(output[1])
 
 
 def _experts_backward(ctx, dy, _dz):
     x, expert_ids, gates, z, w_down, w_up = ctx.saved_tensors
-    dx, dgates, dw_down, dw_up = experts_backward(dy, x, expert_ids, gates, z, w_down, w_up, ctx.activation,
-                                                  ctx.deterministic)
-    return dx, None, dgates, dw_down, dw_up, None, None
+    dx, dgates, dw_down, dw_up, rows = experts_backward(dy, x, expert_ids, gates, z, w_down, w_up, *ctx.options)
+    dw_down, dw_up = _library.table_gradients(rows, ctx.options[2], (dw_down, dw_up), (w_down, w_up))
+    return dx, None, dgates, dw_down, dw_up, None, None, None
 
 
 experts_forward.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 
 @_library.custom_op("down_forward")
-def down_forward(x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor, deterministic: bool) -> torch.Tensor:
+def down_forward(x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor, deterministic: bool,
+                 sparse_grad: bool) -> torch.Tensor:
     _launchable(x, kernels.experts_fwd_kernel)
-    _checks.check_expert_ids(expert_ids, w_down.shape[0])
-    return launch_down(*_launch.contiguous(x, expert_ids, w_down))
+    return launch_down(*_launch.contiguous(x, _checked_ids(expert_ids, w_down.shape[0]), w_down))
 
 
 @down_forward.register_fake
-def _(x, expert_ids, w_down, deterministic):
+def _(x, expert_ids, w_down, deterministic, sparse_grad):
     return _library.empty(expert_ids.shape, x, _acc(x))
 
 
 @_library.custom_op("down_backward")
 def down_backward(dz: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor,
-                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return launch_down_backward(*_launch.contiguous(dz, x, expert_ids, w_down), deterministic)
+                  deterministic: bool, sparse_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    expert_ids = _checked_ids(expert_ids, w_down.shape[0])
+    return launch_down_backward(*_launch.contiguous(dz, x, expert_ids, w_down), deterministic, sparse_grad)
 
 
 @down_backward.register_fake
-def _(dz, x, expert_ids, w_down, deterministic):
-    return _library.empty(x.shape, x), _library.empty(w_down.shape, w_down)
+def _(dz, x, expert_ids, w_down, deterministic, sparse_grad):
+    return (_library.empty(x.shape, x), *_library.fake_table_grads(sparse_grad, w_down))
 
 
 def _down_setup(ctx, inputs, output):
-    x, expert_ids, w_down, deterministic = inputs
+    x, expert_ids, w_down, deterministic, sparse_grad = inputs
     ctx.save_for_backward(x, expert_ids, w_down)
-    ctx.deterministic = deterministic
+    ctx.options = (deterministic, sparse_grad)
 
 
 def _down_backward(ctx, dz):
     x, expert_ids, w_down = ctx.saved_tensors
-    dx, dw_down = down_backward(dz.to(_acc(x)), x, expert_ids, w_down, ctx.deterministic)
-    return dx, None, dw_down, None
+    dx, dw_down, rows = down_backward(dz.to(_acc(x)), x, expert_ids, w_down, *ctx.options)
+    return dx, None, *_library.table_gradients(rows, ctx.options[1], (dw_down,), (w_down,)), None, None
 
 
 down_forward.register_autograd(_down_backward, setup_context=_down_setup)
@@ -281,39 +328,41 @@ down_forward.register_autograd(_down_backward, setup_context=_down_setup)
 
 @_library.custom_op("mix_forward")
 def mix_forward(z: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_up: torch.Tensor,
-                activation: str, deterministic: bool) -> torch.Tensor:
+                activation: str, deterministic: bool, sparse_grad: bool) -> torch.Tensor:
     _launchable(z, kernels.experts_fwd_kernel)
-    _checks.check_expert_ids(expert_ids, w_up.shape[0])
-    return launch_mix(*_launch.contiguous(z, expert_ids, gates, w_up), activation)
+    return launch_mix(*_launch.contiguous(z, _checked_ids(expert_ids, w_up.shape[0]), gates, w_up), activation)
 
 
 @mix_forward.register_fake
-def _(z, expert_ids, gates, w_up, activation, deterministic):
+def _(z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
     return _library.empty((z.shape[0], w_up.shape[1]), z)
 
 
 @_library.custom_op("mix_backward")
 def mix_backward(dy: torch.Tensor, z: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                 w_up: torch.Tensor, activation: str, deterministic: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_mix_backward(*_launch.contiguous(dy, z, expert_ids, gates, w_up), activation, deterministic)
+                 w_up: torch.Tensor, activation: str, deterministic: bool, sparse_grad: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    expert_ids = _checked_ids(expert_ids, w_up.shape[0])
+    return launch_mix_backward(*_launch.contiguous(dy, z, expert_ids, gates, w_up), activation, deterministic,
+                               sparse_grad)
 
 
 @mix_backward.register_fake
-def _(dy, z, expert_ids, gates, w_up, activation, deterministic):
-    return _library.empty(z.shape, z), _library.empty(gates.shape, gates), _library.empty(w_up.shape, w_up)
+def _(dy, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
+    return (_library.empty(z.shape, z), _library.empty(gates.shape, gates),
+            *_library.fake_table_grads(sparse_grad, w_up))
 
 
 def _mix_setup(ctx, inputs, output):
-    z, expert_ids, gates, w_up, activation, deterministic = inputs
+    z, expert_ids, gates, w_up, activation, deterministic, sparse_grad = inputs
     ctx.save_for_backward(z, expert_ids, gates, w_up)
-    ctx.activation, ctx.deterministic = activation, deterministic
+    ctx.options = (activation, deterministic, sparse_grad)
 
 
 def _mix_backward(ctx, dy):
     z, expert_ids, gates, w_up = ctx.saved_tensors
-    dz, dgates, dw_up = mix_backward(dy.to(z.dtype), z, expert_ids, gates, w_up, ctx.activation, ctx.deterministic)
-    return dz, None, dgates, dw_up, None, None
+    dz, dgates, dw_up, rows = mix_backward(dy.to(z.dtype), z, expert_ids, gates, w_up, *ctx.options)
+    return dz, None, dgates, *_library.table_gradients(rows, ctx.options[2], (dw_up,), (w_up,)), None, None, None
 
 
 mix_forward.register_autograd(_mix_backward, setup_context=_mix_setup)
@@ -321,25 +370,26 @@ mix_forward.register_autograd(_mix_backward, setup_context=_mix_setup)
 
 # ---- the public functions ---------------------------------------------------------------------------
 
-def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", deterministic=True):
+def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", deterministic=True, sparse_grad=False):
     """Fused single-neuron expert mixing, same contract as peer_kernels.reference.peer_experts.
 
     x (T, d_in), expert_ids (T, h, k) int32/int64, gates (T, h, k) any float dtype, w_down (E, d_in) and
     w_up (E, d_out) in one float dtype (read as stored; float64 only with a float64 x) -> y (T, d_out)
     in x's dtype. deterministic=True (default) makes the table gradients bitwise reproducible
-    (sorted, atomic-free reduction); False accumulates them with fp32 atomics.
+    (sorted, atomic-free reduction); False accumulates them with fp32 atomics. sparse_grad=True gives
+    the tables coalesced sparse COO gradients of the touched rows (sorted reduction).
     """
     _checks.check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=False)
-    return experts_forward(x, expert_ids, gates, w_down, w_up, activation, bool(deterministic))[0]
+    return experts_forward(x, expert_ids, gates, w_down, w_up, activation, bool(deterministic), bool(sparse_grad))[0]
 
 
-def peer_down(x, expert_ids, w_down, deterministic=True):
+def peer_down(x, expert_ids, w_down, sparse_grad=False, deterministic=True):
     """z = w_down[e] . x: the same contract as peer_kernels.reference.peer_down."""
     _checks.check_down(x, expert_ids, w_down, check_range=False)
-    return down_forward(x, expert_ids, w_down, bool(deterministic))
+    return down_forward(x, expert_ids, w_down, bool(deterministic), bool(sparse_grad))
 
 
-def peer_mix(z, expert_ids, gates, w_up, activation="gelu", deterministic=True):
+def peer_mix(z, expert_ids, gates, w_up, activation="gelu", sparse_grad=False, deterministic=True):
     """y = sum g act(z) w_up[e]: the same contract as peer_kernels.reference.peer_mix."""
     _checks.check_mix(z, expert_ids, gates, w_up, activation, check_range=False)
-    return mix_forward(z, expert_ids, gates, w_up, activation, bool(deterministic))
+    return mix_forward(z, expert_ids, gates, w_up, activation, bool(deterministic), bool(sparse_grad))

@@ -71,7 +71,7 @@ def _two_kernel(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id
 @_library.custom_op("fused_forward")
 def fused_forward(x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, w_down: torch.Tensor,
                   w_up: torch.Tensor, k: int, k_sub: int, gating: str, activation: str, id_head_offset: int,
-                  one_pass: bool, deterministic: bool
+                  one_pass: bool, deterministic: bool, sparse_grad: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, scores, ids, gates, z); inputs validated."""
     _launch.check_launchable(x, kernels.peer_fused_kernel)
@@ -81,7 +81,8 @@ def fused_forward(x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, w_
 
 
 @fused_forward.register_fake
-def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, one_pass, deterministic):
+def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, one_pass, deterministic,
+      sparse_grad):
     return forward_outputs(x, queries, k, gating)
 
 
@@ -89,47 +90,51 @@ def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offs
 def fused_backward(dy: torch.Tensor, x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
                    w_down: torch.Tensor, w_up: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
                    gates: torch.Tensor, z: torch.Tensor, gating: str, activation: str, id_head_offset: int,
-                   deterministic: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dqueries, dkeys, dw_down, dw_up)."""
-    dx, dgates, dw_down, dw_up = experts.launch_backward(
-        *_launch.contiguous(dy, x, ids, gates, z, w_down, w_up), activation, deterministic)
+                   deterministic: bool, sparse_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dqueries, dkeys, dw_down, dw_up, rows), the table gradients as experts.table_grads gives them."""
+    dx, dgates, dw_down, dw_up, rows = experts.launch_backward(
+        *_launch.contiguous(dy, x, ids, gates, z, w_down, w_up), activation, deterministic, sparse_grad)
     dqueries, dkeys = retrieval.launch_retrieve_backward(
         None, dgates, queries, keys, ids, scores, gates, gating, id_head_offset)
-    return dx, dqueries, dkeys, dw_down, dw_up
+    return dx, dqueries, dkeys, dw_down, dw_up, rows
 
 
 @fused_backward.register_fake
-def _(dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, gating, activation, id_head_offset, deterministic):
-    return tuple(_library.empty(t.shape, t) for t in (x, queries, keys, w_down, w_up))
+def _(dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, gating, activation, id_head_offset, deterministic,
+      sparse_grad):
+    return (*(_library.empty(t.shape, t) for t in (x, queries, keys)),
+            *_library.fake_table_grads(sparse_grad, w_down, w_up))
 
 
 def _setup_context(ctx, inputs, output):
-    x, queries, keys, w_down, w_up, _, _, gating, activation, id_head_offset, _, deterministic = inputs
+    x, queries, keys, w_down, w_up, _, _, gating, activation, id_head_offset, _, deterministic, sparse_grad = inputs
     _, scores, ids, gates, z = output
     ctx.save_for_backward(x, queries, keys, w_down, w_up, scores, ids, gates, z)
-    ctx.options = (gating, activation, id_head_offset, deterministic)
+    ctx.options = (gating, activation, id_head_offset, deterministic, sparse_grad)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, dy, *_):
-    dx, dqueries, dkeys, dw_down, dw_up = fused_backward(dy, *ctx.saved_tensors, *ctx.options)
-    return dx, dqueries, dkeys, dw_down, dw_up, None, None, None, None, None, None, None
+    x, queries, keys, w_down, w_up = ctx.saved_tensors[:5]
+    dx, dqueries, dkeys, dw_down, dw_up, rows = fused_backward(dy, *ctx.saved_tensors, *ctx.options)
+    dw_down, dw_up = _library.table_gradients(rows, ctx.options[-1], (dw_down, dw_up), (w_down, w_up))
+    return dx, dqueries, dkeys, dw_down, dw_up, None, None, None, None, None, None, None, None
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False, one_pass=True, deterministic=True):
+               separate_embed_per_head=False, sparse_grad=False, one_pass=True, deterministic=True):
     """Retrieval, gating and expert mixing: same contract as peer_kernels.reference.peer_fused.
 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) -> y (T, d).
-    one_pass=False runs the two-kernel path; deterministic=True makes the expert-table gradients
-    bitwise reproducible (the key gradients still use atomics).
+    sparse_grad=True gives the tables sparse COO gradients of the touched rows; one_pass=False runs
+    the two-kernel path; deterministic=True makes the expert-table gradients bitwise reproducible
+    (the key gradients still use atomics).
     """
     k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head)
     id_head_offset = keys.shape[1] ** 2 if separate_embed_per_head else 0
-    x, keys, w_down, w_up = _launch.contiguous(x, keys, w_down, w_up)
     return fused_forward(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
-                         bool(one_pass), bool(deterministic))[0]
+                         bool(one_pass), bool(deterministic), bool(sparse_grad))[0]

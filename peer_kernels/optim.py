@@ -1,0 +1,135 @@
+"""Optimizers for tables with sparse gradients (PEER(sparse_grad=True), nn.Embedding(sparse=True)).
+
+Dense AdamW over a PEER layer's two (N, d) tables moves their parameters, gradients and two fp32
+moments every step: ~47 GB at the paper's shapes, more than the layer itself. These update only the
+rows a step touched, in one kernel per table (Triton on CUDA; plain PyTorch on a CPU):
+
+- SparseAdamW: AdamW, lazily: a row's moments, its decoupled weight decay and its step happen only
+  in steps that touch it (bias correction uses the parameter's global step count, as
+  torch.optim.SparseAdam does). That is the documented difference from dense AdamW, under which an
+  untouched row still decays and still moves by its old momentum.
+- RowwiseAdagrad: Adagrad with one fp32 accumulator per row (the mean of the row's squared
+  gradients), FBGEMM's row-wise variant: the optimizer state of a 1M x 1024 table is 4 MB, not 8 GB.
+
+Parameters whose gradient is dense (or missing) are left alone, so a model can give its other
+parameters to any dense optimizer. Gradient values may be 16-bit; state and arithmetic are fp32.
+"""
+import math
+import types
+
+import torch
+
+try:
+    from .ops import optim as kernel_steps
+except ImportError:  # no Triton on this platform: the PyTorch steps below do all the work
+    kernel_steps = None
+
+
+def _kernels_for(param):
+    """The Triton launchers for CUDA tensors (and CPU ones under the interpreter), else None."""
+    if kernel_steps is not None and (param.is_cuda or kernel_steps.INTERPRETED):
+        return kernel_steps
+    return None
+
+
+def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
+    """AdamW at step `step` (1, 2, ...) on param[rows] (param (E, D), rows (U,) unique int64, values
+    (U, D)); exp_avg / exp_avg_sq (E, D) fp32 change at the rows only. The arithmetic of
+    kernels/optim.sparse_adamw_kernel, in PyTorch."""
+    beta1, beta2 = betas
+    grad = values.float()
+    exp_avg[rows] = beta1 * exp_avg[rows] + (1 - beta1) * grad
+    exp_avg_sq[rows] = beta2 * exp_avg_sq[rows] + (1 - beta2) * grad * grad
+    denom = exp_avg_sq[rows].sqrt() / math.sqrt(1 - beta2 ** step) + eps
+    param[rows] = (param[rows].float() * (1 - lr * weight_decay) - lr / (1 - beta1 ** step) * exp_avg[rows] / denom
+                   ).to(param.dtype)
+
+
+def rowwise_adagrad_step(param, rows, values, state, lr, eps, weight_decay):
+    """Row-wise Adagrad on param[rows]; state (E,) fp32 changes at the rows only. The arithmetic of
+    kernels/optim.rowwise_adagrad_kernel, in PyTorch."""
+    grad = values.float() + weight_decay * param[rows].float()
+    state[rows] += grad.pow(2).mean(dim=1)
+    param[rows] = (param[rows].float() - lr * grad / (state[rows].sqrt() + eps)[:, None]).to(param.dtype)
+
+
+def _sparse_grads(group):
+    """(param, rows, values, step functions) for every parameter of the group with a sparse gradient."""
+    for param in group["params"]:
+        grad = param.grad
+        if grad is None or not grad.is_sparse:
+            continue
+        if param.dim() != 2 or not param.is_contiguous():
+            raise ValueError(f"params: expected contiguous 2-D tables (E, d) for a row-sparse optimizer, got "
+                             f"shape {tuple(param.shape)}{'' if param.is_contiguous() else ' (not contiguous)'}")
+        if not grad.is_coalesced():  # e.g. the sum of several micro-batches' gradients
+            grad = grad.coalesce()
+        if grad._nnz():
+            yield param, grad.indices()[0], grad.values(), _kernels_for(param) or _TORCH_STEPS
+
+
+def _check_hyper(name, value, low=0.0):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= low:
+        raise ValueError(f"{name}: expected a number >= {low}, got {value!r}")
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """Lazy AdamW on the touched rows of tables with sparse gradients (see the module docstring)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        _check_hyper("lr", lr)
+        _check_hyper("eps", eps)
+        _check_hyper("weight_decay", weight_decay)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param, rows, values, steps in _sparse_grads(group):
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                    state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                state["step"] += 1
+                steps.sparse_adamw_step(param, rows, values, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                        group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        return loss
+
+
+class RowwiseAdagrad(torch.optim.Optimizer):
+    """Adagrad with one fp32 accumulator per table row (see the module docstring)."""
+
+    def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0, initial_accumulator_value=0.0):
+        _check_hyper("lr", lr)
+        _check_hyper("eps", eps)
+        _check_hyper("weight_decay", weight_decay)
+        _check_hyper("initial_accumulator_value", initial_accumulator_value)
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param, rows, values, steps in _sparse_grads(group):
+                state = self.state[param]
+                if not state:
+                    state["sum"] = torch.full((param.shape[0],), float(group["initial_accumulator_value"]),
+                                              dtype=torch.float32, device=param.device)
+                steps.rowwise_adagrad_step(param, rows, values, state["sum"], group["lr"], group["eps"],
+                                           group["weight_decay"])
+        return loss
+
+
+# the steps above, in the launchers' shape, for tensors the kernels cannot take
+_TORCH_STEPS = types.SimpleNamespace(sparse_adamw_step=sparse_adamw_step, rowwise_adagrad_step=rowwise_adagrad_step)

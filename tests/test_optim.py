@@ -1,0 +1,178 @@
+"""peer_kernels.optim: each step equals a plain PyTorch transcription of its math (to fp32
+rounding), on the Triton kernels (under the interpreter without a GPU) and on the PyTorch
+fallback; only touched rows change; dense-gradient parameters are left alone."""
+import pytest
+import torch
+
+import peer_kernels
+from conftest import DEVICE
+from peer_kernels import optim
+
+
+def sparse_grad(rows, values, shape):
+    return torch.sparse_coo_tensor(rows[None], values, shape).coalesce()
+
+
+def table_and_grads(dtype=torch.float32, E=11, D=24, steps_=3):
+    torch.manual_seed(1)
+    table = torch.randn(E, D, device=DEVICE).to(dtype)
+    grads = []
+    for _ in range(steps_):
+        rows = torch.randperm(E, device=DEVICE)[:5].sort().values
+        grads.append(sparse_grad(rows, torch.randn(5, D, device=DEVICE).to(dtype), (E, D)))
+    return table, grads
+
+
+def adamw_transcription(table, grads, lr, betas, eps, wd):
+    """Lazy AdamW in float64, row by row, written from the formulas."""
+    p = table.double().clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t, grad in enumerate(grads, start=1):
+        for r, g in zip(grad.indices()[0].tolist(), grad.values().double()):
+            m[r] = betas[0] * m[r] + (1 - betas[0]) * g
+            v[r] = betas[1] * v[r] + (1 - betas[1]) * g * g
+            m_hat, v_hat = m[r] / (1 - betas[0] ** t), v[r] / (1 - betas[1] ** t)
+            p[r] = p[r] * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
+    return p
+
+
+def adagrad_transcription(table, grads, lr, eps, wd):
+    p = table.double().clone()
+    state = torch.zeros(p.shape[0], dtype=torch.float64)
+    for grad in grads:
+        for r, g in zip(grad.indices()[0].tolist(), grad.values().double()):
+            g = g + wd * p[r]
+            state[r] += (g * g).mean()
+            p[r] = p[r] - lr * g / (state[r].sqrt() + eps)
+    return p
+
+
+def run(optimizer_cls, table, grads, **hyper):
+    param = torch.nn.Parameter(table.clone())
+    optimizer = optimizer_cls([param], **hyper)
+    for grad in grads:
+        param.grad = grad
+        optimizer.step()
+    return param.detach()
+
+
+@pytest.fixture(params=["kernels", "pytorch"])
+def path(request, monkeypatch):
+    if request.param == "pytorch":
+        monkeypatch.setattr(optim, "_kernels_for", lambda param: None)
+    elif optim._kernels_for(torch.zeros(1, device=DEVICE)) is None:
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_adamw_is_lazy_adamw(path, dtype):
+    table, grads = table_and_grads(dtype)
+    hyper = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    actual = run(optim.SparseAdamW, table, grads, **hyper)
+    expected = adamw_transcription(table, grads, hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"])
+    # fp32 arithmetic over a few steps of O(1) values; 16-bit tables round their stored value each step
+    tolerance = 1e-5 if dtype == torch.float32 else 3 * 2 ** -8
+    torch.testing.assert_close(actual.double().cpu(), expected.cpu(), rtol=tolerance, atol=tolerance)
+    touched = torch.zeros(table.shape[0], dtype=torch.bool)
+    for grad in grads:
+        touched[grad.indices()[0].cpu()] = True
+    assert torch.equal(actual[~touched.to(DEVICE)], table[~touched.to(DEVICE)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rowwise_adagrad(path, dtype):
+    table, grads = table_and_grads(dtype)
+    actual = run(optim.RowwiseAdagrad, table, grads, lr=0.1, eps=1e-8, weight_decay=0.01)
+    expected = adagrad_transcription(table, grads, 0.1, 1e-8, 0.01)
+    tolerance = 1e-5 if dtype == torch.float32 else 3 * 2 ** -8
+    torch.testing.assert_close(actual.double().cpu(), expected.cpu(), rtol=tolerance, atol=tolerance)
+
+
+def test_rowwise_adagrad_state_is_one_float_per_row():
+    table, grads = table_and_grads()
+    param = torch.nn.Parameter(table.clone())
+    optimizer = optim.RowwiseAdagrad([param])
+    param.grad = grads[0]
+    optimizer.step()
+    (state,) = optimizer.state.values()
+    assert state["sum"].shape == (table.shape[0],) and state["sum"].dtype == torch.float32
+
+
+def test_dense_gradients_are_left_to_another_optimizer():
+    table, grads = table_and_grads()
+    sparse_param, dense_param = torch.nn.Parameter(table.clone()), torch.nn.Parameter(table.clone())
+    sparse_param.grad, dense_param.grad = grads[0], grads[0].to_dense()
+    optim.SparseAdamW([sparse_param, dense_param]).step()
+    assert torch.equal(dense_param, table) and not torch.equal(sparse_param, table)
+
+
+def test_uncoalesced_sums_of_micro_batches_are_coalesced_first():
+    """a + b of two sparse gradients holds duplicate rows: the step must see their sum once."""
+    table, grads = table_and_grads(steps_=2)
+    summed = grads[0] + grads[1]
+    once = run(optim.SparseAdamW, table, [summed.coalesce()])
+    param = torch.nn.Parameter(table.clone())
+    param.grad = torch.sparse_coo_tensor(torch.cat([grads[0].indices(), grads[1].indices()], 1),
+                                         torch.cat([grads[0].values(), grads[1].values()]), table.shape)
+    optim.SparseAdamW([param]).step()
+    torch.testing.assert_close(param.detach(), once, rtol=0, atol=0)
+
+
+def test_a_training_step_with_the_layer():
+    """PEER(sparse_grad=True) + SparseAdamW on the tables, a dense optimizer on the rest: the loss goes
+    down over a few steps and untouched table rows never move."""
+    torch.manual_seed(0)
+    layer = peer_kernels.PEER(16, heads=2, num_experts=64, num_experts_per_head=2, dim_key=8, query_norm="layernorm",
+                              sparse_grad=True, backend="reference", device=DEVICE)
+    tables = [layer.w_down, layer.w_up]
+    others = [p for n, p in layer.named_parameters() if n not in ("w_down", "w_up")]
+    sparse_opt, dense_opt = optim.SparseAdamW(tables, lr=1e-2), torch.optim.AdamW(others, lr=1e-2)
+    x, target = torch.randn(32, 16, device=DEVICE), torch.randn(32, 16, device=DEVICE)
+    before = layer.w_down.detach().clone()
+    touched = torch.zeros(64, dtype=torch.bool, device=DEVICE)
+    losses = []
+    for _ in range(5):
+        loss = (layer(x) - target).pow(2).mean()
+        loss.backward()
+        touched[layer.w_down.grad.indices()[0]] = True
+        sparse_opt.step(), dense_opt.step()
+        sparse_opt.zero_grad(), dense_opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(layer.w_down[~touched], before[~touched])
+
+
+@pytest.mark.parametrize("cls, kwargs", [(optim.SparseAdamW, dict(lr=-1)), (optim.SparseAdamW, dict(betas=(1.0, 0.9))),
+                                         (optim.RowwiseAdagrad, dict(eps=-1e-3))])
+def test_bad_hyperparameters(cls, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        cls([torch.nn.Parameter(torch.zeros(3, 2))], **kwargs)
+
+
+def test_not_a_table():
+    param = torch.nn.Parameter(torch.zeros(3, 2, 2))
+    param.grad = torch.zeros(3, 2, 2).to_sparse()
+    with pytest.raises(ValueError, match="2-D tables"):
+        optim.RowwiseAdagrad([param]).step()
+
+
+def test_kernels_compile_for_gpus():
+    """sm_80 / sm_90 AOT builds of both kernels for bf16 tables at the paper's width, no spills."""
+    import aot
+    jobs = []
+    for arch in aot.ARCHS:
+        for kernel, signature in (
+                ("sparse_adamw_kernel", {"param_ptr": "*bf16", "rows_ptr": "*i64", "grad_ptr": "*bf16",
+                                         "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32", "lr": "fp32",
+                                         "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
+                                         "step_size": "fp32", "bias_correction2_sqrt": "fp32"}),
+                ("rowwise_adagrad_kernel", {"param_ptr": "*bf16", "rows_ptr": "*i64", "grad_ptr": "*bf16",
+                                            "state_ptr": "*fp32", "lr": "fp32", "eps": "fp32",
+                                            "weight_decay": "fp32"})):
+            jobs.append(dict(module="peer_kernels.kernels.optim", kernel=kernel, signature=signature, arch=arch,
+                             constexprs=dict(D=1024, BLOCK_D=1024), disassemble=False))
+    reports = aot.compile_report(jobs)
+    assert len(reports) == 2 * len(aot.ARCHS)
+    for job, stats in zip(jobs, reports):
+        assert stats["local_bytes"] == 0 and 0 < stats["registers"] <= 255, (aot.describe(job), stats)
