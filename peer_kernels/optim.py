@@ -73,7 +73,22 @@ def _check_hyper(name, value, low=0.0):
         raise ValueError(f"{name}: expected a number >= {low}, got {value!r}")
 
 
-class SparseAdamW(torch.optim.Optimizer):
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """step() over the parameters with sparse gradients; subclasses update one table's rows."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param, rows, values, steps in _sparse_grads(group):
+                self._update(group, self.state[param], param, rows, values, steps)
+        return loss
+
+
+class SparseAdamW(_RowSparseOptimizer):
     """Lazy AdamW on the touched rows of tables with sparse gradients (see the module docstring)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
@@ -84,26 +99,17 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param, rows, values, steps in _sparse_grads(group):
-                state = self.state[param]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-                    state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-                state["step"] += 1
-                steps.sparse_adamw_step(param, rows, values, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                        group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        return loss
+    def _update(self, group, state, param, rows, values, steps):
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        state["step"] += 1
+        steps.sparse_adamw_step(param, rows, values, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
 
-class RowwiseAdagrad(torch.optim.Optimizer):
+class RowwiseAdagrad(_RowSparseOptimizer):
     """Adagrad with one fp32 accumulator per table row (see the module docstring)."""
 
     def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0, initial_accumulator_value=0.0):
@@ -114,21 +120,11 @@ class RowwiseAdagrad(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param, rows, values, steps in _sparse_grads(group):
-                state = self.state[param]
-                if not state:
-                    state["sum"] = torch.full((param.shape[0],), float(group["initial_accumulator_value"]),
-                                              dtype=torch.float32, device=param.device)
-                steps.rowwise_adagrad_step(param, rows, values, state["sum"], group["lr"], group["eps"],
-                                           group["weight_decay"])
-        return loss
+    def _update(self, group, state, param, rows, values, steps):
+        if not state:
+            state["sum"] = torch.full((param.shape[0],), float(group["initial_accumulator_value"]),
+                                      dtype=torch.float32, device=param.device)
+        steps.rowwise_adagrad_step(param, rows, values, state["sum"], group["lr"], group["eps"], group["weight_decay"])
 
 
 # the steps above, in the launchers' shape, for tensors the kernels cannot take
