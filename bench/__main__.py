@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import cases, providers, report, run
+from . import cases, profile, providers, report, run
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
@@ -29,6 +29,9 @@ def parse(argv):
                                                     "other work, fewer threads than cores avoid stalled parallel regions")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="show two result files side by side")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing providers, print the layer's per-kernel times (torch.profiler) for "
+                             "the preset's first shape")
     return parser.parse_args(argv)
 
 
@@ -48,6 +51,9 @@ def main(argv=None):
         print(f"no GPU: running the cpu preset instead of {preset_name} (--device cpu forces it)")
         preset_name = "cpu"
     preset = cases.PRESETS[preset_name]
+    if args.profile:
+        profile.profile_layer(preset, device)
+        return 0
     left_out = {} if args.providers else dict(preset.left_out)
     names = args.providers or [name for name in providers.PROVIDERS if name not in left_out]
     stem = f"{preset_name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"

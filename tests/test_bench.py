@@ -66,3 +66,9 @@ def test_compare_two_results(smoke_run):
     done = _bench("--compare", str(path), str(path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reference" in done.stdout
+
+
+def test_profile_prints_the_layers_kernels():
+    done = _bench("--preset", "smoke", "--profile")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "forward+backward steps of PEER" in done.stdout and "Self CPU" in done.stdout

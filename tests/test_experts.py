@@ -361,3 +361,28 @@ def test_aot_forward_gathers_rows_with_128bit_loads(aot_results):
         assert stats["ldg128"] >= 2 * per_table, (aot.describe(job), stats)
         checked += 1
     assert checked == 2 * len(aot.ARCHS)
+
+
+def ctas_per_sm(registers, num_warps, arch):
+    """Resident CTAs per SM from the register file (64K 32-bit registers, allocated per warp in
+    units of 256), the warp slots (64 on sm_80 / sm_90) and the CTA slots (32)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // (per_warp * num_warps), 64 // num_warps, 32)
+
+
+def test_aot_forward_keeps_enough_bytes_in_flight(aot_results):
+    """The gather is latency-bound unless many row loads are in flight: ~4.3 TB/s at ~600 ns on 132
+    SMs needs >= 32 KB per SM (issue 15). The paper-shape forward issues a whole (BLOCK_T, BLOCK_S,
+    BLOCK_D) row tile of loads per pass (the 128-bit loads asserted above) and fits enough CTAs per
+    SM for that tile times the CTAs to pass 32 KB, on sm_80 and sm_90."""
+    checked = 0
+    for job, stats in aot_results:
+        c = job["constexprs"]
+        if job["kernel"] != "experts_fwd_kernel" or c["D_IN"] != 1024 or c["S"] != 128 or not job["disassemble"]:
+            continue
+        itemsize = 2 if job["signature"]["w_down_ptr"] in ("*bf16", "*fp16") else 4
+        tile_bytes = c["BLOCK_T"] * c["BLOCK_S"] * c["BLOCK_D"] * itemsize
+        resident = ctas_per_sm(stats["registers"], job["num_warps"], job["arch"])
+        assert resident * tile_bytes >= 32 * 1024, (aot.describe(job), stats["registers"], resident, tile_bytes)
+        checked += 1
+    assert checked == 2 * len(aot.ARCHS)   # bf16 tables, and bf16 x with fp32 tables

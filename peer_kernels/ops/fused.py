@@ -2,9 +2,16 @@
 torch.library op, with the reference's signature (peer_kernels.reference.peer_fused).
 
 Two forward paths with the same outputs, saved tensors and backward:
-- one_pass=True (default): kernels/fused.py, one launch per layer;
-- one_pass=False: the two-kernel path, retrieval with fused gating (ops/retrieval.py) then the expert
-  kernel (ops/experts.py); kept as the fallback and the comparison for bench/.
+- one_pass=False (default): the two-kernel path, retrieval with fused gating (ops/retrieval.py) then
+  the expert kernel (ops/experts.py);
+- one_pass=True: kernels/fused.py, one launch per layer.
+Why two kernels by default, from static estimates only (no GPU has timed either yet; bench/ times
+both as triton-1pass and triton-2kernel): at the paper's shapes the one-pass kernel needs ~200
+registers at 8 warps, so one CTA per SM, runs the compute-bound retrieval and the memory-bound
+gather one after the other in each CTA and keeps ~16 KB of row loads in flight per SM; the expert
+kernel alone fits ~6 CTAs per SM with ~96 KB in flight (tests/test_experts.py asserts it), and
+fusing saves only the ~20 MB of ids and gates the second kernel re-reads. Estimated 1.6-2.1 ms for
+two kernels against 2.2-3.8 ms for one pass; the first GPU run decides.
 Saved for backward: x, queries, ids, scores, gates and z = w_down[e] . x, O(T*(d + h*(dk + k))).
 The backward is the expert op's backward (dx, dgates, dw_down, dw_up; `deterministic` as there)
 followed by the retrieval backward driven by dgates (dqueries, dkeys).
@@ -126,12 +133,12 @@ fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False, sparse_grad=False, one_pass=True, deterministic=True):
+               separate_embed_per_head=False, sparse_grad=False, one_pass=False, deterministic=True):
     """Retrieval, gating and expert mixing: same contract as peer_kernels.reference.peer_fused.
 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) -> y (T, d).
-    sparse_grad=True gives the tables sparse COO gradients of the touched rows; one_pass=False runs
-    the two-kernel path; deterministic=True makes the expert-table gradients bitwise reproducible
+    sparse_grad=True gives the tables sparse COO gradients of the touched rows; one_pass=True runs
+    retrieval and mixing in one kernel (the default is two: see the module docstring); deterministic=True makes the expert-table gradients bitwise reproducible
     (the key gradients still use atomics).
     """
     k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head)
