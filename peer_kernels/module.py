@@ -100,6 +100,9 @@ class PEER(nn.Module):
         self.separate_embed_per_head, self.dropout, self.backend = separate_embed_per_head, dropout, backend
         self.sparse_grad = bool(sparse_grad)
         self._sparse_grad_hooks = {}
+        # None, or what peer_kernels.distributed.PEERParallel installs: the forward and the expert stage
+        # for tables sharded by columns over several processes
+        self.column_parallel = None
 
         self.norm = RMSNorm(dim, **factory) if pre_rmsnorm else nn.Identity()
         self.to_queries = nn.Linear(dim, heads * 2 * dim_key, bias=False, **factory)
@@ -167,6 +170,11 @@ class PEER(nn.Module):
             table._peer_fresh_grad = table.grad is None
 
     def forward(self, x):
+        if self.column_parallel is not None:
+            return self.column_parallel.forward(self, x)
+        return self._forward(x)
+
+    def _forward(self, x):
         self._check_input(x)
         if self.sparse_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._flag_fresh_sparse_grads()
@@ -175,6 +183,8 @@ class PEER(nn.Module):
         if x.numel() == 0:
             return (x * 0).to(dtype)  # an empty batch: an empty output, still attached to x's graph
         ops = backends.get(self.backend, x.device)
+        if self.column_parallel is not None:
+            ops = self.column_parallel.ops(ops)
         tokens = self.norm(x.reshape(-1, self.dim))
         if self.training and self.query_norm_kind == "batchnorm" and tokens.shape[0] == 1:
             raise ValueError("query_norm: 'batchnorm' normalises over the tokens of a batch in training mode and "
@@ -187,13 +197,14 @@ class PEER(nn.Module):
         keys = self.keys.to(retrieval_dtype)
         tokens = tokens.to(dtype)
         k, k_sub = self.num_experts_per_head, self.product_key_topk
-        if self.training and self.dropout > 0:
+        if self.training and self.dropout > 0 or self.column_parallel is not None:
             # Dropout on the activations a_j equals dropout on the gates g_j (y and every gradient are
-            # the same products), so the expert op needs no dropout of its own.
+            # the same products), so the expert op needs no dropout of its own. Column-sharded tables
+            # take this path too: their expert stage sums z over the shards between its two halves.
             scores, expert_ids = ops.product_key_topk(queries, keys, k, k_sub)
             if self.separate_embed_per_head:
                 expert_ids = reference.head_offsets(expert_ids, self.num_experts)
-            gates = F.dropout(reference.gate(scores, self.gating), self.dropout, training=True)
+            gates = F.dropout(reference.gate(scores, self.gating), self.dropout, training=self.training)
             y = ops.peer_experts(tokens, expert_ids, gates, self.w_down, self.w_up, self.activation,
                                  sparse_grad=self.sparse_grad)
         else:

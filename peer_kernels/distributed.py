@@ -1,0 +1,241 @@
+"""PEER on torch.distributed: the expert tables sharded by columns (the model dim) over a 1-D mesh.
+
+    from torch.distributed.tensor.parallel import parallelize_module
+    parallelize_module(model, tp_mesh, {"layers.*.peer": PEERParallel()})
+
+`PEERParallel` is a DTensor `ParallelStyle`. It makes `w_down` and `w_up` DTensors `Shard(1)`: rank r
+holds columns [off_r, off_r + n_r) of every expert row, split as `torch.chunk` splits (ceil(d/P)
+columns per rank, the last ranks short when P does not divide d). Every other parameter and buffer
+(query projection, keys, norms) becomes a `Replicate()` DTensor, and retrieval runs identically on
+every rank, so each rank picks the same experts with the same gates. The expert stage is then the
+backend's own two halves per column shard, with the layer's kernels unchanged:
+
+    forward                                          backward
+    x_r   = x[:, cols_r]           (no comm)         dx: all-gather of the column blocks (T*d)
+    z     = all-reduce(peer_down(x_r, ids, U_r))     identity: dz is the same on every rank
+            (T*h*k fp32)
+    m     = gates * act(z)         (no comm)         all-reduce of dm = v.dy (T*h*k fp32): each rank's
+                                                     dy only meets its own columns of v; dz and
+                                                     dgates then follow locally from dm
+    y_r   = peer_mix(m, ids, 1, V_r, "identity")     table gradients local to each shard
+    y     = y_r gathered to the output layout        (its mirror)
+
+Bytes each rank sends per forward+backward (ring algorithms, P ranks, activations of b bytes, z in
+fp32): the two reductions, 2 * 2(P-1)/P * T*h*k*4, plus the layer's input and output: replicated,
+an all-gather of y and one of dx, (P-1)/P * T*d*b each; sequence-parallel, an all-gather of x and of
+dx, and y and dy between column and token shards by all-to-all. At the paper's shapes (T=8192,
+d=1024, h*k=128, bf16) and P=8: 44 MB per rank and step replicated, 48 MB sequence-parallel, where
+FSDP would all-gather the two tables, 3.8 GB, per pass.
+
+Column or row sharding. Row sharding (expert parallel: rank r owns N/P whole experts; tokens' (id,
+gate) pairs go to the owners by all-to-all) computes each z on its owner with no reduction, but with
+h*k = 128 picks per token nearly every token has a pick on every rank ((7/8)**128 ~ 4e-8 that it
+misses one of 8), so every rank needs nearly every token's x and dy and returns partial y and dx for
+all of them: 4 (P-1)/P * T*d*b, against column's 2 (P-1)/P * T*d*b (its y and dx are split by
+columns already) plus its reductions, 16 (P-1)/P * T*h*k. Column moves fewer bytes when
+d*b > 4*h*k with replicated input and output and d*b > 8*h*k sequence-parallel (bf16, h*k = 128:
+d > 256 and d > 512): at d = 1024, P = 8, 44 vs 66 MB replicated and 48 vs 61 MB sequence-parallel;
+at d = 4096, 132 vs 242 and 147 vs 237 MB. Row pays for small d with many picks per token, and
+where retrieval must itself be split (column replicates the query projection and the sub-key scores
+on every rank); it inherits expert-parallel load imbalance from hot experts, which column sharding,
+every rank doing 1/P of every row, does not have. README "Distributed" has the table, and
+bench/distributed.py the byte model (`python -m bench --distributed P` measures it).
+
+Conventions: dropout > 0 draws its mask on every rank; seed the ranks of one mesh identically (as
+Megatron and torchtitan do) so the masks agree. Parameters live on different meshes once FSDP2 is
+added, so `torch.nn.utils.clip_grad_norm_` cannot stack their norms; take each gradient's
+`.norm().full_tensor()` and combine those.
+"""
+import contextlib
+import functools
+import inspect
+import types
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from . import reference
+from .module import PEER
+
+TABLES = ("w_down", "w_up")
+# torch >= 2.7 lets a style say whose data a distributed tensor starts from; 2.6 always used rank 0's.
+_HAS_SRC_DATA_RANK = "src_data_rank" in inspect.signature(distribute_tensor).parameters
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) in forward, identity in backward: what follows the sum is replicated, so
+    every rank already holds the whole gradient of it."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        total = partial.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity in forward, all-reduce (sum) of the gradient in backward: a replicated tensor
+    consumed by a column-sharded op gets one partial gradient per column shard."""
+
+    @staticmethod
+    def forward(ctx, replicated, group):
+        ctx.group = group
+        return replicated.view_as(replicated)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+@contextlib.contextmanager
+def _replicated_as_local(layer):
+    """The layer's replicated DTensor parameters and buffers swapped for their local tensors while
+    it computes, so its query path runs on plain tensors as in one process (torch 2.6's DTensor has
+    no batch norm). A parameter's local view carries its gradient back to the DTensor; a buffer's
+    shares its storage, so batch norm's running statistics update in place. (torch.func.functional_call
+    swaps too, but by calling the layer, which would come back here.)"""
+    swapped = []
+    for module in layer.modules():
+        for entries in (module._parameters, module._buffers):
+            for name, value in entries.items():
+                if isinstance(value, DTensor) and value.placements == (Replicate(),):
+                    swapped.append((entries, name, value))
+                    entries[name] = value.to_local()
+    try:
+        yield
+    finally:
+        for entries, name, value in swapped:
+            entries[name] = value
+
+
+class ColumnParallel:
+    """What PEERParallel installs as `layer.column_parallel`: the layer's forward between the layouts
+    the model uses, and its expert stage for the sharded tables."""
+
+    def __init__(self, mesh, input_layout, output_layout, use_local_output):
+        self.mesh, self.input_layout, self.output_layout = mesh, input_layout, output_layout
+        self.use_local_output = use_local_output
+
+    def forward(self, layer, x):
+        layer._check_input(x)
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, self.mesh, [_normalized(self.input_layout, x.dim())], run_check=False)
+        if x.placements != (Replicate(),):
+            x = x.redistribute(self.mesh, [Replicate()])
+        with _replicated_as_local(layer):
+            y = layer._forward(x.to_local())
+        if not isinstance(y, DTensor):  # an empty batch, computed on every rank
+            y = DTensor.from_local(y, self.mesh, [Replicate()], run_check=False)
+        layout = _normalized(self.output_layout, y.dim())
+        if y.placements != (layout,):
+            y = y.redistribute(self.mesh, [layout])
+        return y.to_local() if self.use_local_output else y
+
+    def ops(self, ops):
+        """The backend's ops as the layer calls them: retrieval the backend's own (its inputs are
+        replicated), the expert stage per column shard."""
+        return types.SimpleNamespace(product_key_topk=ops.product_key_topk,
+                                     peer_experts=functools.partial(self.peer_experts, ops))
+
+    def peer_experts(self, ops, x, expert_ids, gates, w_down, w_up, activation="gelu", sparse_grad=False):
+        """ops.peer_experts for tables (E, d) that are Shard(1) DTensors: x (T, d_in), ids and gates
+        (T, h, k), the same on every rank -> y (T, d_out) as a Shard(1) DTensor. (sparse_grad is
+        refused when the tables are sharded: PEERParallel._apply.)"""
+        group = self.mesh.get_group()
+        columns = DTensor.from_local(x, self.mesh, [Replicate()], run_check=False).redistribute(
+            self.mesh, [Shard(1)]).to_local()
+        z = _SumOverRanks.apply(ops.peer_down(columns, expert_ids, w_down.to_local()), group)
+        # The gate times the activation, summed over ranks in backward: the mix's gradient wrt it is
+        # v.dy, partial over columns, and one reduction of it gives both dz and dgates.
+        mixed = _SumGradOverRanks.apply(gates.to(z.dtype) * reference.activate(z, activation), group)
+        y = ops.peer_mix(mixed, expert_ids, torch.ones_like(mixed), w_up.to_local(), "identity")
+        shape = (x.shape[0], w_up.shape[1])
+        return DTensor.from_local(y.to(x.dtype), self.mesh, [Shard(1)], run_check=False, shape=torch.Size(shape),
+                                  stride=(shape[1], 1))
+
+
+def _placement(name, value):
+    if value is None:
+        return Replicate()
+    if not isinstance(value, Placement):
+        raise TypeError(f"{name}: expected a torch.distributed.tensor Placement such as Replicate() or Shard(1), "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def _normalized(placement, ndim):
+    """Shard(-1) and Shard(ndim - 1) are the same layout but compare unequal."""
+    if isinstance(placement, Shard) and placement.dim < 0:
+        return Shard(placement.dim + ndim)
+    return placement
+
+
+class PEERParallel(ParallelStyle):
+    """Shards a `peer_kernels.PEER` layer's expert tables by columns over a 1-D device mesh.
+
+    `parallelize_module(model, tp_mesh, {"...peer": PEERParallel()})`, or
+    `parallelize_module(layer, tp_mesh, PEERParallel())`. Afterwards `w_down` and `w_up` are `Shard(1)`
+    DTensors, the other parameters and buffers `Replicate()` DTensors; see the module docstring for
+    the collectives. Compose with FSDP2 by applying this first, then `fully_shard` on a 2-D mesh's
+    other dim.
+
+    input_layouts: the layout of a plain-tensor input (default Replicate(); Shard(1) for a
+      sequence-parallel (batch, seq, dim) input, whose sequence must then split evenly, as
+      DTensor.from_local assumes); a DTensor input keeps its own. Either is made replicated.
+    output_layouts: the output's layout, Replicate() (default) or Shard(dim) for sequence parallelism.
+    use_local_output: return the local tensor (default) rather than the DTensor.
+    """
+
+    def __init__(self, *, input_layouts=None, output_layouts=None, use_local_output=True):
+        super().__init__()
+        self.input_layouts = _placement("input_layouts", input_layouts)
+        self.output_layouts = _placement("output_layouts", output_layouts)
+        self.use_local_output = use_local_output
+
+    def _partition(self, name, module, mesh):
+        if name:  # the children's parameters: distribute_module replicates them
+            return
+        for table in TABLES:
+            param = getattr(module, table)
+            module.register_parameter(table, torch.nn.Parameter(
+                self._shard_columns(param, mesh), requires_grad=param.requires_grad))
+        module.column_parallel = ColumnParallel(mesh, self.input_layouts, self.output_layouts, self.use_local_output)
+
+    def _shard_columns(self, table, mesh):
+        placements = [Shard(1)]
+        if _HAS_SRC_DATA_RANK:
+            sharded = distribute_tensor(table, mesh, placements, src_data_rank=self.src_data_rank)
+        else:
+            sharded = distribute_tensor(table, mesh, placements)
+        local = sharded.to_local()
+        if local.is_contiguous():
+            return sharded
+        # torch 2.6 leaves a short last shard as a strided view, which FSDP2 refuses to shard
+        return DTensor.from_local(local.contiguous(), mesh, placements, run_check=False, shape=sharded.shape,
+                                  stride=sharded.stride())
+
+    # ParallelStyle._apply is private by name but is the extension point parallelize_module calls
+    # (the built-in styles and torchtitan's implement it), unchanged from torch 2.6 to 2.13.
+    def _apply(self, module, device_mesh):
+        if not isinstance(module, PEER):
+            raise TypeError(f"module: PEERParallel applies to a peer_kernels.PEER layer, got {type(module).__name__}")
+        if module.sparse_grad:
+            raise ValueError("sparse_grad: the column-sharded tables' gradients are dense DTensor shards; "
+                             "build the layer with sparse_grad=False for PEERParallel")
+        if device_mesh.ndim != 1:
+            raise ValueError(f"device_mesh: expected a 1-D mesh (e.g. mesh['tp'] of a 2-D mesh), got "
+                             f"{device_mesh.ndim} dims {tuple(device_mesh.shape)}")
+        ranks = device_mesh.size()
+        per_rank = -(-module.dim // ranks)  # Shard(1) splits as torch.chunk does
+        if (ranks - 1) * per_rank >= module.dim:
+            raise ValueError(f"dim: {module.dim} columns split as torch.chunk over {ranks} ranks ({per_rank} each) "
+                             f"leave the last rank none; use a dim that {ranks} divides, or fewer ranks")
+        return distribute_module(module, device_mesh, self._partition)
