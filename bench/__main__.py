@@ -1,4 +1,5 @@
 """python -m bench [--preset paper|sweep|cpu|smoke] [--device auto|cuda|cpu] [--out DIR] ...
+python -m bench --distributed P [--preset ...]
 python -m bench --compare A.json B.json"""
 import argparse
 import datetime
@@ -7,7 +8,7 @@ import sys
 
 import torch
 
-from . import cases, profile, providers, report, run
+from . import cases, distributed, profile, providers, report, run
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
@@ -32,6 +33,9 @@ def parse(argv):
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing providers, print the layer's per-kernel times (torch.profiler) for "
                              "the preset's first shape")
+    parser.add_argument("--distributed", type=int, metavar="P",
+                        help="instead: the layer with its tables sharded over P processes (torchrun; one GPU each, "
+                             "or gloo on a CPU): per-rank step time and bytes communicated")
     return parser.parse_args(argv)
 
 
@@ -57,6 +61,10 @@ def main(argv=None):
     left_out = {} if args.providers else dict(preset.left_out)
     names = args.providers or [name for name in providers.PROVIDERS if name not in left_out]
     stem = f"{preset_name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if args.distributed:
+        if device.type == "cuda" and torch.cuda.device_count() < args.distributed:
+            sys.exit(f"--distributed {args.distributed}: only {torch.cuda.device_count()} GPUs")
+        return distributed.launch(args.distributed, preset_name, device, args.out, f"distributed{args.distributed}-{stem}")
 
     def save(meta, rows, skipped):
         report.write(args.out, stem, meta, report.add_speedups(rows), skipped)

@@ -27,7 +27,7 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def _table(headers, body):
+def text_table(headers, body):
     if tabulate is not None:
         return tabulate(body, headers=headers, disable_numparse=True, stralign="right")
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *body)]
@@ -60,7 +60,7 @@ def table(meta, rows):
                          _fmt(r["gbps"], ".1f"), _fmt(r["copy_fraction"] and 100 * r["copy_fraction"], ".1f"),
                          _fmt(r["tflops"], ".3f"), _fmt(r["peak_bytes"] and r["peak_bytes"] / 2 ** 20, ".1f"),
                          error])
-        out += ["", shape, _table(headers, body)]
+        out += ["", shape, text_table(headers, body)]
     notes = ["", "ms: median; IQR %: interquartile range / median; x ref / x peer-pt: their ms / this ms (> 1 is faster); GB/s: expert-row bytes "
              "(T*h*k*2*d*bytes, x2 backward, x3 both and step) / ms; % copy: of the copy bandwidth above; peak "
              "MiB: memory allocated at the peak beyond the inputs (GPU: max_memory_allocated; CPU: the running sum "
@@ -144,5 +144,5 @@ def compare(path_a, path_b):
     for (shape, op, mode, provider), r in b_rows.items():
         body.append([shape, op, mode, provider, "-", _fmt(r["median_ms"], ".3f"), "-"])
     headers = ["shape", "op", "mode", "provider", "A ms", "B ms", "B speed-up (A ms / B ms)"]
-    return "\n".join(lines + ["", _table(headers, body)])
+    return "\n".join(lines + ["", text_table(headers, body)])
 

@@ -72,3 +72,19 @@ def test_profile_prints_the_layers_kernels():
     done = _bench("--preset", "smoke", "--profile")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "forward+backward steps of PEER" in done.stdout and "Self CPU" in done.stdout
+
+
+def test_distributed_mode(tmp_path):
+    """Two gloo processes under torchrun: a row per rank, checked against the single-process layer,
+    and the bytes its collectives moved equal to the byte model's count for column sharding."""
+    done = _bench("--distributed", "2", "--preset", "smoke", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = tmp_path.glob("distributed2-smoke-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [(r["rank"], r["ranks"]) for r in rows] == [(0, 2), (1, 2)]
+    for row in rows:
+        assert row["forward_ms"] > 0 and row["backward_ms"] > 0 and row["error"] < 1e-3, row
+        assert {name: c["count"] for name, c in row["collectives"].items()} == {
+            "allreduce_": 2, "all_gather_into_tensor": 2}, row["collectives"]
+        assert row["sent_bytes"] == pytest.approx(row["column_model_bytes"], rel=1e-12)
+    assert "MB sent" in done.stdout
