@@ -42,8 +42,13 @@ every rank doing 1/P of every row, does not have. README "Distributed" has the t
 bench/distributed.py the byte model (`python -m bench --distributed P` measures it).
 
 Conventions: dropout > 0 draws its mask on every rank; seed the ranks of one mesh identically (as
-Megatron and torchtitan do) so the masks agree. Parameters live on different meshes once FSDP2 is
-added, so `torch.nn.utils.clip_grad_norm_` cannot stack their norms; take each gradient's
+Megatron and torchtitan do) so the masks agree. The replicated parameters' gradients are computed
+on every rank, not reduced: equal where the backend's retrieval backward is deterministic (the C++
+one and the reference), but the Triton one adds the keys' gradient with fp32 atomics, so on GPUs
+the ranks' keys can drift apart by rounding, and a drift that reorders a near-tie would have ranks
+pick different experts; broadcasting the replicated parameters from the mesh's first rank now and
+then bounds it (not measured: no multi-GPU run yet). Parameters live on different meshes once FSDP2
+is added, so `torch.nn.utils.clip_grad_norm_` cannot stack their norms; take each gradient's
 `.norm().full_tensor()` and combine those.
 """
 import contextlib
