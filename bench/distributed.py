@@ -135,7 +135,7 @@ def table(meta, rows):
                "model: column MB", "row MB", "rel err"]
     body = [[r["shape"], f"{r['rank']}/{r['ranks']}", f"{r['forward_ms']:.3f}", f"{r['backward_ms']:.3f}",
              f"{r['median_ms']:.3f}", ", ".join(f"{name} x{c['count']}" for name, c in r["collectives"].items()),
-             f"{r['sent_bytes'] / 1e6:.3f}", f"{r['column_model_bytes'] / 1e6:.3f}", f"{r['row_model_bytes'] / 1e6:.3f}",
+             *(f"{r[key] / 1e6:.3f}" for key in ("sent_bytes", "column_model_bytes", "row_model_bytes")),
              f"{r['error']:.1e}"] for r in rows]
     notes = ["", "PEERParallel, replicated input and output; MB sent: by each rank, forward+backward, ring-algorithm "
                  "counts of the collectives it ran; model: the same count derived from the shapes for column "
