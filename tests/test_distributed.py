@@ -159,6 +159,8 @@ def _bad_input(rank):
         parallelize_module(peer_kernels.PEER(1, **SMALL), _mesh(), PEERParallel())
     with pytest.raises(TypeError, match="module: PEERParallel applies to a peer_kernels.PEER layer, got Linear"):
         parallelize_module(nn.Linear(4, 4), _mesh(), PEERParallel())
+    with pytest.raises(ValueError, match="sparse_grad: the column-sharded tables"):
+        parallelize_module(peer_kernels.PEER(D, **SMALL, sparse_grad=True), _mesh(), PEERParallel())
     with pytest.raises((ValueError, RuntimeError), match="1-D mesh|1D DeviceMesh"):  # torch 2.6 checks it first
         parallelize_module(peer_kernels.PEER(D, **SMALL), _mesh((1, WORLD), ("dp", "tp")), PEERParallel())
 
