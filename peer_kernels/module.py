@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends, reference
-from ._checks import check_config
+from ._checks import check_config, sub_keys_per_half
 
 # Our parameter names -> peer-pytorch's (PEER_pytorch.PEER) state_dict keys.
 _PEER_PYTORCH_KEYS = {
@@ -197,6 +197,8 @@ class PEER(nn.Module):
         keys = self.keys.to(retrieval_dtype)
         tokens = tokens.to(dtype)
         k, k_sub = self.num_experts_per_head, self.product_key_topk
+        if self.track_usage:
+            self._count_usage(ops, queries, keys)
         if self.training and self.dropout > 0 or self.column_parallel is not None:
             # Dropout on the activations a_j equals dropout on the gates g_j (y and every gradient are
             # the same products), so the expert op needs no dropout of its own. Column-sharded tables
@@ -262,6 +264,122 @@ class PEER(nn.Module):
         ours = self.state_dict()
         other.load_state_dict({theirs: ours[mine] for mine, theirs in _PEER_PYTORCH_KEYS.items() if mine in ours})
         return other
+
+    # ---- the paper's instruments: expert usage, growing the pool ---------------------------------
+
+    _track_usage = False
+
+    @property
+    def track_usage(self):
+        """While True, every forward adds its retrievals to `usage_counts`, an (S*N,) int64 buffer
+        on the parameters' device (S = heads with separate_embed_per_head, else 1), on the device
+        and with no host sync; usage_stats() reads and resets them. The counts are not part of the
+        state_dict. The fused op keeps its expert ids to itself, so tracking runs the retrieval op
+        once more, without gradients (a small part of the layer's cost); gradient checkpointing,
+        which runs the forward again, counts it twice."""
+        return self._track_usage
+
+    @track_usage.setter
+    def track_usage(self, value):
+        if not isinstance(value, bool):
+            raise TypeError(f"track_usage: expected a bool, got {type(value).__name__} {value!r}")
+        if value and self._buffers.get("usage_counts") is None:
+            self.register_buffer("usage_counts", torch.zeros(self.w_down.shape[0], dtype=torch.int64,
+                                                             device=self.w_down.device), persistent=False)
+        self._track_usage = value
+
+    @torch.no_grad()
+    def _count_usage(self, ops, queries, keys):
+        # The backend's retrieval op again, without gradients: its picks are the fused op's (one tie
+        # rule), and the ids stay on the device (the expert op would check their range on the host).
+        _, ids = ops.product_key_topk(queries, keys, self.num_experts_per_head, self.product_key_topk)
+        if self.separate_embed_per_head:
+            ids = reference.head_offsets(ids, self.num_experts)
+        ids = ids.reshape(-1)
+        self.usage_counts.index_add_(0, ids, torch.ones_like(ids))
+
+    def usage_stats(self, reset=True):
+        """Expert usage since tracking began or the last reset, the paper's Table 2 measures:
+        {"counts": (S*N,) int64 tensor (a copy; S*N rows as in track_usage), "used_fraction": the
+        share of the S*N experts retrieved at least once, "kl_from_uniform": KL(p || uniform) =
+        log(S*N) + sum p log p over the retrieval frequencies p (nan before any retrieval)}.
+        reset=True zeroes the counts. Reading them waits for the device."""
+        counts = self._buffers.get("usage_counts")
+        if counts is None:
+            raise RuntimeError("usage_stats: no usage was tracked; set layer.track_usage = True before the forward")
+        counts = counts.clone()
+        if reset:
+            self.usage_counts.zero_()
+        total = int(counts.sum())
+        p = counts.double() / max(total, 1)
+        kl = math.log(counts.numel()) + float(torch.xlogy(p, p).sum()) if total else math.nan
+        return {"counts": counts, "used_fraction": float((counts > 0).double().mean()), "kl_from_uniform": kl}
+
+    @torch.no_grad()
+    def grow(self, num_experts, optimizer=None):
+        """Grows the pool to `num_experts`, a larger perfect square n'*n', keeping every existing
+        expert's function: sub-key a of each half keeps its index, so expert a*n + b becomes
+        a*n' + b (its rows move; within each head's block with separate_embed_per_head), and the
+        output is unchanged for every token whose retrieval still picks old experts only. The new
+        sub-keys and rows are initialised as reset_parameters() initialises them.
+
+        keys, w_down and w_up become new, larger Parameters (requires_grad kept, .grad dropped), so
+        an optimizer built on the old ones must be told: pass it as `optimizer` and its param
+        groups get the new Parameters, with their state re-laid like the Parameters (the new
+        entries zero, scalars such as Adam's step kept); or build a new optimizer. usage_counts
+        are re-laid as well. Returns the layer."""
+        n_new = sub_keys_per_half(num_experts)
+        n = math.isqrt(self.num_experts)
+        if n_new <= n:
+            raise ValueError(f"num_experts: expected a perfect square larger than {self.num_experts}, got {num_experts}")
+        sets = self.w_down.shape[0] // self.num_experts
+        old = {"keys": self.keys, "w_down": self.w_down, "w_up": self.w_up}
+        for name, param in old.items():
+            for key, value in (optimizer.state.get(param, {}) if optimizer is not None else {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"optimizer: cannot re-lay its state {key!r} of shape {tuple(value.shape)} "
+                                     f"for {name} of shape {tuple(param.shape)}; build a new optimizer instead")
+        grown = {id(p) for p in old.values()}
+        kept = [(t, t.clone()) for t in (*self.parameters(), *self.buffers()) if id(t) not in grown]
+        for name, param in old.items():
+            shape = (param.shape[0], n_new, *param.shape[2:]) if name == "keys" else (sets * n_new * n_new, self.dim)
+            setattr(self, name, nn.Parameter(param.new_empty(shape), requires_grad=param.requires_grad))
+        self.num_experts = num_experts
+        self.reset_parameters()  # initialises the new entries; everything else is put back next
+        for t, value in kept:
+            t.copy_(value)
+        for name, param in old.items():
+            _place_grown(param, getattr(self, name), n, None if name == "keys" else sets)
+        counts = self._buffers.get("usage_counts")
+        if counts is not None:
+            self.usage_counts = _place_grown(counts, counts.new_zeros(sets * n_new * n_new), n, sets)
+        if optimizer is not None:
+            new = {id(p): getattr(self, name) for name, p in old.items()}
+            for group in optimizer.param_groups:
+                group["params"] = [new.get(id(p), p) for p in group["params"]]
+            for name, param in old.items():
+                state = optimizer.state.pop(param, None)
+                if state is None:
+                    continue
+                target = getattr(self, name)
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0:
+                        state[key] = _place_grown(value, value.new_zeros(target.shape), n,
+                                                  None if name == "keys" else sets)
+                optimizer.state[target] = state
+        return self
+
+
+def _place_grown(value, into, n, sets):
+    """Writes `value`, laid out for n sub-keys per half, into `into`, laid out for n' > n: keys
+    (h, n, 2, dk) keep their sub-key index (sets None); rows (sets*n*n, ...) of expert a*n + b go
+    to row a*n' + b of their set. Returns `into`."""
+    if sets is None:
+        into[:, :n] = value
+    else:
+        n_new, rest = math.isqrt(into.shape[0] // sets), value.shape[1:]
+        into.view(sets, n_new, n_new, *rest)[:, :n, :n] = value.view(sets, n, n, *rest)
+    return into
 
 
 def _flag_coalesced(table):
