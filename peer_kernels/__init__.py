@@ -2,11 +2,15 @@
 
 `PEER` is the layer; `reference` the naive PyTorch oracle; `ops` the Triton ops (absent where
 Triton is); `csrc` the C++ reference backend, built on first use; `optim` the optimizers for
-sparse table gradients. Set TRITON_INTERPRET=1 before the
-import to run the Triton ops on CPU tensors (slow; for tests).
+sparse table gradients. Set TRITON_INTERPRET=1 before the import to run the Triton ops on CPU
+tensors (slow; for tests). `compat` has peer-pytorch's classes on these kernels and
+`patch_peer_pytorch()` puts peer-pytorch's own on them; `transformers` puts PEER into Hugging Face
+models; `distributed` shards it over several GPUs (none of them needs peer-pytorch or transformers
+to be imported).
 """
 from . import backends, optim, reference
+from .compat import patch_peer_pytorch, unpatch_peer_pytorch
 from .module import PEER
 
 __version__ = "0.1.0"
-__all__ = ["PEER", "reference", "backends", "optim", "__version__"]
+__all__ = ["PEER", "reference", "backends", "optim", "patch_peer_pytorch", "unpatch_peer_pytorch", "__version__"]

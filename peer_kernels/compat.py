@@ -1,0 +1,280 @@
+"""peer-pytorch's classes on peer_kernels' kernels: change the import, keep the code.
+
+    from peer_kernels.compat import PEER, PEERLora, ChunkedPEER   # was: from PEER_pytorch import ...
+
+`PEER`, `PEERLora` and `ChunkedPEER` take peer-pytorch 0.2's constructor arguments with its
+defaults (`PEER(dim, heads=8, num_experts=1_000_000, num_experts_per_head=16, activation=nn.GELU,
+dim_key=None, ...)`: relu gates on each head's best expert with `non_competing_scores=True`,
+`dim_key = dim // 2`), have its submodules, attributes and state_dict keys in its order, initialise
+as it does (from the same seed, the very same weights), and take its forward arguments
+(`train_mem_mask`). They add three keywords: `backend` ("auto" | "triton" | "cpp" | "reference",
+as peer_kernels.PEER), `device` and `dtype` (where and in what dtype the parameters are made).
+The math is peer-pytorch's; it runs on the backends' ops, so the `(batch, seq, heads, k, dim)`
+tensors of gathered expert rows are never built.
+
+`patch_peer_pytorch()` runs `PEER_pytorch.PEER` and `PEER_pytorch.PEERLora` themselves on these
+forwards: instances made before the call and after it (the classes' `forward` is replaced, so the
+patch holds for the process until `unpatch_peer_pytorch()`). A patched instance runs on
+backend "auto"; set `module.backend = "reference"` (any backend name) to choose another.
+
+Differences, all by design: inputs may be `(..., dim)` (peer-pytorch takes `(batch, seq, dim)`
+only); the retrieval scores accumulate in float32 for 16-bit inputs (peer-pytorch ranks them in
+bf16 under autocast, so near ties may pick other experts); `PEER`'s activation runs inside the
+expert kernel, so it must be `nn.GELU` (either approximation), `nn.ReLU` or `nn.SiLU` (a
+`ValueError` names anything else); `train_mem_mask` also works with `separate_embed_per_head`
+(a mask over all `heads * num_experts` rows); `ChunkedPEER` runs the whole sequence at once.
+"""
+import math
+
+import torch
+from torch import nn
+
+from . import backends, reference
+from ._checks import check_config, check_tensor
+from .module import RMSNorm, _activation_name
+
+
+def _gating(score_activation):
+    """peer-pytorch's score activation as the ops' gating name."""
+    if isinstance(score_activation, nn.Softmax):
+        return "softmax"
+    if isinstance(score_activation, nn.ReLU):
+        return "relu"
+    raise ValueError(f"score_activation: expected nn.Softmax or nn.ReLU, got {type(score_activation).__name__}")
+
+
+def _product_keys(module, dim, heads, num_experts, num_experts_per_head, dim_key, product_key_topk,
+                  non_competing_scores, dropout, activation_name, backend):
+    """Checks the arguments the two classes share and sets peer-pytorch's attributes from them;
+    returns dim_key (dim // 2 by default)."""
+    if isinstance(dim, int) and not isinstance(dim, bool) and dim % 2:
+        raise ValueError(f"dim: expected an even number (peer-pytorch's product keys split it), got {dim}")
+    dim_key = dim // 2 if dim_key is None else dim_key
+    k = 1 if non_competing_scores else num_experts_per_head
+    k_sub = num_experts_per_head if product_key_topk is None else product_key_topk
+    check_config(dim=dim, heads=heads, num_experts=num_experts, num_experts_per_head=k, dim_key=dim_key,
+                 product_key_topk=k_sub, activation=activation_name,
+                 gating="relu" if non_competing_scores else "softmax", query_norm=None, backend=backend,
+                 dropout=dropout)
+    module.heads, module.num_experts, module.backend = heads, num_experts, backend
+    module.num_keys = math.isqrt(num_experts)
+    module.product_key_topk, module.num_experts_per_head_topk = k_sub, k
+    return dim_key
+
+
+class _QueryHalves(nn.Module):
+    """peer-pytorch's to_queries[1]: (..., 2*heads*dim_key) laid out (half, head, dk) ->
+    (2, ..., heads, dim_key). The forwards here call to_queries[0] alone."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, q):
+        return q.unflatten(-1, (2, self.heads, -1)).movedim(-3, 0)
+
+
+def _query_modules(module, dim, heads, dim_key, dropout, non_competing_scores, factory):
+    """to_queries (the Linear, then the layout), keys, dropout and score_activation, registered in
+    peer-pytorch's order."""
+    module.to_queries = nn.Sequential(nn.Linear(dim, dim_key * heads * 2, bias=False, **factory),
+                                      _QueryHalves(heads))
+    module.keys = nn.Parameter(torch.empty(heads, module.num_keys, 2, dim_key, **factory))
+    module.dropout = nn.Dropout(dropout)
+    module.score_activation = nn.ReLU() if non_competing_scores else nn.Softmax(dim=-1)
+
+
+def _allocate(module, device):
+    """The modules were built on the meta device: allocate them where asked, then initialise them
+    once, in peer-pytorch's order, by reset_parameters."""
+    module.to_empty(device=torch.get_default_device() if device is None else device)
+    module.reset_parameters()
+
+
+def _retrieval_inputs(module, x, dim):
+    """x (..., dim) -> tokens (T, dim), queries (T, heads, 2, dim_key) and keys in peer-pytorch's
+    working dtype: that of the query projection's output (autocast's, else the parameters')."""
+    check_tensor("x", x)
+    if x.dim() == 0 or x.shape[-1] != dim:
+        raise ValueError(f"x: expected shape (..., dim) with dim = {dim}, got {tuple(x.shape)}")
+    tokens = module.norm(x.reshape(-1, dim))
+    q = module.to_queries[0](tokens)
+    queries = q.view(tokens.shape[0], 2, module.heads, module.keys.shape[-1]).transpose(1, 2)
+    return tokens.to(q.dtype), queries, module.keys.to(q.dtype)
+
+
+def _ops(module, device):
+    # peer-pytorch's own instances (patched) have no backend attribute: they run on "auto"
+    return backends.get(getattr(module, "backend", "auto"), device)
+
+
+class _MaskRowGrads(torch.autograd.Function):
+    """The identity on an expert table whose backward multiplies row e's gradient by mask[e]:
+    peer-pytorch's train_mem_mask, which scales each retrieved row's gradient by its expert's
+    mask value, summed over the retrievals, is exactly that."""
+
+    @staticmethod
+    def forward(ctx, table, mask):
+        ctx.save_for_backward(mask)
+        return table.view_as(table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, = ctx.saved_tensors
+        return grad * mask.to(grad.dtype)[:, None], None
+
+
+class PEER(nn.Module):
+    """peer-pytorch's `PEER_pytorch.PEER` on peer_kernels' kernels (see the module docstring).
+
+    forward(x, train_mem_mask=None): x (..., dim) -> (..., dim). train_mem_mask, a (num_experts,)
+    tensor (bool or float; (heads * num_experts,) with separate_embed_per_head), scales the
+    gradient that each expert's rows in weight_down_embed / weight_up_embed receive; the output
+    and every other gradient are unchanged (peer-pytorch's sparse memory fine-tuning).
+    """
+
+    def __init__(self, dim, *, heads=8, num_experts=1_000_000, num_experts_per_head=16, activation=nn.GELU,
+                 dim_key=None, product_key_topk=None, separate_embed_per_head=False, pre_rmsnorm=False,
+                 non_competing_scores=True, dropout=0., backend="auto", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": "meta", "dtype": dtype}
+        act = activation()
+        dim_key = _product_keys(self, dim, heads, num_experts, num_experts_per_head, dim_key, product_key_topk,
+                                non_competing_scores, dropout, _activation_name(act), backend)
+        self.separate_embed_per_head = separate_embed_per_head
+        rows = num_experts * (heads if separate_embed_per_head else 1)
+        self.norm = RMSNorm(dim, **factory) if pre_rmsnorm else nn.Identity()
+        self.weight_down_embed = nn.Embedding(rows, dim, **factory)
+        self.weight_up_embed = nn.Embedding(rows, dim, **factory)
+        self.activation = act
+        _query_modules(self, dim, heads, dim_key, dropout, non_competing_scores, factory)
+        _allocate(self, device)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """peer-pytorch's initialisation, in its order: expert tables N(0, 1) (nn.Embedding's),
+        to_queries as nn.Linear, keys N(0, 0.02), the pre-norm's gamma zero."""
+        for module in (self.norm, self.weight_down_embed, self.weight_up_embed, self.to_queries[0]):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        nn.init.normal_(self.keys, std=0.02)
+
+    def forward(self, x, train_mem_mask=None):
+        dim = self.weight_down_embed.embedding_dim
+        tokens, queries, keys = _retrieval_inputs(self, x, dim)
+        ops = _ops(self, tokens.device)
+        w_down, w_up = self.weight_down_embed.weight, self.weight_up_embed.weight
+        if train_mem_mask is not None:
+            check_tensor("train_mem_mask", train_mem_mask, (w_down.shape[0],), dtypes=None, device=w_down.device)
+            w_down, w_up = _MaskRowGrads.apply(w_down, train_mem_mask), _MaskRowGrads.apply(w_up, train_mem_mask)
+        k, k_sub, gating = self.num_experts_per_head_topk, self.product_key_topk, _gating(self.score_activation)
+        activation = _activation_name(self.activation)
+        if self.training and self.dropout.p > 0:
+            # dropout on the activations (peer-pytorch's) is dropout on the gates: the same products
+            scores, expert_ids = ops.product_key_topk(queries, keys, k, k_sub)
+            if self.separate_embed_per_head:
+                expert_ids = reference.head_offsets(expert_ids, self.num_experts)
+            gates = self.dropout(reference.gate(scores, gating))
+            y = ops.peer_experts(tokens, expert_ids, gates, w_down, w_up, activation)
+        else:
+            y = ops.peer_fused(tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation,
+                               self.separate_embed_per_head)
+        return y.view(*x.shape[:-1], dim)
+
+
+class PEERLora(nn.Module):
+    """peer-pytorch's `PEER_pytorch.PEERLora` on peer_kernels' kernels: a bias-free feed-forward
+    block (proj_in, activation, dropout, proj_out) whose two projections each add retrieved
+    rank-1 adapters, sum_j g_j (a_j . h) b_j, with a: (num_experts, width in) and b:
+    (num_experts, width out) tables: the expert op with the identity activation. Its activation
+    acts on the dense hidden layer, so any activation class works.
+    """
+
+    def __init__(self, dim, *, expansion_factor=2., num_experts=1_000_000, heads=4, num_experts_per_head=4,
+                 activation=nn.GELU, dim_key=None, product_key_topk=None, pre_rmsnorm=False,
+                 non_competing_scores=True, dropout=0., backend="auto", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": "meta", "dtype": dtype}
+        dim_key = _product_keys(self, dim, heads, num_experts, num_experts_per_head, dim_key, product_key_topk,
+                                non_competing_scores, dropout, "identity", backend)
+        self.num_experts_per_head = num_experts_per_head
+        dim_inner = int(dim * expansion_factor)
+        self.norm = RMSNorm(dim, **factory) if pre_rmsnorm else nn.Identity()
+        self.proj_in = nn.Linear(dim, dim_inner, bias=False, **factory)
+        self.proj_out = nn.Linear(dim_inner, dim, bias=False, **factory)
+        self.proj_in_lora_a = nn.Embedding(num_experts, dim, **factory)
+        self.proj_in_lora_b = nn.Embedding(num_experts, dim_inner, **factory)
+        self.proj_out_lora_a = nn.Embedding(num_experts, dim_inner, **factory)
+        self.proj_out_lora_b = nn.Embedding(num_experts, dim, **factory)
+        self.activation = activation()
+        _query_modules(self, dim, heads, dim_key, dropout, non_competing_scores, factory)
+        _allocate(self, device)
+
+    @property
+    def lora_k(self):
+        return self.heads * self.num_experts_per_head
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """peer-pytorch's initialisation, in its order (so that a seed gives its very weights: the
+        adapter tables are drawn N(0, 1) by nn.Embedding first, then redrawn N(0, 0.02))."""
+        tables = (self.proj_in_lora_a, self.proj_in_lora_b, self.proj_out_lora_a, self.proj_out_lora_b)
+        for module in (self.norm, self.proj_in, self.proj_out, *tables, self.to_queries[0]):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        nn.init.normal_(self.keys, std=0.02)
+        for table in (self.proj_in_lora_a, self.proj_out_lora_b, self.proj_in_lora_b, self.proj_out_lora_a):
+            nn.init.normal_(table.weight, std=0.02)
+
+    def forward(self, x):
+        dim = self.proj_in.in_features
+        tokens, queries, keys = _retrieval_inputs(self, x, dim)
+        ops = _ops(self, tokens.device)
+        scores, expert_ids = ops.product_key_topk(queries, keys, self.num_experts_per_head_topk, self.product_key_topk)
+        gates = reference.gate(scores, _gating(self.score_activation))
+
+        def adapters(h, a, b):
+            return ops.peer_experts(h, expert_ids, gates, a.weight, b.weight, "identity")
+
+        hidden = self.proj_in(tokens) + adapters(tokens, self.proj_in_lora_a, self.proj_in_lora_b)
+        hidden = self.dropout(self.activation(hidden))
+        y = self.proj_out(hidden) + adapters(hidden, self.proj_out_lora_a, self.proj_out_lora_b)
+        return y.view(*x.shape[:-1], dim)
+
+
+class ChunkedPEER(nn.Module):
+    """peer-pytorch's `ChunkedPEER(peer, seq_chunk_size=128)`: its state_dict is the wrapped
+    module's under `peer.`. peer-pytorch splits the sequence into checkpointed chunks to bound the
+    gathered expert rows; the fused kernels never build those, so the sequence runs in one call
+    (the same outputs) and `seq_chunk_size` is kept for the signature."""
+
+    def __init__(self, peer, seq_chunk_size=128):
+        super().__init__()
+        if not isinstance(peer, nn.Module):
+            raise TypeError(f"peer: expected a PEER or PEERLora module, got {type(peer).__name__}")
+        self.peer, self.seq_chunk_size = peer, seq_chunk_size
+
+    def forward(self, x):
+        return self.peer(x)
+
+
+_ORIGINAL_FORWARDS = {}
+
+
+def patch_peer_pytorch():
+    """Makes `PEER_pytorch.PEER` and `PEER_pytorch.PEERLora` run on peer_kernels' kernels, instances
+    made before and after the call: their classes' `forward` becomes this module's. Idempotent;
+    `unpatch_peer_pytorch()` restores peer-pytorch's. Needs peer-pytorch installed."""
+    import PEER_pytorch
+
+    for theirs, ours in ((PEER_pytorch.PEER, PEER), (PEER_pytorch.PEERLora, PEERLora)):
+        if theirs not in _ORIGINAL_FORWARDS:
+            _ORIGINAL_FORWARDS[theirs] = theirs.forward
+            theirs.forward = ours.forward
+
+
+def unpatch_peer_pytorch():
+    """Undoes patch_peer_pytorch() (nothing to do if it was not called)."""
+    while _ORIGINAL_FORWARDS:
+        theirs, forward = _ORIGINAL_FORWARDS.popitem()
+        theirs.forward = forward
