@@ -20,7 +20,9 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "peer-pytorch>=0.2", "einx"],
+        # peer-pytorch 0.2.2 added train_mem_mask (tests/test_compat.py); peft 0.14 exclude_modules
+        "test": ["pytest", "hypothesis", "peer-pytorch>=0.2.2", "einx", "transformers>=4.40", "peft>=0.14"],
         "bench": ["peer-pytorch>=0.2", "einx", "matplotlib"],
+        "transformers": ["transformers>=4.40"],
     },
 )
