@@ -229,12 +229,13 @@ def _block_indices(layers, count):
 
 def _install(blocks, hidden, layers, mode, peer_kwargs, backend):
     """Builds every PEER layer first (bad options raise before the model changes), then swaps them
-    in: each on its feed-forward's device and in its dtype."""
+    in: each on its feed-forward's device and in its dtype (a quantized one's: the default dtype)."""
     made = []
     for index in layers:
         name, ffn = _find_ffn(blocks[index], hidden)
         weight = next(ffn.parameters())
-        peer = PEER(hidden, **peer_kwargs, backend=backend, device=weight.device, dtype=weight.dtype)
+        dtype = weight.dtype if weight.is_floating_point() else None
+        peer = PEER(hidden, **peer_kwargs, backend=backend, device=weight.device, dtype=dtype)
         # transformers' weight init skips flagged modules: the PEER layer initialises itself or is
         # loaded, and its names would trip the families' init rules (Gemma zeroes any *RMSNorm*'s weight)
         for module in peer.modules():
