@@ -39,8 +39,8 @@ class such as AutoModelForCausalLM) with the PEER layers of its config and loads
 with transformers' own `from_pretrained` (kwargs such as `dtype` or `device_map` go there); a PEER
 weight that is missing from the checkpoint or does not fit raises instead of being left random. A
 checkpoint without `config.peer` raises too: to add PEER to a pretrained model, load it as usual
-and call `apply_peer`. (transformers releases of the 4.40s rename every parameter named
-`*gamma*` on load, PEER's `norm.gamma` with `pre_rmsnorm=True` included: the check raises there.)
+and call `apply_peer`. (transformers releases before 4.49 rename every parameter named `*gamma*`
+on load, PEER's `norm.gamma` with `pre_rmsnorm=True` included: the check raises there.)
 
 The PEER layer is position-wise, so `generate()` and its KV cache work unchanged (call
 `model.eval()` first with query_norm="batchnorm"), as do gradient checkpointing, `torch.compile`
@@ -132,8 +132,8 @@ def from_pretrained(cls, path, *, backend="auto", **kwargs):
     keys = [*info["missing_keys"], *info["unexpected_keys"], *(m[0] for m in info.get("mismatched_keys", ()))]
     wrong = sorted(key for key in keys if key.startswith(installed))
     if wrong:
-        renamed = ("; transformers releases of the 4.40s rename parameters named *gamma* on load, PEER's "
-                   "norm.gamma included: upgrade transformers") if any("gamma" in key for key in wrong) else ""
+        renamed = ("; transformers releases before 4.49 rename parameters named *gamma* on load, PEER's "
+                   "norm.gamma (pre_rmsnorm=True) included: upgrade transformers") if any("gamma" in k for k in wrong) else ""
         raise ValueError(f"path: the checkpoint at {path!r} does not hold the PEER layers its config describes "
                          f"(missing, unexpected or of another shape: {wrong}){renamed}")
     for layer in peer_modules(model).values():
