@@ -276,7 +276,9 @@ class PEER(nn.Module):
         and with no host sync; usage_stats() reads and resets them. The counts are not part of the
         state_dict. The fused op keeps its expert ids to itself, so tracking runs the retrieval op
         once more, without gradients (a small part of the layer's cost); gradient checkpointing,
-        which runs the forward again, counts it twice."""
+        which runs the forward again, counts it twice. The counts are each process's own:
+        DistributedDataParallel's default broadcast_buffers=True overwrites them with rank 0's
+        before every forward, so track with broadcast_buffers=False and all_reduce the counts."""
         return self._track_usage
 
     @track_usage.setter
