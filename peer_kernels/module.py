@@ -272,8 +272,8 @@ class PEER(nn.Module):
     @property
     def track_usage(self):
         """While True, every forward adds its retrievals to `usage_counts`, an (S*N,) int64 buffer
-        on the parameters' device (S = heads with separate_embed_per_head, else 1), on the device
-        and with no host sync; usage_stats() reads and resets them. The counts are not part of the
+        on the parameters' device (S = heads with separate_embed_per_head, else 1), with no host
+        sync; usage_stats() reads and resets them. The counts are not part of the
         state_dict. The fused op keeps its expert ids to itself, so tracking runs the retrieval op
         once more, without gradients (a small part of the layer's cost); gradient checkpointing,
         which runs the forward again, counts it twice. The counts are each process's own:
