@@ -31,7 +31,7 @@ from torch import nn
 
 from . import backends, reference
 from ._checks import check_config, check_tensor
-from .module import RMSNorm, _activation_name
+from .module import RMSNorm, _activation_name, retrieve_and_mix
 
 
 def _gating(score_activation):
@@ -169,16 +169,8 @@ class PEER(nn.Module):
             w_down, w_up = _MaskRowGrads.apply(w_down, train_mem_mask), _MaskRowGrads.apply(w_up, train_mem_mask)
         k, k_sub, gating = self.num_experts_per_head_topk, self.product_key_topk, _gating(self.score_activation)
         activation = _activation_name(self.activation)
-        if self.training and self.dropout.p > 0:
-            # dropout on the activations (peer-pytorch's) is dropout on the gates: the same products
-            scores, expert_ids = ops.product_key_topk(queries, keys, k, k_sub)
-            if self.separate_embed_per_head:
-                expert_ids = reference.head_offsets(expert_ids, self.num_experts)
-            gates = self.dropout(reference.gate(scores, gating))
-            y = ops.peer_experts(tokens, expert_ids, gates, w_down, w_up, activation)
-        else:
-            y = ops.peer_fused(tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation,
-                               self.separate_embed_per_head)
+        y = retrieve_and_mix(ops, tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation,
+                             self.separate_embed_per_head, dropout=self.dropout.p if self.training else 0.0)
         return y.view(*x.shape[:-1], dim)
 
 

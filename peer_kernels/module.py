@@ -199,19 +199,9 @@ class PEER(nn.Module):
         k, k_sub = self.num_experts_per_head, self.product_key_topk
         if self.track_usage:
             self._count_usage(ops, queries, keys)
-        if self.training and self.dropout > 0 or self.column_parallel is not None:
-            # Dropout on the activations a_j equals dropout on the gates g_j (y and every gradient are
-            # the same products), so the expert op needs no dropout of its own. Column-sharded tables
-            # take this path too: their expert stage sums z over the shards between its two halves.
-            scores, expert_ids = ops.product_key_topk(queries, keys, k, k_sub)
-            if self.separate_embed_per_head:
-                expert_ids = reference.head_offsets(expert_ids, self.num_experts)
-            gates = F.dropout(reference.gate(scores, self.gating), self.dropout, training=self.training)
-            y = ops.peer_experts(tokens, expert_ids, gates, self.w_down, self.w_up, self.activation,
-                                 sparse_grad=self.sparse_grad)
-        else:
-            y = ops.peer_fused(tokens, queries, keys, self.w_down, self.w_up, k, k_sub, self.gating,
-                               self.activation, self.separate_embed_per_head, sparse_grad=self.sparse_grad)
+        y = retrieve_and_mix(ops, tokens, queries, keys, self.w_down, self.w_up, k, k_sub, self.gating, self.activation,
+                             self.separate_embed_per_head, dropout=self.dropout if self.training else 0.0,
+                             unfused=self.column_parallel is not None, sparse_grad=self.sparse_grad)
         return y.reshape(x.shape)
 
     # ---- peer-pytorch interop -------------------------------------------------------------------
@@ -382,6 +372,23 @@ def _place_grown(value, into, n, sets):
         n_new, rest = math.isqrt(into.shape[0] // sets), value.shape[1:]
         into.view(sets, n_new, n_new, *rest)[:, :n, :n] = value.view(sets, n, n, *rest)
     return into
+
+
+def retrieve_and_mix(ops, tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
+                     dropout=0.0, unfused=False, sparse_grad=False):
+    """The layer after its query path, on a backend's ops: retrieval, gating and the experts, by the
+    fused op, or by the retrieval and expert ops apart when dropout > 0 or `unfused` (column-sharded
+    tables, peer_kernels.distributed, sum z over their shards between the expert stage's halves).
+    Dropout on the activations a_j equals dropout on the gates g_j (y and every gradient are the
+    same products), so the expert op needs no dropout of its own."""
+    if dropout > 0 or unfused:
+        scores, expert_ids = ops.product_key_topk(queries, keys, k, k_sub)
+        if separate_embed_per_head:
+            expert_ids = reference.head_offsets(expert_ids, keys.shape[1] ** 2)
+        gates = F.dropout(reference.gate(scores, gating), dropout, training=dropout > 0)
+        return ops.peer_experts(tokens, expert_ids, gates, w_down, w_up, activation, sparse_grad=sparse_grad)
+    return ops.peer_fused(tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
+                          sparse_grad=sparse_grad)
 
 
 def _flag_coalesced(table):
