@@ -21,7 +21,7 @@ import bounds
 import peer_kernels
 from conftest import DEVICE
 from peer_kernels import backends, reference
-from utils import untie_layer
+from utils import NearTieError, untie_layer
 
 BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or backends.TRITON_INTERPRETED else [])
 
@@ -62,16 +62,31 @@ def build(c):
             x.copy_(torch.randint(-2, 3, x.shape))
             layer.to_queries.weight.copy_(torch.randint(-1, 2, layer.to_queries.weight.shape))
             layer.keys.copy_(torch.randint(-1, 2, layer.keys.shape))
-        if c["favor_last"]:                   # the last sub-keys, hence the table's last rows, win
-            layer.keys[:, -1] *= 3
         if c["duplicate_heads"]:              # heads 0 and 1 pick the same experts
             weight = layer.to_queries.weight.view(2, c["heads"], c["dim_key"], c["dim"])
             weight[:, 1] = weight[:, 0]
-            if not c["shared_keys"]:
-                layer.keys[1] = layer.keys[0]
+        shape_keys(layer, c)
     if not c["exact_ties"] and c["T"] > (1 if c["training"] and c["query_norm"] == "batchnorm" else 0):
-        untie_layer(layer, x)
+        for _ in range(10):
+            try:
+                untie_layer(layer, x)
+                break
+            except NearTieError:              # the near-tie is in the parameters: redraw those that route
+                with torch.no_grad():
+                    layer.keys.normal_()
+                    shape_keys(layer, c)
+                    for p in layer.query_norm.parameters() if c["query_norm"] == "layernorm" else ():
+                        p.normal_()           # a 1-wide layernormed half is its bias for every token
+        else:
+            raise NearTieError(f"config {c}: near-ties remain after 10 draws of the routing parameters")
     return layer, x
+
+
+def shape_keys(layer, c):
+    if c["favor_last"]:                       # the last sub-keys, hence the table's last rows, win
+        layer.keys[:, -1] *= 3
+    if c["duplicate_heads"] and not c["shared_keys"]:
+        layer.keys[1] = layer.keys[0]
 
 
 @given(configs())

@@ -30,6 +30,11 @@ def random_ids(T, h, k, rows, device="cpu", dtype=torch.int64):
     return ids
 
 
+class NearTieError(AssertionError):
+    """Redrawing inputs did not clear the near-ties: they come from the parameters (e.g. two equal
+    sub-keys, or a one-wide query half that a layernorm turns into its bias for every token)."""
+
+
 def untie(tokens, queries_of, keys, k, k_sub, rounds=100):
     """Redraws rows of `tokens` (in place) until every token's routing, by the float64 oracle on
     queries_of(tokens), keeps NEAR_TIE between the last score kept and the first dropped at each
@@ -42,7 +47,7 @@ def untie(tokens, queries_of, keys, k, k_sub, rounds=100):
             if not close.any():
                 return tokens
             tokens[close] = torch.randn_like(tokens[close])
-    raise AssertionError(f"untie: {int(close.sum())} tokens still have near-ties after {rounds} redraws")
+    raise NearTieError(f"untie: {int(close.sum())} tokens still have near-ties after {rounds} redraws")
 
 
 def untie_layer(layer, x):
