@@ -38,19 +38,25 @@ def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas,
     kernels/optim.sparse_adamw_kernel, in PyTorch."""
     beta1, beta2 = betas
     grad = values.float()
-    exp_avg[rows] = beta1 * exp_avg[rows] + (1 - beta1) * grad
-    exp_avg_sq[rows] = beta2 * exp_avg_sq[rows] + (1 - beta2) * grad * grad
-    denom = exp_avg_sq[rows].sqrt() / math.sqrt(1 - beta2 ** step) + eps
-    param[rows] = (param[rows].float() * (1 - lr * weight_decay) - lr / (1 - beta1 ** step) * exp_avg[rows] / denom
-                   ).to(param.dtype)
+    # each table is read and written once at the rows (index_select / index_copy_), as the kernel does
+    m = exp_avg.index_select(0, rows).mul_(beta1).add_(grad, alpha=1 - beta1)
+    v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = v.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(eps)
+    p = param.index_select(0, rows).float().mul_(1 - lr * weight_decay)
+    p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)
+    param.index_copy_(0, rows, p.to(param.dtype))
 
 
 def rowwise_adagrad_step(param, rows, values, state, lr, eps, weight_decay):
     """Row-wise Adagrad on param[rows]; state (E,) fp32 changes at the rows only. The arithmetic of
     kernels/optim.rowwise_adagrad_kernel, in PyTorch."""
-    grad = values.float() + weight_decay * param[rows].float()
-    state[rows] += grad.pow(2).mean(dim=1)
-    param[rows] = (param[rows].float() - lr * grad / (state[rows].sqrt() + eps)[:, None]).to(param.dtype)
+    p = param.index_select(0, rows).float()
+    grad = torch.add(values.float(), p, alpha=weight_decay)     # a new tensor: the gradient stays as it is
+    acc = state.index_select(0, rows).add_(grad.pow(2).mean(dim=1))
+    state.index_copy_(0, rows, acc)
+    param.index_copy_(0, rows, p.sub_(grad.div_(acc.sqrt().add_(eps)[:, None]).mul_(lr)).to(param.dtype))
 
 
 def _sparse_grads(group):
