@@ -138,8 +138,9 @@ def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", 
 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) -> y (T, d).
     sparse_grad=True gives the tables sparse COO gradients of the touched rows; one_pass=True runs
-    retrieval and mixing in one kernel (the default is two: see the module docstring); deterministic=True makes the expert-table gradients bitwise reproducible
-    (the key gradients still use atomics).
+    retrieval and mixing in one kernel (the default is two: see the module docstring);
+    deterministic=True makes the expert-table gradients bitwise reproducible (the key gradients
+    still use atomics).
     """
     k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head)
     id_head_offset = keys.shape[1] ** 2 if separate_embed_per_head else 0
