@@ -73,20 +73,40 @@ def sass(compiled):
     return _cuobjdump(compiled.asm["cubin"], "-sass")
 
 
-def _opcodes(sass_text):
+def _instructions(sass_text):
     # SASS lines look like `/*0120*/  @!P0 LDG.E.128.CONSTANT R4, desc[UR6][R2.64] ;`
-    ops = []
+    out = []
     for line in sass_text.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
         if m:
-            ops.append(m.group(1))
-    return ops
+            out.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return out
+
+
+def _opcodes(sass_text):
+    return [op for _, op, _ in _instructions(sass_text)]
+
+
+def loops(sass_text):
+    """The loops of a kernel, one dict per backward branch (BRA to an earlier address), in address
+    order: instructions in its body, how many are MMAs (HMMA / HGMMA) and local-memory spills."""
+    instructions = _instructions(sass_text)
+    found = []
+    for address, op, operands in instructions:
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if op.startswith("BRA") and target and int(target.group(1), 16) <= address:
+            body = [o for a, o, _ in instructions if int(target.group(1), 16) <= a <= address]
+            found.append({"instructions": len(body),
+                          "mma": sum(1 for o in body if re.match(r"H[G]?MMA", o)),
+                          "spills": sum(1 for o in body if re.match(r"(STL|LDL)", o))})
+    return found
 
 
 def sass_stats(compiled, disassemble=True):
     """What tests assert on. Always (cheap): registers and local-memory bytes (spills show up as
     LOCAL > 0) from `cuobjdump -res-usage`, and atomics from the PTX. With disassemble (~1 s per
-    kernel): instruction counts from the SASS (STL/LDL spill traffic, LDG widths, stores)."""
+    kernel): instruction counts from the SASS (STL/LDL spill traffic, LDG widths, stores) and
+    per-loop counts (loops)."""
     usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
     regs = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
@@ -97,7 +117,8 @@ def sass_stats(compiled, disassemble=True):
         "atomics": len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:red|atom)\.", compiled.asm["ptx"], re.M)),
     }
     if disassemble:
-        ops = _opcodes(sass(compiled))
+        text = sass(compiled)
+        ops = _opcodes(text)
 
         def count(pattern):
             return sum(1 for op in ops if re.fullmatch(pattern, op))
@@ -111,6 +132,7 @@ def sass_stats(compiled, disassemble=True):
             "stg": count(r"STG(\..*)?"),
             "sass_atomics": count(r"(RED|REDG|ATOM|ATOMG)(\..*)?"),
             "instructions": len(ops),
+            "loops": loops(text),
         })
     return stats
 

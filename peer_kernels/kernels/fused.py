@@ -35,7 +35,7 @@ def peer_fused_kernel(
     D: tl.constexpr, ACTIVATION: tl.constexpr, GATING: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, KS_PAD: tl.constexpr,
     P_PAD: tl.constexpr, K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    INDEX_BITS: tl.constexpr, EXACT: tl.constexpr,
+    INDEX_BITS: tl.constexpr, LEVEL_SELECT: tl.constexpr, EXACT: tl.constexpr,
     MIX_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = z_ptr.dtype.element_ty
@@ -47,7 +47,7 @@ def peer_fused_kernel(
         scores, index_a, index_b = retrieve_tile(
             queries_ptr, keys_ptr, pairs_ptr, offs_t, head, T, n, dk,
             stride_t, stride_h, stride_p, key_head_stride,
-            BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, P_PAD, K_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, EXACT)
+            BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, P_PAD, K_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, LEVEL_SELECT, EXACT)
         out = (offs_t[:, None].to(tl.int64) * heads + head) * k + offs_k[None, :]
         ids = index_a.to(tl.int64) * n + index_b + (head * id_head_offset).to(tl.int64)
         tl.store(scores_ptr + out, scores, mask=out_mask)

@@ -98,43 +98,174 @@ def unpack_index(packed):
 
 
 @triton.jit
+def query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p,
+               DK_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    q = load_query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p, 0, DK_PAD)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def key_tile_keys(q, keys_ptr, start, n, dk, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr,
+                  FULL: tl.constexpr = False):
+    """Selection keys (pack_select) of q (BLOCK_T, DK_PAD) against the key rows [start, start +
+    BLOCK_N) of keys_ptr (-> (n, 2, dk), this half): (BLOCK_T, BLOCK_N); rows past n get the
+    lowest key. FULL promises start + BLOCK_N <= n, which drops the row masks: on int32 keys the
+    index field is then low_max - row (equal to pack_select's for rows below 2**INDEX_BITS), one
+    integer op per score fewer, and no compare or select."""
+    rows = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DK_PAD)
+    row_mask = rows[:, None] < n
+    if FULL:
+        row_mask = rows[:, None] >= 0
+    key_tile = tl.load(keys_ptr + rows[:, None].to(tl.int64) * (2 * dk) + offs_d[None, :],
+                       mask=row_mask & (offs_d[None, :] < dk), other=0.0)
+    if UPCAST_DOT:
+        key_tile = key_tile.to(tl.float32)
+    scores = tl.dot(q, tl.trans(key_tile), input_precision=INPUT_PRECISION)
+    if FULL and INDEX_BITS != 0:
+        low_max = (1 << INDEX_BITS) - 1
+        return (_order_key(scores) & ~low_max) | (low_max - rows)[None, :]
+    return pack_select(scores, rows[None, :], rows[None, :] < n, INDEX_BITS)
+
+
+@triton.jit
+def streaming_topk(q, keys_ptr, n, dk, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr,
+                   KS_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                   INDEX_BITS: tl.constexpr):
+    """The top KS_PAD keys of one half by a sorting network over every score: each key tile's top
+    KS_PAD (tl.topk) is merged into the running list. (BLOCK_T, KS_PAD) descending."""
+    ranks = tl.arange(0, KS_PAD)
+    no_score = tl.full((BLOCK_T, KS_PAD), float("-inf"), tl.float32)
+    best = pack_select(no_score, ranks[None, :], ranks[None, :] < 0, INDEX_BITS)
+    for start in range(0, n, BLOCK_N):
+        keys = key_tile_keys(q, keys_ptr, start, n, dk, BLOCK_N, DK_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
+        tile_best = tl.topk(keys, KS_PAD, dim=1)
+        # best is descending and tile_best reversed is ascending: their elementwise max holds the
+        # top KS_PAD of the union and is a bitonic sequence, which a bitonic merge (log2 KS_PAD
+        # compare-exchange rounds, not a full sort's log2 KS_PAD * (log2 KS_PAD + 1) / 2) sorts.
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(tile_best, 1)), 1, descending=True)
+    return best
+
+
+@triton.jit
+def _insert_into_levels(levels, keys):
+    """levels: tuple of (BLOCK_T, BLOCK_N), per column descending. Returns the levels holding each
+    column's best len(levels) of levels and keys, and the key each column evicted. Two integer
+    min/max per level and score."""
+    out = ()
+    for level in tl.static_range(len(levels)):
+        out = out + (tl.maximum(levels[level], keys),)
+        keys = tl.minimum(levels[level], keys)
+    return out, keys
+
+
+@triton.jit
+def _thread_groups(keys, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_T, BLOCK_N) -> (BLOCK_T, 8, BLOCK_N // 8), 8 groups of columns. Column c = 64*b6 +
+    8*j + 2*l + e (at BLOCK_N = 128); a group holds one (b6, l), the columns that one thread holds
+    of an sm_90 tl.dot result at 8 warps (l: lane % 4, b6: warpgroup), so that sorting or reducing
+    along the last axis needs no shuffles. Any grouping would be correct; this one is cheap."""
+    grouped = tl.permute(tl.reshape(keys, (BLOCK_T, 2, BLOCK_N // 16, 4, 2)), (0, 1, 3, 2, 4))
+    return tl.reshape(grouped, (BLOCK_T, 8, BLOCK_N // 8))
+
+
+@triton.jit
+def _best_dropped(keys, kept):
+    """The best of the int32 keys (BLOCK_T, 8, W) below the smallest of kept (BLOCK_T, 8, G), their
+    top G: as keys are distinct, the best key the top G left out; -2**31 if G == W."""
+    if kept.shape[2] == keys.shape[2]:
+        return tl.full((keys.shape[0], keys.shape[1]), -2147483648, tl.int32)
+    floor = tl.min(kept, axis=2)
+    return tl.max(tl.where(keys < floor[:, :, None], keys, -2147483648), axis=2)
+
+
+@triton.jit
+def level_topk(q, keys_ptr, offs_t, T, n, dk, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+               DK_PAD: tl.constexpr, KS_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr):
+    """The top KS_PAD keys of one half, and whether they are certainly exact.
+
+    The key-tile loop keeps, per column of the tile (sub-keys c, c + BLOCK_N, ...), that column's 3
+    best keys (5 integer min/max per score, where a sorting network spends 50-60 instructions) and,
+    per row, the best key any column evicted. After the loop each of 8 groups of columns keeps its
+    best GROUP_KEEP candidates, again noting the best it left out, and the row its best KS_PAD of
+    those. Every key that was dropped is below the best one noted, so the list is exact
+    when that is below the row's KS_PAD-th pick: `certified`. Otherwise the caller re-runs
+    streaming_topk for the token tile. On independent scores a column evicts one of the row's top
+    16 when it held 4 of them, C(16, 4) / 128**3 ~ 9e-4 per row, ~5% of 64-token tiles (a 4th
+    level would make that ~1e-5 but spills on sm_90 at the paper's shapes).
+    Returns ((BLOCK_T, KS_PAD) descending, scalar bool)."""
+    # Half the list per group, as 8 groups rarely put more than half of a row's top k' in one (all
+    # of it for short lists); no more than a group's columns.
+    HALF_LIST: tl.constexpr = KS_PAD if KS_PAD <= 8 else KS_PAD // 2
+    GROUP_KEEP: tl.constexpr = HALF_LIST if HALF_LIST < BLOCK_N // 8 else BLOCK_N // 8
+    columns = tl.arange(0, BLOCK_N)[None, :]
+    lowest = pack_select(tl.full((BLOCK_T, BLOCK_N), float("-inf"), tl.float32), columns, columns < 0, INDEX_BITS)
+    levels = (lowest, lowest, lowest)
+    evicted = tl.max(lowest, axis=1)
+    full_tiles_end = n - n % BLOCK_N
+    for start in range(0, full_tiles_end, BLOCK_N):
+        keys = key_tile_keys(q, keys_ptr, start, n, dk, BLOCK_N, DK_PAD, INPUT_PRECISION, UPCAST_DOT,
+                             INDEX_BITS, True)
+        levels, out = _insert_into_levels(levels, keys)
+        evicted = tl.maximum(evicted, tl.max(out, axis=1))
+    if full_tiles_end < n:
+        keys = key_tile_keys(q, keys_ptr, full_tiles_end, n, dk, BLOCK_N, DK_PAD, INPUT_PRECISION,
+                             UPCAST_DOT, INDEX_BITS)
+        levels, out = _insert_into_levels(levels, keys)
+        evicted = tl.maximum(evicted, tl.max(out, axis=1))
+    # Level by level, so that each level's registers free up as it is merged.
+    level_keys = _thread_groups(levels[0], BLOCK_T, BLOCK_N)
+    group_best = tl.topk(level_keys, GROUP_KEEP, dim=2)
+    evicted = tl.maximum(evicted, tl.max(_best_dropped(level_keys, group_best), axis=1))
+    for level in tl.static_range(1, len(levels)):
+        level_keys = _thread_groups(levels[level], BLOCK_T, BLOCK_N)
+        level_best = tl.topk(level_keys, GROUP_KEEP, dim=2)
+        dropped = tl.maximum(_best_dropped(level_keys, level_best),
+                             tl.max(tl.minimum(group_best, tl.flip(level_best, 2)), axis=2))
+        evicted = tl.maximum(evicted, tl.max(dropped, axis=1))
+        merged = tl.maximum(group_best, tl.flip(level_best, 2))
+        group_best = tl.bitonic_merge(merged, 2, descending=True)
+    best = tl.topk(tl.reshape(group_best, (BLOCK_T, 8 * GROUP_KEEP)), KS_PAD, dim=1)
+    unsure = (evicted >= tl.min(best, axis=1)) & (offs_t < T)
+    return best, tl.max(unsure.to(tl.int32), axis=0) == 0
+
+
+@triton.jit
 def half_topk(queries_ptr, keys_ptr, offs_t, half, head, T, n, dk, stride_t, stride_h, stride_p,
               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, KS_PAD: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr):
+              INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr,
+              LEVEL_SELECT: tl.constexpr):
     """The top KS_PAD sub-keys of one half for a tile of queries, streamed over tiles of keys.
 
     queries_ptr as in load_query_half; keys_ptr -> (n, 2, dk) rows of this half (row stride 2*dk).
     Returns int64 packed keys (BLOCK_T, KS_PAD) of fp32 scores, sorted descending. The (BLOCK_T, n)
     scores only ever exist one BLOCK_N tile at a time, in registers. UPCAST_DOT feeds tl.dot fp32
     operands (same products, exact in fp32): the Triton interpreter's 16-bit tl.dot is wrong
-    (triton 3.9).
+    (triton 3.9). LEVEL_SELECT selects by level_topk (int32 keys only), falling back to streaming_topk
+    for a token tile whose list it cannot certify; both rank by the same keys, so the result does
+    not depend on which ran.
     """
-    q = load_query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p, 0, DK_PAD)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, DK_PAD)
-    ranks = tl.arange(0, KS_PAD)
-    no_score = tl.full((BLOCK_T, KS_PAD), float("-inf"), tl.float32)
-    best = pack_select(no_score, ranks[None, :], ranks[None, :] < 0, INDEX_BITS)
-    for start in range(0, n, BLOCK_N):
-        rows = start + offs_n
-        key_tile = tl.load(keys_ptr + rows[:, None].to(tl.int64) * (2 * dk) + offs_d[None, :],
-                           mask=(rows[:, None] < n) & (offs_d[None, :] < dk), other=0.0)
-        if UPCAST_DOT:
-            key_tile = key_tile.to(tl.float32)
-        scores = tl.dot(q, tl.trans(key_tile), input_precision=INPUT_PRECISION)  # (BLOCK_T, BLOCK_N)
-        tile_best = tl.topk(pack_select(scores, rows[None, :], rows[None, :] < n, INDEX_BITS), KS_PAD, dim=1)
-        # best is descending and tile_best reversed is ascending: their elementwise max holds the
-        # top KS_PAD of the union and is a bitonic sequence, which a bitonic merge (log2 KS_PAD
-        # compare-exchange rounds, not a full sort's log2 KS_PAD * (log2 KS_PAD + 1) / 2) sorts.
-        best = tl.bitonic_merge(tl.maximum(best, tl.flip(tile_best, 1)), 1, descending=True)
+    q = query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p, DK_PAD, UPCAST_DOT)
+    if LEVEL_SELECT:
+        best, exact = level_topk(q, keys_ptr, offs_t, T, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD,
+                                 INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
+        if not exact:
+            best = streaming_topk(q, keys_ptr, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION,
+                                  UPCAST_DOT, INDEX_BITS)
+    else:
+        best = streaming_topk(q, keys_ptr, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION,
+                              UPCAST_DOT, INDEX_BITS)
     if INDEX_BITS != 0:
         # Past rank n - 1 (n < KS_PAD) the list holds padding, which must stay below every score.
+        ranks = tl.arange(0, KS_PAD)
         index = unpack_select_index(best, INDEX_BITS)
-        exact = rescore(queries_ptr, keys_ptr, index, offs_t, half, head, T, n, dk, stride_t, stride_h,
-                        stride_p, DK_PAD, False)
-        best = tl.sort(pack_select(exact, index, ranks[None, :] < n, 0), 1, descending=True)
+        exact_scores = rescore(queries_ptr, keys_ptr, index, offs_t, half, head, T, n, dk, stride_t, stride_h,
+                               stride_p, DK_PAD, False)
+        best = tl.sort(pack_select(exact_scores, index, ranks[None, :] < n, 0), 1, descending=True)
     return best
 
 
@@ -230,15 +361,15 @@ def retrieve_tile(queries_ptr, keys_ptr, pairs_ptr, offs_t, head, T, n, dk,
                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr,
                   KS_PAD: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr,
-                  EXACT: tl.constexpr):
+                  LEVEL_SELECT: tl.constexpr, EXACT: tl.constexpr):
     """Retrieval for a tile of tokens and one head: scores (BLOCK_T, K_PAD) descending (in the
     queries' dtype when EXACT, else fp32) and sub-key indices a, b (BLOCK_T, K_PAD) int32.
     EXACT (float64) re-scores the picks in float64: selection and combine ran on fp32 scores."""
     keys_head = keys_ptr + head * key_head_stride
     best_a = half_topk(queries_ptr, keys_head, offs_t, 0, head, T, n, dk, stride_t, stride_h, stride_p,
-                       BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
+                       BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, LEVEL_SELECT)
     best_b = half_topk(queries_ptr, keys_head + dk, offs_t, 1, head, T, n, dk, stride_t, stride_h, stride_p,
-                       BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
+                       BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, LEVEL_SELECT)
     scores, index_a, index_b = combine_topk(best_a, best_b, pairs_ptr, BLOCK_T, P_PAD, K_PAD)
     if EXACT:
         scores = (rescore(queries_ptr, keys_head, index_a, offs_t, 0, head, T, n, dk, stride_t, stride_h,
@@ -259,14 +390,15 @@ def product_key_topk_kernel(
     T, heads, n, dk, k, stride_t, stride_h, stride_p, key_head_stride, id_head_offset,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, KS_PAD: tl.constexpr,
     P_PAD: tl.constexpr, K_PAD: tl.constexpr, GATING: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr, EXACT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr,
+    LEVEL_SELECT: tl.constexpr, EXACT: tl.constexpr,
 ):
     head = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     scores, index_a, index_b = retrieve_tile(
         queries_ptr, keys_ptr, pairs_ptr, offs_t, head, T, n, dk,
         stride_t, stride_h, stride_p, key_head_stride,
-        BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, P_PAD, K_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, EXACT)
+        BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, P_PAD, K_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, LEVEL_SELECT, EXACT)
     offs_k = tl.arange(0, K_PAD)
     out = (offs_t[:, None].to(tl.int64) * heads + head) * k + offs_k[None, :]
     mask = (offs_t[:, None] < T) & (offs_k[None, :] < k)

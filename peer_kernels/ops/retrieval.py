@@ -77,6 +77,23 @@ def select_index_bits(n, dtype):
     return 0
 
 
+# level_topk (kernels/retrieval.py) keeps 3 keys per column of the key tile and re-runs the sorting
+# network for a token tile in which some row's column held 4 of the row's top k': per row about
+# C(k', 4) / BLOCK_N**3 on independent scores, 9e-4 at k' = 16 and 128-key tiles (~5% of 64-token
+# tiles), but 0.017 at k' = 32 and 0.007 at k' = 16 with 64-key tiles.
+MAX_LEVEL_SELECT_K_SUB = 16
+
+
+def use_level_select(n, ks_pad, block_n, index_bits):
+    """Whether the retrieval selects by level_topk: int32 keys (index_bits), k' <= 16, and 128-key
+    tiles (sm_90's retrieval kernel; sm_80 and the one-pass kernel take 64, where 3 levels would
+    fall back for a third of the token tiles and 4 levels spill) or at most 3 key tiles, which no
+    column can overflow (small n, and the interpreter's 16-key tiles). On sm_90 at the paper's shapes
+    its key-tile loop spends ~19-20 instructions per score against the network's 52-64 (triton
+    3.9 / 3.6; tests/test_retrieval.py asserts it)."""
+    return bool(index_bits) and ks_pad <= MAX_LEVEL_SELECT_K_SUB and (block_n >= 128 or n <= 3 * block_n)
+
+
 def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, block_t=64, max_block_n=128):
     """(constexprs, launch options) of the retrieval kernels: block sizes, padded extents, num_warps.
 
@@ -90,6 +107,10 @@ def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, bloc
     on sm_80 they save 0-7% and spill under triton 3.6, so sm_80 keeps 64, as do int64 keys. A key tile stays within 16K elements so that the pipelined key tiles and the
     queries fit an A100's shared memory at dk=512. The interpreter, whose sorts cost Python time
     per element, and float64 get 16 tokens and 16 keys per tile.
+
+    LEVEL_SELECT: see use_level_select. Its kernel holds 3 levels of (64, 128) keys and pipelines
+    2 key tiles, not 3: at 3 it spills more outside the loop and its loop grows by ~0.4
+    instructions per score (sm_90 SASS, triton 3.6 / 3.9).
     """
     ks_pad = _pow2(k_sub, 2)
     k_pad = _pow2(k, 2)
@@ -98,10 +119,11 @@ def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, bloc
     small = interpreted or dtype == torch.float64
     block_t = 16 if small else block_t
     wide = max_block_n if index_bits and arch >= 90 else 64
-    block_n = 16 if small else min(wide, _pow2(n, 16), 16384 // dk_pad)
+    block_n = max(ks_pad, 16, 16 if small else min(wide, _pow2(n, 16), 16384 // dk_pad))
+    level_select = use_level_select(n, ks_pad, block_n, index_bits)
     return dict(
         BLOCK_T=block_t,
-        BLOCK_N=max(ks_pad, 16, block_n),
+        BLOCK_N=block_n,
         DK_PAD=dk_pad,
         KS_PAD=ks_pad,
         P_PAD=_pow2(len(admissible_pairs(k, k_sub)), k_pad),
@@ -109,8 +131,9 @@ def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, bloc
         INPUT_PRECISION="ieee",  # fp32 scores must match the reference, not be tf32-rounded
         UPCAST_DOT=interpreted and dtype in (torch.float16, torch.bfloat16),
         INDEX_BITS=index_bits,
+        LEVEL_SELECT=level_select,
         EXACT=dtype == torch.float64,
-    ), dict(num_warps=8 if block_t >= 64 else 4)
+    ), dict(num_warps=8 if block_t >= 64 else 4, num_stages=2 if level_select else 3)
 
 
 def backward_config(dk, k):
