@@ -89,6 +89,24 @@ def build_triton(op, workload, **options):
     return Runner(functools.partial(fn, **options) if options else fn)
 
 
+def build_triton_network(op, workload):
+    """The Triton op with the retrieval's sorting network in every token tile instead of level
+    selection (ops/retrieval.use_level_select answers False during the call): what level selection
+    is measured against."""
+    runner = build_triton(op, workload)
+    retrieval = _import("peer_kernels.ops.retrieval")
+
+    def with_network(*args, **kwargs):
+        level_select = retrieval.use_level_select
+        retrieval.use_level_select = lambda *config: False
+        try:
+            return runner.fn(*args, **kwargs)
+        finally:
+            retrieval.use_level_select = level_select
+
+    return dataclasses.replace(runner, fn=with_network)
+
+
 def build_csrc(op, workload):
     """peer_kernels.csrc: the C++ (OpenMP) ops on a CPU, the plain CUDA kernels on a GPU; the layer is
     PEER(backend="cpp"), CPU only. csrc falls back to the reference where its extension did not
@@ -167,6 +185,7 @@ PROVIDERS = {
     "triton-1pass": (("fused",), functools.partial(build_triton, one_pass=True)),
     "triton-2kernel": (("fused",), functools.partial(build_triton, one_pass=False)),
     "triton-atomic": (("experts", "fused"), functools.partial(build_triton, deterministic=False)),
+    "triton-network": (("retrieval", "fused"), build_triton_network),
     "csrc": (("retrieval", "experts", "fused", "layer"), build_csrc),
     "embedding_bag": (("experts",), build_embedding_bag),
     "peer-pytorch": (("layer", "step"), build_peer_pytorch),
