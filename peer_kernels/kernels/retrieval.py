@@ -16,6 +16,12 @@ the launcher's limit), finer than the 8 (bf16) or 11 (fp16) bits of the inputs w
 the score. The k' survivors of each half are re-scored exactly in fp32 from their key rows and
 re-ranked on int64 keys, so everything after the per-half selection is exact.
 
+Two selections rank those keys. streaming_topk sorts each key tile's top k' into a running list (a
+sorting network: 50-60 instructions per score on sm_90). level_topk keeps only each tile column's 3
+best keys in the key-tile loop (~19-20 instructions per score), selects among those after the loop
+and certifies the list; a token tile it cannot certify re-runs streaming_topk, so the picks never
+depend on which one ran (ops/retrieval.use_level_select says where it is used).
+
 Tie rule (deterministic, documented in ops/retrieval.py): each half ranks its sub-keys by
 (score desc, sub-key index asc), on the floored scores when INDEX_BITS > 0; the combine ranks
 candidate pairs by (s1 + s2 desc, rank in the first half asc, rank in the second half asc).
