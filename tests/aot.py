@@ -97,7 +97,7 @@ def loops(sass_text):
         if op.startswith("BRA") and target and int(target.group(1), 16) <= address:
             body = [o for a, o, _ in instructions if int(target.group(1), 16) <= a <= address]
             found.append({"instructions": len(body),
-                          "mma": sum(1 for o in body if re.match(r"H[G]?MMA", o)),
+                          "mma": sum(1 for o in body if re.match(r"HG?MMA", o)),
                           "spills": sum(1 for o in body if re.match(r"(STL|LDL)", o))})
     return found
 

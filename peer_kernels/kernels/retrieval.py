@@ -123,11 +123,10 @@ def key_tile_keys(q, keys_ptr, start, n, dk, BLOCK_N: tl.constexpr, DK_PAD: tl.c
     integer op per score fewer, and no compare or select."""
     rows = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DK_PAD)
-    row_mask = rows[:, None] < n
-    if FULL:
-        row_mask = rows[:, None] >= 0
-    key_tile = tl.load(keys_ptr + rows[:, None].to(tl.int64) * (2 * dk) + offs_d[None, :],
-                       mask=row_mask & (offs_d[None, :] < dk), other=0.0)
+    mask = offs_d[None, :] < dk
+    if not FULL:
+        mask = mask & (rows[:, None] < n)
+    key_tile = tl.load(keys_ptr + rows[:, None].to(tl.int64) * (2 * dk) + offs_d[None, :], mask=mask, other=0.0)
     if UPCAST_DOT:
         key_tile = key_tile.to(tl.float32)
     scores = tl.dot(q, tl.trans(key_tile), input_precision=INPUT_PRECISION)

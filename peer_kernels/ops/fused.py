@@ -36,9 +36,12 @@ def one_pass_config(T, heads, d, n, dk, k, k_sub, dtype, activation, gating, arc
     k=k'=16, d=1024): 64 tokens leave T/64 = 128 programs, fewer than the SMs; 32 tokens spill on
     sm_80 at 4 warps and 16 tokens spill on sm_90 at 4 warps; 32 tokens at 8 warps spill on neither
     (triton 3.9: 212 registers on sm_90, 208 on sm_80; triton 3.6: 197 and 224) with key tiles of
-    64; 128 spill on sm_80. Not yet timed on a GPU.
+    64; 128 spill on sm_80. Not yet timed on a GPU. The retrieval keeps its sorting network: level
+    selection's 3 levels of keys on top of the gather's state spill inside a loop (sm_80, triton 3.6,
+    n = 130).
     """
-    config, launch = retrieval.retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted, block_t, max_block_n=64)
+    config, launch = retrieval.retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted, block_t, max_block_n=64,
+                                                allow_level_select=False)
     mix_t, block_s, block_d, _ = _launch.gather_tile(T, heads * k, d, compute_dtype(dtype))
     config.update(D=d, ACTIVATION=_launch.activation_id(activation), GATING=retrieval.GATING_CODES[gating],
                   MIX_T=min(mix_t, config["BLOCK_T"]), BLOCK_S=block_s, BLOCK_D=block_d)

@@ -86,15 +86,16 @@ MAX_LEVEL_SELECT_K_SUB = 16
 
 def use_level_select(n, ks_pad, block_n, index_bits):
     """Whether the retrieval selects by level_topk: int32 keys (index_bits), k' <= 16, and 128-key
-    tiles (sm_90's retrieval kernel; sm_80 and the one-pass kernel take 64, where 3 levels would
-    fall back for a third of the token tiles and 4 levels spill) or at most 3 key tiles, which no
+    tiles (sm_90's retrieval kernel; sm_80 takes 64, where 3 levels would fall back for a third of
+    the token tiles and 4 levels spill) or at most 3 key tiles, which no
     column can overflow (small n, and the interpreter's 16-key tiles). On sm_90 at the paper's shapes
     its key-tile loop spends ~19-20 instructions per score against the network's 52-64 (triton
     3.9 / 3.6; tests/test_retrieval.py asserts it)."""
     return bool(index_bits) and ks_pad <= MAX_LEVEL_SELECT_K_SUB and (block_n >= 128 or n <= 3 * block_n)
 
 
-def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, block_t=64, max_block_n=128):
+def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, block_t=64, max_block_n=128,
+                     allow_level_select=True):
     """(constexprs, launch options) of the retrieval kernels: block sizes, padded extents, num_warps.
 
     tl.dot needs every tile dim >= 16; tl.topk/tl.sort need powers of two (>= 2: a length-1 top-k
@@ -108,9 +109,9 @@ def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, bloc
     queries fit an A100's shared memory at dk=512. The interpreter, whose sorts cost Python time
     per element, and float64 get 16 tokens and 16 keys per tile.
 
-    LEVEL_SELECT: see use_level_select. Its kernel holds 3 levels of (64, 128) keys and pipelines
-    2 key tiles, not 3: at 3 it spills more outside the loop and its loop grows by ~0.4
-    instructions per score (sm_90 SASS, triton 3.6 / 3.9).
+    LEVEL_SELECT: see use_level_select; off without allow_level_select. Its kernel holds 3 levels
+    of (64, 128) keys and pipelines 2 key tiles, not 3: at 3 it spills more outside the loop and its
+    loop grows by ~0.4 instructions per score (sm_90 SASS, triton 3.6 / 3.9).
     """
     ks_pad = _pow2(k_sub, 2)
     k_pad = _pow2(k, 2)
@@ -120,7 +121,7 @@ def retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=INTERPRETED, bloc
     block_t = 16 if small else block_t
     wide = max_block_n if index_bits and arch >= 90 else 64
     block_n = max(ks_pad, 16, 16 if small else min(wide, _pow2(n, 16), 16384 // dk_pad))
-    level_select = use_level_select(n, ks_pad, block_n, index_bits)
+    level_select = allow_level_select and use_level_select(n, ks_pad, block_n, index_bits)
     return dict(
         BLOCK_T=block_t,
         BLOCK_N=block_n,
