@@ -32,7 +32,7 @@ def parse(argv):
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="show two result files side by side")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing providers, print the layer's per-kernel times (torch.profiler) for "
-                             "the preset's first shape")
+                             "the preset's first shape, and on a GPU peer_fused's schedules' wall and kernel times")
     parser.add_argument("--distributed", type=int, metavar="P",
                         help="instead: the layer with its tables sharded over P processes (torchrun; one GPU each, "
                              "or gloo on a CPU): per-rank step time and bytes communicated")
@@ -57,6 +57,7 @@ def main(argv=None):
     preset = cases.PRESETS[preset_name]
     if args.profile:
         profile.profile_layer(preset, device)
+        profile.profile_fused_schedules(preset, device)
         return 0
     left_out = {} if args.providers else dict(preset.left_out)
     names = args.providers or [name for name in providers.PROVIDERS if name not in left_out]

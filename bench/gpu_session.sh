@@ -24,6 +24,9 @@ stage=${1:-all}
         python3 -m pytest -q -m gpu tests
         python3 -m pytest -q tests
     fi
-    if [[ $stage == all || $stage == paper ]]; then python3 -m bench --preset paper --out "$OUT"; fi
+    if [[ $stage == all || $stage == paper ]]; then
+        python3 -m bench --preset paper --profile
+        python3 -m bench --preset paper --out "$OUT"
+    fi
     if [[ $stage == all || $stage == sweep ]]; then python3 -m bench --preset sweep --out "$OUT"; fi
 } 2>&1 | tee -a "$OUT/session.log"

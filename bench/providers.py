@@ -184,6 +184,7 @@ PROVIDERS = {
     "triton": (("retrieval", "experts", "layer"), build_triton),
     "triton-1pass": (("fused",), functools.partial(build_triton, one_pass=True)),
     "triton-2kernel": (("fused",), functools.partial(build_triton, one_pass=False)),
+    "triton-overlap": (("fused",), functools.partial(build_triton, overlap=True)),
     "triton-atomic": (("experts", "fused"), functools.partial(build_triton, deterministic=False)),
     "triton-network": (("retrieval", "fused"), build_triton_network),
     "csrc": (("retrieval", "experts", "fused", "layer"), build_csrc),

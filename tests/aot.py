@@ -161,6 +161,13 @@ def compile_report(jobs, workers=2, timeout=600):
     return [results[i % workers][i // workers] for i in range(len(jobs))]
 
 
+def ctas_per_sm(registers, num_warps):
+    """Resident CTAs per SM (sm_80 / sm_90) from the register file (64K 32-bit registers, allocated
+    per warp in units of 256), the warp slots (64) and the CTA slots (32)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // (per_warp * num_warps), 64 // num_warps, 32)
+
+
 def describe(job):
     """A short label for assertion messages."""
     consts = ",".join(f"{k}={v}" for k, v in sorted((job.get("constexprs") or {}).items()))

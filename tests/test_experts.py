@@ -307,7 +307,8 @@ def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch, halves=False):
               "w_down_ptr": _ptr(table), "w_up_ptr": _ptr(table)}
     forward = dict(tokens, y_ptr=_ptr(dtype), z_ptr=_ptr(acc), T="i32")
     # only the whole forward is disassembled (~1 s each); spills of the others show in their LOCAL bytes
-    jobs = [dict(tile(DOWN=True, UP=True), kernel="experts_fwd_kernel", disassemble=True, signature=forward)]
+    jobs = [dict(tile(DOWN=True, UP=True, PERSISTENT=False), kernel="experts_fwd_kernel", disassemble=True,
+                 signature=forward)]
     bwd = dict(tokens, dy_ptr=_ptr(dtype), z_ptr=_ptr(acc), dx_ptr=_ptr(dtype), dgates_ptr=_ptr(gates),
                dz_ptr=_ptr(acc), ga_ptr=_ptr(acc), T="i32")
     halves_flags = [(True, True)] + ([(True, False), (False, True)] if halves else [])
@@ -318,7 +319,8 @@ def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch, halves=False):
                              disassemble=False,
                              signature=dict(bwd, dw_down_ptr=_ptr(table_grad), dw_up_ptr=_ptr(table_grad))))
         if (up, down) != (True, True):
-            jobs.append(dict(tile(DOWN=down, UP=up), kernel="experts_fwd_kernel", disassemble=False, signature=forward))
+            jobs.append(dict(tile(DOWN=down, UP=up, PERSISTENT=False), kernel="experts_fwd_kernel", disassemble=False,
+                             signature=forward))
     block_n, block_d, _, num_warps = _launch.table_grad_tile(D, T * S, torch.device("cpu"))
     jobs.append(dict(module=MODULE, kernel="table_grad_kernel", arch=arch, num_warps=num_warps, disassemble=False,
                      constexprs=dict(D=D, S=S, BLOCK_N=block_n, BLOCK_D=block_d),
@@ -363,13 +365,6 @@ def test_aot_forward_gathers_rows_with_128bit_loads(aot_results):
     assert checked == 2 * len(aot.ARCHS)
 
 
-def ctas_per_sm(registers, num_warps, arch):
-    """Resident CTAs per SM from the register file (64K 32-bit registers, allocated per warp in
-    units of 256), the warp slots (64 on sm_80 / sm_90) and the CTA slots (32)."""
-    per_warp = -(-registers * 32 // 256) * 256
-    return min(65536 // (per_warp * num_warps), 64 // num_warps, 32)
-
-
 def test_aot_forward_keeps_enough_bytes_in_flight(aot_results):
     """The gather is latency-bound unless many row loads are in flight: ~4.3 TB/s at ~600 ns on 132
     SMs needs >= 32 KB per SM (issue 15). The paper-shape forward issues a whole (BLOCK_T, BLOCK_S,
@@ -382,7 +377,7 @@ def test_aot_forward_keeps_enough_bytes_in_flight(aot_results):
             continue
         itemsize = 2 if job["signature"]["w_down_ptr"] in ("*bf16", "*fp16") else 4
         tile_bytes = c["BLOCK_T"] * c["BLOCK_S"] * c["BLOCK_D"] * itemsize
-        resident = ctas_per_sm(stats["registers"], job["num_warps"], job["arch"])
+        resident = aot.ctas_per_sm(stats["registers"], job["num_warps"])
         assert resident * tile_bytes >= 32 * 1024, (aot.describe(job), stats["registers"], resident, tile_bytes)
         checked += 1
     assert checked == 2 * len(aot.ARCHS)   # bf16 tables, and bf16 x with fp32 tables

@@ -1,5 +1,5 @@
-"""peer_kernels.ops.peer_fused (one-pass kernel and two-kernel path) against reference.peer_fused,
-and the PEER module on backend="triton".
+"""peer_kernels.ops.peer_fused (its three schedules: one-pass kernel, two kernels, two kernels
+overlapped over token chunks) against reference.peer_fused, and the PEER module on backend="triton".
 
 Interpreter shapes stay at one or two token tiles (its tl.sort is slow per element). test_aot_*
 compiles the one-pass kernel at the paper's shapes for sm_80 / sm_90 and checks the SASS.
@@ -11,6 +11,7 @@ import aot
 import peer_kernels
 from conftest import DEVICE
 from peer_kernels import reference
+from peer_kernels.ops import _launch
 from peer_kernels.ops import fused as fused_ops
 from peer_kernels.ops import peer_fused
 from peer_kernels.ops import retrieval as retrieval_ops
@@ -60,38 +61,40 @@ def untied_inputs(k, k_sub, **shape):
     return x, as_queries(projection), keys, w_down, w_up
 
 
-# every gating with one activation and every activation with one gating, on both paths
-COMBOS = [(g, "gelu", True) for g in reference.GATINGS] + [
-    ("softmax", a, True) for a in reference.ACTIVATIONS if a != "gelu"] + [
-    ("sigmoid", "silu", False), ("relu", "gelu_tanh", False)]
+# peer_fused's options per forward schedule (ops/fused.py)
+SCHEDULES = {"one_pass": dict(one_pass=True), "two_kernel": {}, "overlap": dict(overlap=True)}
+
+# every gating with one activation and every activation with one gating, then the other schedules
+COMBOS = [(g, "gelu", "one_pass") for g in reference.GATINGS] + [
+    ("softmax", a, "one_pass") for a in reference.ACTIVATIONS if a != "gelu"] + [
+    ("sigmoid", "silu", "two_kernel"), ("relu", "gelu_tanh", "two_kernel"), ("softmax", "gelu", "overlap")]
 
 
-@pytest.mark.parametrize("gating, activation, one_pass", COMBOS,
-                         ids=[f"{g}-{a}-{'one_pass' if o else 'two_kernel'}" for g, a, o in COMBOS])
-def test_matches_reference(gating, activation, one_pass, monkeypatch):
+@pytest.mark.parametrize("gating, activation, schedule", COMBOS, ids=[f"{g}-{a}-{s}" for g, a, s in COMBOS])
+def test_matches_reference(gating, activation, schedule, monkeypatch):
     inputs = untied_inputs(3, 4)
     options = dict(k=3, k_sub=4, gating=gating, activation=activation)
     poison_empty(monkeypatch)
-    actual, dy = forward_and_grads(peer_fused, inputs, one_pass=one_pass, **options)
+    actual, dy = forward_and_grads(peer_fused, inputs, **SCHEDULES[schedule], **options)
     assert all(actual[name].dtype == torch.float64 for name in NAMES)
     bounds.check_all(actual, exact(inputs, dy, **options))
 
 
-@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_kernel"])
-def test_separate_embed_and_shared_keys(one_pass, monkeypatch):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_separate_embed_and_shared_keys(schedule, monkeypatch):
     """Separate tables per head and keys shared by all heads; n = 13, k = 5 not powers of two."""
     inputs = untied_inputs(5, 6, T=16, h=2, key_heads=1, n=13, dk=10, d=20, separate=True)
     options = dict(k=5, k_sub=6, separate_embed_per_head=True)
     poison_empty(monkeypatch)
-    actual, dy = forward_and_grads(peer_fused, inputs, one_pass=one_pass, **options)
+    actual, dy = forward_and_grads(peer_fused, inputs, **SCHEDULES[schedule], **options)
     bounds.check_all(actual, exact(inputs, dy, **options))
 
 
-@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_kernel"])
-def test_float32(one_pass, monkeypatch):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_float32(schedule, monkeypatch):
     inputs = untied_inputs(3, 4, dtype=torch.float32)
     poison_empty(monkeypatch)
-    actual, dy = forward_and_grads(peer_fused, inputs, k=3, k_sub=4, one_pass=one_pass)
+    actual, dy = forward_and_grads(peer_fused, inputs, k=3, k_sub=4, **SCHEDULES[schedule])
     assert all(actual[name].dtype == torch.float32 for name in NAMES)
     bounds.check_all(actual, exact(inputs, dy, 3, 4))
 
@@ -105,30 +108,59 @@ def test_bfloat16_given_the_same_picks(dtypes):
     x, queries, keys, w_down, w_up = make_inputs(d=32, dk=16, dtype=torch.bfloat16)
     w_down, w_up = w_down.to(dtypes[1]), w_up.to(dtypes[1])
     _, kernel_ids = retrieval_ops.product_key_topk(queries, keys, 3, 4)
-    for one_pass in (True, False):
-        actual, dy = forward_and_grads(peer_fused, (x, queries, keys, w_down, w_up), k=3, k_sub=4, one_pass=one_pass)
+    for options in SCHEDULES.values():
+        actual, dy = forward_and_grads(peer_fused, (x, queries, keys, w_down, w_up), k=3, k_sub=4, **options)
         assert actual["y"].dtype == torch.bfloat16 and actual["dw_down"].dtype == dtypes[1]
         bounds.check_all(actual, exact((x, queries, keys, w_down, w_up), dy, 3, 4, ids=kernel_ids))
 
 
+def test_overlap_over_many_chunks(monkeypatch):
+    """The overlapped schedule's chunks (one token tile each here, the last one partial) and its
+    persistent expert programs (one per chunk here, striding over the chunk's tiles) give the same
+    picks, scores and gates as the two-kernel path, bit for bit, and outputs within the oracle's
+    bounds; empty inputs launch nothing."""
+    inputs = untied_inputs(3, 4, T=45, h=2, key_heads=2, n=7, dk=12, d=24, dtype=torch.float32)
+    block_t = retrieval_ops.retrieval_config(7, 12, 3, 4, torch.float32, 0)[0]["BLOCK_T"]
+    chunk, _ = fused_ops.overlap_schedule(45, 2, block_t, 1)
+    assert 45 // chunk >= 2 and 45 % chunk, chunk
+    args = (*inputs, 3, 4, "softmax", "gelu", 0)
+    overlapped = fused_ops.fused_forward(*args, "overlap", True, False)
+    two_kernel = fused_ops.fused_forward(*args, "two_kernel", True, False)
+    for name, a, b in zip(("scores", "ids", "gates"), overlapped[1:4], two_kernel[1:4]):
+        assert torch.equal(a, b), name
+    poison_empty(monkeypatch)
+    actual, dy = forward_and_grads(peer_fused, inputs, k=3, k_sub=4, overlap=True)
+    bounds.check_all(actual, exact(inputs, dy, 3, 4))
+    assert fused_ops.fused_forward(*(t[:0] if i in (0, 1) else t for i, t in enumerate(inputs)), 3, 4, "softmax",
+                                   "gelu", 0, "overlap", True, False)[0].shape == (0, 24)
+
+
+def test_one_pass_and_overlap_are_exclusive():
+    with pytest.raises(ValueError, match="one_pass and overlap"):
+        peer_fused(*make_inputs(), 3, one_pass=True, overlap=True)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_kernel"])
-def test_gpu_float32_at_many_tiles(one_pass):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gpu_float32_at_many_tiles(schedule):
     """Block sizes of a real GPU (64-token retrieval tiles, 64-key tiles, gather tiles over d=256):
-    several tiles of each, n not a multiple of the key tile, forward and every gradient."""
-    inputs = untied_inputs(16, 16, T=300, h=4, key_heads=4, n=100, dk=64, d=256, dtype=torch.float32)
-    actual, dy = forward_and_grads(peer_fused, inputs, k=16, k_sub=16, one_pass=one_pass)
+    several tiles of each, n not a multiple of the key tile, forward and every gradient; the overlap
+    at T=3000 runs 3 chunks (8 chunks at 132 SMs and T=8192) on two streams."""
+    T = 3000 if schedule == "overlap" else 300
+    inputs = untied_inputs(16, 16, T=T, h=4, key_heads=4, n=100, dk=64, d=256, dtype=torch.float32)
+    actual, dy = forward_and_grads(peer_fused, inputs, k=16, k_sub=16, **SCHEDULES[schedule])
     bounds.check_all(actual, exact(inputs, dy, 16, 16))
 
 
 @pytest.mark.gpu
 def test_gpu_bfloat16_at_paper_shapes():
-    """T=512 tokens of SPEC's paper shape (d=1024, N=1024**2, h=8, k=k'=16, dk=128): retrieval by
-    score, then the layer against the reference run on the kernel's own picks."""
-    inputs = make_inputs(T=512, h=8, key_heads=8, n=1024, dk=128, d=1024, dtype=torch.bfloat16)
+    """T=2048 tokens of SPEC's paper shape (d=1024, N=1024**2, h=8, k=k'=16, dk=128): retrieval by
+    score, then the layer against the reference run on the kernel's own picks, on every schedule
+    (the overlap runs 2 chunks at 132 SMs)."""
+    inputs = make_inputs(T=2048, h=8, key_heads=8, n=1024, dk=128, d=1024, dtype=torch.bfloat16)
     _, kernel_ids = retrieval_ops.product_key_topk(inputs[1], inputs[2], 16)
-    for one_pass in (True, False):
-        actual, dy = forward_and_grads(peer_fused, inputs, k=16, one_pass=one_pass)
+    for options in SCHEDULES.values():
+        actual, dy = forward_and_grads(peer_fused, inputs, k=16, **options)
         bounds.check_all(actual, exact(inputs, dy, 16, ids=kernel_ids))
 
 
@@ -201,3 +233,35 @@ def test_aot_one_pass_kernel_at_paper_shapes():
         label = aot.describe(job)
         assert stats["stl"] == 0 and stats["ldl"] == 0 and stats["local_bytes"] == 0, (label, stats)
         assert stats["ldg128"] > 0, (label, stats)
+
+
+# The devices the overlapped schedule is planned for: SMs and device-copy bandwidth (SPEC section 5:
+# H200 ~4.3 TB/s; A100 ~1.9 TB/s), and the latency of a row load from HBM.
+OVERLAP_DEVICES = {90: (132, 4.3e12), 80: (108, 1.9e12)}
+LOAD_LATENCY_S = 600e-9
+
+
+def test_aot_overlap_expert_programs_take_whole_sms():
+    """The overlapped forward's expert kernel at the paper's shapes (bf16, d=1024, h*k=128; whole-SM
+    tile, persistent): no spills, 128-bit row loads, and one CTA per SM, so that its persistent
+    programs hold whole SMs and leave the others to the retrieval (one 8-warp, 255-register CTA per
+    SM, tests/test_retrieval.py). Those programs keep bandwidth x latency bytes of rows in flight,
+    one tile each (issue 15: >= 32 KB per SM), so the gather can run at full bandwidth on its share."""
+    d, slots = 1024, 128
+    ptrs = {"x_ptr": "*bf16", "expert_ids_ptr": "*i64", "gates_ptr": "*fp32", "w_down_ptr": "*bf16",
+            "w_up_ptr": "*bf16", "y_ptr": "*bf16", "z_ptr": "*fp32"}
+    block_t, block_s, block_d, num_warps = _launch.gather_tile(8192, slots, d, torch.float32, whole_sm=True)
+    jobs = [dict(module="peer_kernels.kernels.experts", kernel="experts_fwd_kernel", signature=dict(ptrs, T="i32"),
+                 constexprs=dict(D_IN=d, D_OUT=d, S=slots, ACTIVATION=_launch.activation_id("gelu"),
+                                 BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=True, UP=True,
+                                 PERSISTENT=True),
+                 arch=arch, num_warps=num_warps, aligned=list(ptrs)) for arch in aot.ARCHS]
+    tile_bytes = block_t * block_s * block_d * 2
+    for job, stats in zip(jobs, aot.compile_report(jobs)):
+        label = aot.describe(job)
+        assert stats["stl"] == 0 and stats["ldl"] == 0 and stats["local_bytes"] == 0, (label, stats)
+        assert stats["ldg128"] >= 2 * tile_bytes // (32 * num_warps * 16), (label, stats)
+        assert aot.ctas_per_sm(stats["registers"], num_warps) == 1, (label, stats["registers"])
+        sms, bandwidth = OVERLAP_DEVICES[job["arch"]]
+        _, programs = fused_ops.overlap_schedule(8192, 8, 64, sms)
+        assert tile_bytes >= 32 * 1024 and programs * tile_bytes >= bandwidth * LOAD_LATENCY_S, (label, programs)

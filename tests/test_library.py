@@ -69,8 +69,8 @@ def test_triton_ops(dtype):
                                                     deterministic, sparse))
         torch.library.opcheck(experts.mix_backward, detached(dy, z, ids_t, gates_s, w_up, "relu", deterministic,
                                                              sparse))
-    for one_pass, sparse in ((True, False), (False, False), (True, True)):
-        args = (x, queries, keys, w_down, w_up, K, K_SUB, "sigmoid", "gelu", 0, one_pass, True, sparse)
+    for schedule, sparse in (("one_pass", False), ("two_kernel", False), ("overlap", False), ("one_pass", True)):
+        args = (x, queries, keys, w_down, w_up, K, K_SUB, "sigmoid", "gelu", 0, schedule, True, sparse)
         torch.library.opcheck(fused.fused_forward, args)
         _, scores, ids, gates, z = fused.fused_forward(*args)
         torch.library.opcheck(fused.fused_backward, detached(dy, x, queries, keys, w_down, w_up, scores, ids, gates,

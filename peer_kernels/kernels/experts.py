@@ -149,14 +149,31 @@ def mix_up(y_ptr, w_up_ptr, expert_ids, coef, offs_t, slot_mask, T, D_OUT: tl.co
 
 
 @triton.jit
-def _load_slots(expert_ids_ptr, T, S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
-    """This program's token tile: (offs_t, flat slot index, slot mask, expert ids)."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _load_slots(expert_ids_ptr, tile, T, S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Token tile `tile`: (offs_t, flat slot index, slot mask, expert ids)."""
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, BLOCK_S)
     slots = offs_t.to(tl.int64)[:, None] * S + offs_s[None, :]
     slot_mask = (offs_t[:, None] < T) & (offs_s[None, :] < S)
     expert_ids = tl.load(expert_ids_ptr + slots, mask=slot_mask, other=0)
     return offs_t, slots, slot_mask, expert_ids
+
+
+@triton.jit
+def _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, y_ptr, z_ptr, tile, T,
+                  D_IN: tl.constexpr, D_OUT: tl.constexpr, S: tl.constexpr, ACTIVATION: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOWN: tl.constexpr,
+                  UP: tl.constexpr):
+    acc_dtype: tl.constexpr = z_ptr.dtype.element_ty
+    offs_t, slots, slot_mask, expert_ids = _load_slots(expert_ids_ptr, tile, T, S, BLOCK_T, BLOCK_S)
+    if DOWN:
+        z = down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype, D_IN, BLOCK_D)
+        tl.store(z_ptr + slots, z, mask=slot_mask)
+    else:
+        z = tl.load(z_ptr + slots, mask=slot_mask, other=0.0)
+    if UP:
+        gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0).to(acc_dtype)
+        mix_up(y_ptr, w_up_ptr, expert_ids, gates * activate(z, ACTIVATION), offs_t, slot_mask, T, D_OUT, BLOCK_D)
 
 
 @triton.jit
@@ -171,20 +188,22 @@ def experts_fwd_kernel(
     T,
     D_IN: tl.constexpr, D_OUT: tl.constexpr, S: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOWN: tl.constexpr, UP: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """The expert stage, or one half of it: DOWN computes z = w_down[e] . x, UP mixes
     y = sum g act(z) w_up[e] (from this z, or from z_ptr). Both: peer_experts; DOWN alone and UP
-    alone: the split that column-sharded tables need (peer_kernels.distributed)."""
-    acc_dtype: tl.constexpr = z_ptr.dtype.element_ty
-    offs_t, slots, slot_mask, expert_ids = _load_slots(expert_ids_ptr, T, S, BLOCK_T, BLOCK_S)
-    if DOWN:
-        z = down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype, D_IN, BLOCK_D)
-        tl.store(z_ptr + slots, z, mask=slot_mask)
+    alone: the split that column-sharded tables need (peer_kernels.distributed).
+    PERSISTENT: a grid smaller than the token tiles, each program striding over them: the
+    overlapped fused forward (ops/fused.py) holds a few whole SMs this way and leaves the others to
+    the retrieval kernel beside it. Otherwise one tile per program, with no loop around it (the
+    loop costs the 4-warp tile a register spill on sm_90)."""
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.num_programs(0)):
+            _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, y_ptr, z_ptr, tile, T,
+                          D_IN, D_OUT, S, ACTIVATION, BLOCK_T, BLOCK_S, BLOCK_D, DOWN, UP)
     else:
-        z = tl.load(z_ptr + slots, mask=slot_mask, other=0.0)
-    if UP:
-        gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0).to(acc_dtype)
-        mix_up(y_ptr, w_up_ptr, expert_ids, gates * activate(z, ACTIVATION), offs_t, slot_mask, T, D_OUT, BLOCK_D)
+        _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, y_ptr, z_ptr, tl.program_id(0), T,
+                      D_IN, D_OUT, S, ACTIVATION, BLOCK_T, BLOCK_S, BLOCK_D, DOWN, UP)
 
 
 @triton.jit
@@ -209,7 +228,7 @@ def experts_bwd_tokens_kernel(
     atomics or its per-slot weights ga = g act(z) for the sorted pass. DOWN: dx = sum dz w_down[e],
     and dw_down by atomics (its weights are dz, for the sorted pass)."""
     acc_dtype: tl.constexpr = dz_ptr.dtype.element_ty
-    offs_t, slots, slot_mask, expert_ids = _load_slots(expert_ids_ptr, T, S, BLOCK_T, BLOCK_S)
+    offs_t, slots, slot_mask, expert_ids = _load_slots(expert_ids_ptr, tl.program_id(0), T, S, BLOCK_T, BLOCK_S)
     token_mask = (offs_t < T)[:, None]
     row_mask = slot_mask[:, :, None]
     if UP:

@@ -44,7 +44,7 @@ def contiguous(*tensors):
     return tuple(t.contiguous() for t in tensors)
 
 
-def gather_tile(num_tokens, slots, dim, acc_dtype=torch.float32, atomic=False):
+def gather_tile(num_tokens, slots, dim, acc_dtype=torch.float32, atomic=False, whole_sm=False):
     """(BLOCK_T, BLOCK_S, BLOCK_D, num_warps) for kernels that gather `slots` table rows per token.
 
     A program covers BLOCK_T tokens x all their slots, so every row is loaded once; BLOCK_T grows
@@ -52,12 +52,15 @@ def gather_tile(num_tokens, slots, dim, acc_dtype=torch.float32, atomic=False):
     holds up to 8192 fp32 values, 64 per thread at 4 warps: eight 128-bit loads in flight per thread
     for 16-bit tables. fp64 halves it, and atomics (one 64-bit address per 4 values, live until the
     atomic issues) quarter it, so that nothing spills (checked on the SASS by tests/test_experts.py).
+    whole_sm=True: four times the tile at 16 warps, the same values per thread, for a persistent
+    grid that takes whole SMs (ops/fused.py's overlapped forward): 64 KB of 16-bit rows per pass.
     """
-    budget = 8192 * 4 // acc_dtype.itemsize // (4 if atomic else 1)
+    scale = 4 if whole_sm else 1
+    budget = scale * 8192 * 4 // acc_dtype.itemsize // (4 if atomic else 1)
     block_s = triton.next_power_of_2(slots)
     block_t = min(triton.next_power_of_2(num_tokens), max(1, 64 // block_s))
     block_d = min(triton.next_power_of_2(dim), max(16, budget // (block_t * block_s)))
-    num_warps = min(16, max(4, block_t * block_s * block_d // budget * 4))
+    num_warps = min(16, scale * max(4, block_t * block_s * block_d // budget * 4))
     return block_t, block_s, block_d, num_warps
 
 

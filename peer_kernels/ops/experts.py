@@ -53,18 +53,22 @@ def _checked_ids(expert_ids, rows):
 
 # ---- forward ------------------------------------------------------------------------------------
 
-def _forward(x, expert_ids, gates, w_down, w_up, z, y, activation, down, up):
+def _forward(x, expert_ids, gates, w_down, w_up, z, y, activation, down, up, programs=None):
     """One launch of experts_fwd_kernel over the token tiles; x / gates / tables may be stand-ins
-    (z) where the half that reads them is off."""
+    (z) where the half that reads them is off. programs: a persistent grid of that many 16-warp
+    programs with whole-SM tiles (_launch.gather_tile(whole_sm=True)) instead of one per tile."""
     T = expert_ids.shape[0]
     S = _slots(expert_ids)
     d_in = w_down.shape[1] if down else 1
     d_out = w_up.shape[1] if up else 1
-    block_t, block_s, block_d, num_warps = _launch.gather_tile(T, S, max(d_in, d_out), z.dtype)
-    kernels.experts_fwd_kernel[(triton.cdiv(T, block_t),)](
+    block_t, block_s, block_d, num_warps = _launch.gather_tile(T, S, max(d_in, d_out), z.dtype,
+                                                               whole_sm=programs is not None)
+    tiles = triton.cdiv(T, block_t)
+    kernels.experts_fwd_kernel[(min(tiles, programs or tiles),)](
         x, expert_ids, gates, w_down, w_up, y, z, T,
         D_IN=d_in, D_OUT=d_out, S=S, ACTIVATION=_launch.activation_id(activation),
-        BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=down, UP=up, num_warps=num_warps)
+        BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=down, UP=up, PERSISTENT=programs is not None,
+        num_warps=num_warps)
 
 
 def forward_outputs(x, expert_ids, d_out):
@@ -73,11 +77,12 @@ def forward_outputs(x, expert_ids, d_out):
             _library.empty(expert_ids.shape, x, _acc(x)))
 
 
-def launch_forward(x, expert_ids, gates, w_down, w_up, activation):
-    """(y, z) of the whole stage; inputs contiguous."""
-    y, z = forward_outputs(x, expert_ids, w_up.shape[1])
+def launch_forward(x, expert_ids, gates, w_down, w_up, activation, out=None, programs=None):
+    """(y, z) of the whole stage, into `out` = (y, z) when given; inputs contiguous. programs: see
+    _forward."""
+    y, z = out if out is not None else forward_outputs(x, expert_ids, w_up.shape[1])
     if x.shape[0] and _slots(expert_ids):
-        _forward(x, expert_ids, gates, w_down, w_up, z, y, activation, True, True)
+        _forward(x, expert_ids, gates, w_down, w_up, z, y, activation, True, True, programs)
     elif x.shape[0]:
         y.zero_()
     return y, z

@@ -1,21 +1,27 @@
 """peer_fused: everything after the query projection (retrieval, gating, expert mixing) as one
 torch.library op, with the reference's signature (peer_kernels.reference.peer_fused).
 
-Two forward paths with the same outputs, saved tensors and backward:
-- one_pass=False (default): the two-kernel path, retrieval with fused gating (ops/retrieval.py) then
-  the expert kernel (ops/experts.py);
-- one_pass=True: kernels/fused.py, one launch per layer.
-Why two kernels by default, from static estimates only (no GPU has timed either yet; bench/ times
-both as triton-1pass and triton-2kernel): at the paper's shapes the one-pass kernel needs ~200
-registers at 8 warps, so one CTA per SM, runs the compute-bound retrieval and the memory-bound
-gather one after the other in each CTA and keeps ~16 KB of row loads in flight per SM; the expert
-kernel alone fits ~6 CTAs per SM with ~96 KB in flight (tests/test_experts.py asserts it), and
-fusing saves only the ~20 MB of ids and gates the second kernel re-reads. Estimated 1.6-2.1 ms for
-two kernels against 2.2-3.8 ms for one pass; the first GPU run decides.
+Three forward schedules with the same outputs, saved tensors and backward:
+- "two_kernel" (default): retrieval with fused gating (ops/retrieval.py), then the expert kernel
+  (ops/experts.py);
+- "one_pass" (one_pass=True): kernels/fused.py, one launch per layer;
+- "overlap" (overlap=True): the two kernels over chunks of tokens, the expert kernel of chunk c on a
+  high-priority side stream while the retrieval of chunk c+1 runs on the caller's (_overlapped).
+Why two kernels by default, from static estimates only (no GPU has timed any of them yet; bench/
+times all three as triton-2kernel, triton-1pass and triton-overlap): at the paper's shapes the
+one-pass kernel needs ~200 registers at 8 warps, so one CTA per SM, runs the compute-bound
+retrieval and the memory-bound gather one after the other in each CTA and keeps ~16 KB of row loads
+in flight per SM; the expert kernel alone fits ~6 CTAs per SM with ~96 KB in flight (tests/
+test_experts.py asserts it), and fusing saves only the ~20 MB of ids and gates the second kernel
+re-reads. Estimated 1.6-2.1 ms for two kernels against 2.2-3.8 ms for one pass. The overlap's
+estimate, ~1.0-1.1 ms, holds only if the block scheduler runs the two streams' kernels side by
+side as _overlapped intends, which no static metric can show; the first GPU run decides.
 Saved for backward: x, queries, ids, scores, gates and z = w_down[e] . x, O(T*(d + h*(dk + k))).
 The backward is the expert op's backward (dx, dgates, dw_down, dw_up; `deterministic` as there)
 followed by the retrieval backward driven by dgates (dqueries, dkeys).
 """
+import contextlib
+
 import torch
 import triton
 
@@ -78,20 +84,79 @@ def _two_kernel(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id
     return y, scores, ids, gates, z
 
 
+def overlap_schedule(T, heads, block_t, sms):
+    """(tokens per chunk, expert programs) of the overlapped forward on `sms` SMs.
+
+    A chunk is one wave of retrieval programs (BLOCK_T tokens x one head each, one per SM: 255
+    registers at 8 warps) on the whole device: 1088 tokens, 8 chunks, at the paper's shapes on an
+    H200. The expert kernel runs persistent on half the SMs, one 16-warp CTA each (81-104
+    registers, too many for two) with 64 KB of 16-bit rows per pass in flight: 66 x 64 KB = 4.2 MB
+    on an H200, where ~4.3 TB/s at ~600 ns needs ~2.6 MB, so the gather can keep the memory busy
+    while the other half retrieves the next chunk (tests/test_fused.py asserts these counts on the
+    sm_80 / sm_90 SASS)."""
+    return block_t * triton.cdiv(sms, heads), max(1, sms // 2)
+
+
+# One side stream per device for the overlapped forward's expert kernel. High priority: as the
+# retrieval's programs finish, the block scheduler hands the freed SMs to the pending persistent
+# expert programs first, so that they hold their half of the device for the whole chunk.
+_MIXER_STREAMS = {}
+
+
+def _mixer_stream(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MIXER_STREAMS:
+        _MIXER_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
+    return _MIXER_STREAMS[index]
+
+
+def _overlapped(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
+    """The two kernels, chunk by chunk: the expert kernel of chunk c on the mixer stream after
+    chunk c's retrieval, the retrieval of chunk c+1 on the caller's stream meanwhile. Nothing is
+    allocated on the mixer stream, and the caller's stream waits for it before returning, so every
+    tensor it touched is in use on the caller's stream until then (no record_stream needed). Off a
+    GPU (the interpreter) the same chunks run in order on one "SM": chunks of one token tile and
+    one persistent expert program."""
+    T, h, _, dk = queries.shape
+    outputs = forward_outputs(x, queries, k, gating)
+    y, scores, ids, gates, z = outputs
+    if T == 0:
+        return outputs
+    block_t = retrieval.retrieval_config(keys.shape[1], dk, k, k_sub, queries.dtype,
+                                         _launch.cuda_arch(x.device))[0]["BLOCK_T"]
+    chunk, programs = overlap_schedule(T, h, block_t, _launch.sm_count(x.device) if x.is_cuda else 1)
+    caller = torch.cuda.current_stream(x.device) if x.is_cuda else None
+    mixer = _mixer_stream(x.device) if x.is_cuda else None
+    for t0 in range(0, T, chunk):
+        rows = slice(t0, t0 + chunk)
+        retrieval.launch_retrieve(queries[rows], keys, k, k_sub, gating, id_head_offset,
+                                  out=(scores[rows], ids[rows], gates[rows]))
+        with contextlib.nullcontext() if mixer is None else torch.cuda.stream(mixer):
+            if mixer is not None:
+                mixer.wait_stream(caller)
+            experts.launch_forward(x[rows], ids[rows], gates[rows], w_down, w_up, activation,
+                                   out=(y[rows], z[rows]), programs=programs)
+    if mixer is not None:
+        caller.wait_stream(mixer)
+    return outputs
+
+
+_SCHEDULES = {"two_kernel": _two_kernel, "one_pass": _one_pass, "overlap": _overlapped}
+
+
 @_library.custom_op("fused_forward")
 def fused_forward(x: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, w_down: torch.Tensor,
                   w_up: torch.Tensor, k: int, k_sub: int, gating: str, activation: str, id_head_offset: int,
-                  one_pass: bool, deterministic: bool, sparse_grad: bool
+                  schedule: str, deterministic: bool, sparse_grad: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, scores, ids, gates, z); inputs validated."""
+    """(y, scores, ids, gates, z); inputs validated, schedule one of _SCHEDULES."""
     _launch.check_launchable(x, kernels.peer_fused_kernel)
     x, keys, w_down, w_up = _launch.contiguous(x, keys, w_down, w_up)  # queries are read through their strides
-    path = _one_pass if one_pass else _two_kernel
-    return path(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset)
+    return _SCHEDULES[schedule](x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset)
 
 
 @fused_forward.register_fake
-def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, one_pass, deterministic,
+def _(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, schedule, deterministic,
       sparse_grad):
     return forward_outputs(x, queries, k, gating)
 
@@ -136,16 +201,20 @@ fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False, sparse_grad=False, one_pass=False, deterministic=True):
+               separate_embed_per_head=False, sparse_grad=False, one_pass=False, overlap=False, deterministic=True):
     """Retrieval, gating and expert mixing: same contract as peer_kernels.reference.peer_fused.
 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) -> y (T, d).
     sparse_grad=True gives the tables sparse COO gradients of the touched rows; one_pass=True runs
-    retrieval and mixing in one kernel (the default is two: see the module docstring);
-    deterministic=True makes the expert-table gradients bitwise reproducible (the key gradients
-    still use atomics).
+    retrieval and mixing in one kernel, overlap=True runs the retrieval of the next chunk of tokens
+    beside the expert kernel of this one (the default is two kernels in turn: see the module
+    docstring); deterministic=True makes the expert-table gradients bitwise reproducible (the key
+    gradients still use atomics).
     """
     k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head)
+    if one_pass and overlap:
+        raise ValueError("one_pass and overlap: expected at most one of them True, got both")
+    schedule = "one_pass" if one_pass else "overlap" if overlap else "two_kernel"
     id_head_offset = keys.shape[1] ** 2 if separate_embed_per_head else 0
     return fused_forward(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
-                         bool(one_pass), bool(deterministic), bool(sparse_grad))[0]
+                         schedule, bool(deterministic), bool(sparse_grad))[0]

@@ -163,11 +163,12 @@ def retrieve_outputs(queries, k, gating):
             _library.empty((T, h, k) if gating != "none" else (0,), queries, acc))
 
 
-def launch_retrieve(queries, keys, k, k_sub, gating, id_head_offset):
-    """scores (T, h, k) fp32/fp64 descending, ids (T, h, k) int64, gates (T, h, k) or (0,)."""
+def launch_retrieve(queries, keys, k, k_sub, gating, id_head_offset, out=None):
+    """scores (T, h, k) fp32/fp64 descending, ids (T, h, k) int64, gates (T, h, k) or (0,); into
+    `out` = (scores, ids, gates), contiguous, when given."""
     T, h, _, dk = queries.shape
     n = keys.shape[1]
-    scores, ids, gates = retrieve_outputs(queries, k, gating)
+    scores, ids, gates = out if out is not None else retrieve_outputs(queries, k, gating)
     if T == 0:
         return scores, ids, gates
     queries, (stride_t, stride_h, stride_p) = query_strides(queries)
