@@ -114,24 +114,30 @@ def test_bfloat16_given_the_same_picks(dtypes):
         bounds.check_all(actual, exact((x, queries, keys, w_down, w_up), dy, 3, 4, ids=kernel_ids))
 
 
-def test_overlap_over_many_chunks(monkeypatch):
+@pytest.mark.parametrize("k, k_sub, n, ties", [(3, 4, 7, False), (9, 3, 3, False), (4, 4, 7, True)],
+                         ids=["k3-n7", "k=k'^2-k'=n", "ties"])
+def test_overlap_over_many_chunks(k, k_sub, n, ties, monkeypatch):
     """The overlapped schedule's chunks (one token tile each here, the last one partial) and its
     persistent expert programs (one per chunk here, striding over the chunk's tiles) give the same
     picks, scores and gates as the two-kernel path, bit for bit, and outputs within the oracle's
-    bounds; empty inputs launch nothing."""
-    inputs = untied_inputs(3, 4, T=45, h=2, key_heads=2, n=7, dk=12, d=24, dtype=torch.float32)
-    block_t = retrieval_ops.retrieval_config(7, 12, 3, 4, torch.float32, 0)[0]["BLOCK_T"]
+    bounds (on those picks where inputs in {-1, 0, 1} tie); empty inputs launch nothing."""
+    shape = dict(T=45, h=2, key_heads=2, n=n, dk=12, d=24, dtype=torch.float32)
+    if ties:
+        inputs = tuple(t.round().clamp(-1, 1) if i in (1, 2) else t for i, t in enumerate(make_inputs(**shape)))
+    else:
+        inputs = untied_inputs(k, k_sub, **shape)
+    block_t = retrieval_ops.retrieval_config(n, 12, k, k_sub, torch.float32, 0)[0]["BLOCK_T"]
     chunk, _ = fused_ops.overlap_schedule(45, 2, block_t, 1)
     assert 45 // chunk >= 2 and 45 % chunk, chunk
-    args = (*inputs, 3, 4, "softmax", "gelu", 0)
+    args = (*inputs, k, k_sub, "softmax", "gelu", 0)
     overlapped = fused_ops.fused_forward(*args, "overlap", True, False)
     two_kernel = fused_ops.fused_forward(*args, "two_kernel", True, False)
     for name, a, b in zip(("scores", "ids", "gates"), overlapped[1:4], two_kernel[1:4]):
         assert torch.equal(a, b), name
     poison_empty(monkeypatch)
-    actual, dy = forward_and_grads(peer_fused, inputs, k=3, k_sub=4, overlap=True)
-    bounds.check_all(actual, exact(inputs, dy, 3, 4))
-    assert fused_ops.fused_forward(*(t[:0] if i in (0, 1) else t for i, t in enumerate(inputs)), 3, 4, "softmax",
+    actual, dy = forward_and_grads(peer_fused, inputs, k=k, k_sub=k_sub, overlap=True)
+    bounds.check_all(actual, exact(inputs, dy, k, k_sub, ids=two_kernel[2] if ties else None))
+    assert fused_ops.fused_forward(*(t[:0] if i in (0, 1) else t for i, t in enumerate(inputs)), k, k_sub, "softmax",
                                    "gelu", 0, "overlap", True, False)[0].shape == (0, 24)
 
 
