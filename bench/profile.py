@@ -37,7 +37,7 @@ def profile_layer(preset, device, log=print):
     log(prof.key_averages().table(sort_by=sort_by, row_limit=25))
 
 
-SCHEDULES = {"two_kernel": {}, "one_pass": dict(one_pass=True), "overlap": dict(overlap=True)}
+SCHEDULES = {"overlap": dict(overlap=True), "two_kernel": dict(overlap=False), "one_pass": dict(one_pass=True)}
 
 
 def _kernel_ms(prof):

@@ -183,7 +183,7 @@ PROVIDERS = {
     "compile": (("retrieval", "experts", "fused", "layer"), build_compile),
     "triton": (("retrieval", "experts", "layer"), build_triton),
     "triton-1pass": (("fused",), functools.partial(build_triton, one_pass=True)),
-    "triton-2kernel": (("fused",), functools.partial(build_triton, one_pass=False)),
+    "triton-2kernel": (("fused",), functools.partial(build_triton, overlap=False)),
     "triton-overlap": (("fused",), functools.partial(build_triton, overlap=True)),
     "triton-atomic": (("experts", "fused"), functools.partial(build_triton, deterministic=False)),
     "triton-network": (("retrieval", "fused"), build_triton_network),

@@ -1,6 +1,9 @@
 """torch.library registration shared by the Triton ops (peer_kernels/ops) and the C++ ops
 (peer_kernels/csrc.py): one namespace, and output allocation that the real ops and their fake
 (meta) implementations share, so both give the same sizes, strides and dtypes."""
+import contextlib
+import functools
+
 import torch
 
 LIBRARY = "peer_kernels"
@@ -8,8 +11,18 @@ LIBRARY = "peer_kernels"
 
 def custom_op(name, mutates_args=()):
     """torch.library.custom_op in this package's namespace: the op is opaque to torch.compile
-    (no graph break) and runs its Python body eagerly, on every device."""
-    return torch.library.custom_op(f"{LIBRARY}::{name}", mutates_args=mutates_args)
+    (no graph break) and runs its Python body eagerly, on every device. The body runs with its
+    first CUDA tensor's device as the current one: Triton launches on the current device's current
+    stream, so without it a tensor on cuda:1 would meet kernels launched on cuda:0."""
+    def register(fn):
+        @functools.wraps(fn)
+        def on_inputs_device(*args, **kwargs):
+            device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_cuda),
+                          None)
+            with contextlib.nullcontext() if device is None else torch.cuda.device(device):
+                return fn(*args, **kwargs)
+        return torch.library.custom_op(f"{LIBRARY}::{name}", mutates_args=mutates_args)(on_inputs_device)
+    return register
 
 
 def empty(shape, like, dtype=None):

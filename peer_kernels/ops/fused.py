@@ -2,20 +2,24 @@
 torch.library op, with the reference's signature (peer_kernels.reference.peer_fused).
 
 Three forward schedules with the same outputs, saved tensors and backward:
-- "two_kernel" (default): retrieval with fused gating (ops/retrieval.py), then the expert kernel
-  (ops/experts.py);
-- "one_pass" (one_pass=True): kernels/fused.py, one launch per layer;
-- "overlap" (overlap=True): the two kernels over chunks of tokens, the expert kernel of chunk c on a
-  high-priority side stream while the retrieval of chunk c+1 runs on the caller's (_overlapped).
-Why two kernels by default, from static estimates only (no GPU has timed any of them yet; bench/
-times all three as triton-2kernel, triton-1pass and triton-overlap): at the paper's shapes the
-one-pass kernel needs ~200 registers at 8 warps, so one CTA per SM, runs the compute-bound
-retrieval and the memory-bound gather one after the other in each CTA and keeps ~16 KB of row loads
-in flight per SM; the expert kernel alone fits ~6 CTAs per SM with ~96 KB in flight (tests/
-test_experts.py asserts it), and fusing saves only the ~20 MB of ids and gates the second kernel
-re-reads. Estimated 1.6-2.1 ms for two kernels against 2.2-3.8 ms for one pass. The overlap's
-estimate, ~1.0-1.1 ms, holds only if the block scheduler runs the two streams' kernels side by
-side as _overlapped intends, which no static metric can show; the first GPU run decides.
+- "overlap" (default; overlap=False turns it off): the two kernels below over chunks of tokens,
+  the expert kernel of chunk c on a high-priority side stream while the retrieval of chunk c+1
+  runs on the caller's, each on its own share of the SMs (overlap_schedule);
+- "two_kernel" (overlap=False): retrieval with fused gating (ops/retrieval.py), then the expert
+  kernel (ops/experts.py);
+- "one_pass" (one_pass=True): kernels/fused.py, one launch per layer.
+The default is the best static estimate at the paper's shapes on an H200; no GPU has timed any of
+them yet (bench/ times all three as triton-overlap, triton-2kernel and triton-1pass, and
+--profile prints each one's wall time against its kernels' summed time):
+- one pass, 2.2-3.8 ms: ~200 registers at 8 warps, so one CTA per SM, runs the compute-bound
+  retrieval and the memory-bound gather one after the other in each CTA and keeps ~16 KB of row
+  loads in flight per SM;
+- two kernels, 1.3-1.75 ms: the retrieval (~0.3-0.45 ms with level selection) and then the expert
+  kernel (~7 CTAs per SM, ~112 KB in flight, 1.0-1.3 ms), one after the other;
+- overlap, ~1.1-1.35 ms: the retrieval on half the SMs (~0.6-0.9 ms) hides under the gather on
+  the other half (66 CTAs x 64 KB in flight at the peak of each pass, nothing between passes), plus
+  the first chunk's retrieval. It is the two-kernel path when T fits one chunk (512 tokens at
+  h = 8 on 132 SMs).
 Saved for backward: x, queries, ids, scores, gates and z = w_down[e] . x, O(T*(d + h*(dk + k))).
 The backward is the expert op's backward (dx, dgates, dw_down, dw_up; `deterministic` as there)
 followed by the retrieval backward driven by dgates (dqueries, dkeys).
@@ -87,57 +91,61 @@ def _two_kernel(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id
 def overlap_schedule(T, heads, block_t, sms):
     """(tokens per chunk, expert programs) of the overlapped forward on `sms` SMs.
 
-    A chunk is one wave of retrieval programs (BLOCK_T tokens x one head each, one per SM: 255
-    registers at 8 warps) on the whole device: 1088 tokens, 8 chunks, at the paper's shapes on an
-    H200. The expert kernel runs persistent on half the SMs, one 16-warp CTA each (81-104
-    registers, too many for two) with 64 KB of 16-bit rows per pass in flight: 66 x 64 KB = 4.2 MB
-    on an H200, where ~4.3 TB/s at ~600 ns needs ~2.6 MB, so the gather can keep the memory busy
-    while the other half retrieves the next chunk (tests/test_fused.py asserts these counts on the
-    sm_80 / sm_90 SASS)."""
-    return block_t * triton.cdiv(sms, heads), max(1, sms // 2)
+    The SMs are split in space, not by dispatch order: the expert kernel runs persistent on half of
+    them, one 16-warp CTA each (69-106 registers, too many for two: tests/test_fused.py asserts it
+    on the sm_80 / sm_90 SASS), keeping 64 KB of 16-bit rows per pass in flight: 66 x 64 KB = 4.2
+    MB on an H200, where ~4.3 TB/s at ~600 ns needs ~2.6 MB. A chunk's retrieval grid, BLOCK_T
+    tokens x one head per program and one program per SM (255 registers at 8 warps), fits the
+    other half: 64 programs, 512-token chunks, 16 chunks at the paper's shapes. Each stream runs
+    its kernels in order, so at any time one retrieval and one expert kernel run, and together they
+    fit the device whichever the block scheduler starts first."""
+    programs = max(1, sms // 2)
+    return block_t * max(1, (sms - programs) // heads), programs
 
 
-# One side stream per device for the overlapped forward's expert kernel. High priority: as the
-# retrieval's programs finish, the block scheduler hands the freed SMs to the pending persistent
-# expert programs first, so that they hold their half of the device for the whole chunk.
+# One side stream per device for the overlapped forward's expert kernel. High priority: where the
+# split above leaves a choice (fewer SMs than it assumes), freed SMs go to the expert programs.
 _MIXER_STREAMS = {}
 
 
 def _mixer_stream(device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _MIXER_STREAMS:
-        _MIXER_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
-    return _MIXER_STREAMS[index]
+    if device.index not in _MIXER_STREAMS:
+        _MIXER_STREAMS[device.index] = torch.cuda.Stream(device=device, priority=-1)
+    return _MIXER_STREAMS[device.index]
 
 
 def _overlapped(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
     """The two kernels, chunk by chunk: the expert kernel of chunk c on the mixer stream after
-    chunk c's retrieval, the retrieval of chunk c+1 on the caller's stream meanwhile. Nothing is
-    allocated on the mixer stream, and the caller's stream waits for it before returning, so every
-    tensor it touched is in use on the caller's stream until then (no record_stream needed). Off a
-    GPU (the interpreter) the same chunks run in order on one "SM": chunks of one token tile and
-    one persistent expert program."""
+    chunk c's retrieval, the retrieval of chunk c+1 on the caller's stream meanwhile. The last
+    chunk's expert kernel, which nothing runs beside, takes the whole device (one program per
+    tile), and a single chunk is the two-kernel path. Nothing is allocated on the mixer stream,
+    and the caller's stream waits for it before returning (also on an error), so every tensor it
+    touched is in use on the caller's stream until then (no record_stream needed). Off a GPU (the
+    interpreter) the same chunks run in order on two "SMs": chunks of one token tile, one
+    persistent expert program."""
     T, h, _, dk = queries.shape
-    outputs = forward_outputs(x, queries, k, gating)
-    y, scores, ids, gates, z = outputs
-    if T == 0:
-        return outputs
     block_t = retrieval.retrieval_config(keys.shape[1], dk, k, k_sub, queries.dtype,
                                          _launch.cuda_arch(x.device))[0]["BLOCK_T"]
-    chunk, programs = overlap_schedule(T, h, block_t, _launch.sm_count(x.device) if x.is_cuda else 1)
-    caller = torch.cuda.current_stream(x.device) if x.is_cuda else None
+    chunk, programs = overlap_schedule(T, h, block_t, _launch.sm_count(x.device) if x.is_cuda else 2)
+    if T <= chunk:
+        return _two_kernel(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset)
+    outputs = forward_outputs(x, queries, k, gating)
+    y, scores, ids, gates, z = outputs
+    caller = torch.cuda.current_stream() if x.is_cuda else None
     mixer = _mixer_stream(x.device) if x.is_cuda else None
-    for t0 in range(0, T, chunk):
-        rows = slice(t0, t0 + chunk)
-        retrieval.launch_retrieve(queries[rows], keys, k, k_sub, gating, id_head_offset,
-                                  out=(scores[rows], ids[rows], gates[rows]))
-        with contextlib.nullcontext() if mixer is None else torch.cuda.stream(mixer):
-            if mixer is not None:
-                mixer.wait_stream(caller)
-            experts.launch_forward(x[rows], ids[rows], gates[rows], w_down, w_up, activation,
-                                   out=(y[rows], z[rows]), programs=programs)
-    if mixer is not None:
-        caller.wait_stream(mixer)
+    try:
+        for t0 in range(0, T, chunk):
+            rows = slice(t0, t0 + chunk)
+            retrieval.launch_retrieve(queries[rows], keys, k, k_sub, gating, id_head_offset,
+                                      out=(scores[rows], ids[rows], gates[rows]))
+            with contextlib.nullcontext() if mixer is None else torch.cuda.stream(mixer):
+                if mixer is not None:
+                    mixer.wait_stream(caller)
+                experts.launch_forward(x[rows], ids[rows], gates[rows], w_down, w_up, activation,
+                                       out=(y[rows], z[rows]), programs=programs if t0 + chunk < T else None)
+    finally:
+        if mixer is not None:
+            caller.wait_stream(mixer)
     return outputs
 
 
@@ -201,20 +209,20 @@ fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False, sparse_grad=False, one_pass=False, overlap=False, deterministic=True):
+               separate_embed_per_head=False, sparse_grad=False, one_pass=False, overlap=None, deterministic=True):
     """Retrieval, gating and expert mixing: same contract as peer_kernels.reference.peer_fused.
 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) -> y (T, d).
-    sparse_grad=True gives the tables sparse COO gradients of the touched rows; one_pass=True runs
-    retrieval and mixing in one kernel, overlap=True runs the retrieval of the next chunk of tokens
-    beside the expert kernel of this one (the default is two kernels in turn: see the module
-    docstring); deterministic=True makes the expert-table gradients bitwise reproducible (the key
-    gradients still use atomics).
+    sparse_grad=True gives the tables sparse COO gradients of the touched rows. The forward's
+    schedule (see the module docstring): by default (overlap=None, or True) the retrieval of the next
+    chunk of tokens runs beside the expert kernel of this one; overlap=False runs the two kernels
+    one after the other; one_pass=True one kernel for both. deterministic=True makes the
+    expert-table gradients bitwise reproducible (the key gradients still use atomics).
     """
     k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head)
     if one_pass and overlap:
         raise ValueError("one_pass and overlap: expected at most one of them True, got both")
-    schedule = "one_pass" if one_pass else "overlap" if overlap else "two_kernel"
+    schedule = "one_pass" if one_pass else "two_kernel" if overlap is False else "overlap"
     id_head_offset = keys.shape[1] ** 2 if separate_embed_per_head else 0
     return fused_forward(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
                          schedule, bool(deterministic), bool(sparse_grad))[0]
