@@ -128,7 +128,7 @@ def test_overlap_over_many_chunks(k, k_sub, n, ties, monkeypatch):
     else:
         inputs = untied_inputs(k, k_sub, **shape)
     block_t = retrieval_ops.retrieval_config(n, 12, k, k_sub, torch.float32, 0)[0]["BLOCK_T"]
-    chunk, _ = fused_ops.overlap_schedule(45, 2, block_t, 2)
+    chunk, _ = fused_ops.overlap_schedule(2, block_t, 2)
     assert 45 // chunk >= 2 and 45 % chunk, chunk
     args = (*inputs, k, k_sub, "softmax", "gelu", 0)
     overlapped = fused_ops.fused_forward(*args, "overlap", True, False)
@@ -270,5 +270,5 @@ def test_aot_overlap_expert_programs_take_whole_sms():
         assert stats["ldg128"] >= 2 * tile_bytes // (32 * num_warps * 16), (label, stats)
         assert aot.ctas_per_sm(stats["registers"], num_warps) == 1, (label, stats["registers"])
         sms, bandwidth = OVERLAP_DEVICES[job["arch"]]
-        _, programs = fused_ops.overlap_schedule(8192, 8, 64, sms)
+        _, programs = fused_ops.overlap_schedule(8, 64, sms)
         assert tile_bytes >= 32 * 1024 and programs * tile_bytes >= bandwidth * LOAD_LATENCY_S, (label, programs)

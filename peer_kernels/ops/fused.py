@@ -88,7 +88,7 @@ def _two_kernel(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id
     return y, scores, ids, gates, z
 
 
-def overlap_schedule(T, heads, block_t, sms):
+def overlap_schedule(heads, block_t, sms):
     """(tokens per chunk, expert programs) of the overlapped forward on `sms` SMs.
 
     The SMs are split in space, not by dispatch order: the expert kernel runs persistent on half of
@@ -126,7 +126,7 @@ def _overlapped(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id
     T, h, _, dk = queries.shape
     block_t = retrieval.retrieval_config(keys.shape[1], dk, k, k_sub, queries.dtype,
                                          _launch.cuda_arch(x.device))[0]["BLOCK_T"]
-    chunk, programs = overlap_schedule(T, h, block_t, _launch.sm_count(x.device) if x.is_cuda else 2)
+    chunk, programs = overlap_schedule(h, block_t, _launch.sm_count(x.device) if x.is_cuda else 2)
     if T <= chunk:
         return _two_kernel(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset)
     outputs = forward_outputs(x, queries, k, gating)
