@@ -38,23 +38,24 @@ def check_int(name, value, minimum):
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
-def check_topk(k, k_sub, n, k_name="k (num_experts_per_head)", k_sub_name="k_sub (product_key_topk)"):
+def check_topk(k, k_sub, n, k_name, k_sub_name):
     """k experts per head from k_sub sub-keys per half of n: 1 <= k_sub <= n, 1 <= k <= k_sub**2.
-    When k_sub was not given it defaults to k, and the caller passes k's name for both."""
+    The names are the caller's arguments (the module's num_experts_per_head / product_key_topk, the
+    ops' k / k_sub), so a message names what the user wrote."""
     check_int(k_name, k, 1)
     check_int(k_sub_name, k_sub, 1)
     if k_sub > n:
         raise ValueError(f"{k_sub_name}: expected <= n = sqrt(num_experts) = {n} sub-keys per half, got {k_sub}")
     if k > k_sub * k_sub:
-        raise ValueError(f"{k_name}: expected <= k_sub**2 = {k_sub * k_sub} candidates, got {k}")
+        raise ValueError(f"{k_name}: expected <= {k_sub_name}**2 = {k_sub * k_sub} candidates, got {k}")
 
 
-def resolve_k_sub(k, k_sub, n, k_name):
+def resolve_k_sub(k, k_sub, n, k_name, k_sub_name):
     """k_sub, defaulting to k; checked against n (errors name k when k_sub was defaulted)."""
     if k_sub is None:
-        check_topk(k, k, n, k_name, f"{k_name} (product_key_topk defaults to it)")
+        check_topk(k, k, n, k_name, f"{k_name} ({k_sub_name} defaults to it)")
         return k
-    check_topk(k, k_sub, n, k_name)
+    check_topk(k, k_sub, n, k_name, k_sub_name)
     return k_sub
 
 
@@ -74,7 +75,7 @@ def check_config(*, dim, heads, num_experts, num_experts_per_head, dim_key, prod
     check_int("heads", heads, 1)
     check_int("dim_key", dim_key, 1)
     n = sub_keys_per_half(num_experts)
-    k_sub = resolve_k_sub(num_experts_per_head, product_key_topk, n, "num_experts_per_head")
+    k_sub = resolve_k_sub(num_experts_per_head, product_key_topk, n, "num_experts_per_head", "product_key_topk")
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("gating", gating, GATINGS)
     check_choice("query_norm", query_norm, QUERY_NORMS)
@@ -124,7 +125,7 @@ def check_retrieval(queries, keys, k, k_sub):
     check_tensor("keys", keys, (None, None, 2, dk), dtypes=(queries.dtype,), device=queries.device)
     if keys.shape[0] not in (1, h):
         raise ValueError(f"keys: expected {h} heads (or 1 for shared keys) in dim 0, got {keys.shape[0]}")
-    return resolve_k_sub(k, k_sub, keys.shape[1], "k")
+    return resolve_k_sub(k, k_sub, keys.shape[1], "k", "k_sub")
 
 
 def check_tables(x, w_down, w_up, rows=None, d_out=None):

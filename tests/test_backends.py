@@ -138,12 +138,12 @@ def test_expert_errors(ops, change, error, match):
 
 
 RETRIEVAL_ERRORS = [
-    (dict(k=4, k_sub=7), ValueError, r"k_sub \(product_key_topk\): expected <= n = sqrt\(num_experts\) = 6"),
-    (dict(k=7, k_sub=None), ValueError, r"k \(product_key_topk defaults to it\): expected <= n"),
+    (dict(k=4, k_sub=7), ValueError, r"k_sub: expected <= n = sqrt\(num_experts\) = 6 sub-keys per half, got 7"),
+    (dict(k=7, k_sub=None), ValueError, r"k \(k_sub defaults to it\): expected <= n"),
     (dict(k=10, k_sub=3), ValueError, r"k: expected <= k_sub\*\*2 = 9"),
     (dict(queries=torch.randn(5, 0, 2, 8)), ValueError, "queries: expected at least 1 head"),
     (dict(queries=torch.randn(5, 2, 2, 0), keys=torch.randn(1, 6, 2, 0)), ValueError, "queries: expected at least 1"),
-    (dict(keys=torch.randn(1, 0, 2, 8)), ValueError, "k_sub .*: expected <= n .* = 0"),
+    (dict(keys=torch.randn(1, 0, 2, 8)), ValueError, "k_sub: expected <= n .* = 0"),
     (dict(keys=torch.randn(3, 6, 2, 8)), ValueError, "keys: expected 2 heads"),
     (dict(keys=torch.randn(1, 6, 2, 8).double()), TypeError, "keys: expected dtype"),
 ]

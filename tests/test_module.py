@@ -26,7 +26,8 @@ BAD_CONFIGS = [
     (dict(num_experts=50), "num_experts", "perfect square"),
     (dict(num_experts_per_head=0), "num_experts_per_head", ">= 1"),
     (dict(product_key_topk=8), "product_key_topk", "<= n"),
-    (dict(num_experts_per_head=10, product_key_topk=3), "num_experts_per_head", "<= k_sub**2"),
+    (dict(num_experts_per_head=10, product_key_topk=3), "num_experts_per_head",
+     "expected <= product_key_topk**2 = 9 candidates, got 10"),
     (dict(activation="tanh"), "activation", "'tanh'"),
     (dict(gating="softplus"), "gating", "'softplus'"),
     (dict(query_norm="rmsnorm"), "query_norm", "'rmsnorm'"),
@@ -65,7 +66,7 @@ def test_bad_forward_input():
 def test_errors_name_what_the_user_passed():
     with pytest.raises(ValueError, match=r"num_experts_per_head .*: expected <= n = sqrt\(num_experts\) = 7"):
         _layer(num_experts_per_head=10 ** 6)
-    with pytest.raises(ValueError, match=r"product_key_topk\): expected <= n"):
+    with pytest.raises(ValueError, match=r"product_key_topk: expected <= n = sqrt\(num_experts\) = 7 .*, got 8"):
         _layer(product_key_topk=8)
 
 
