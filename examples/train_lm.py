@@ -37,6 +37,10 @@ from torch import nn
 
 import peer_kernels
 
+# Beside the script rather than in the working directory, so a run from a clone's root leaves no
+# untracked folder behind (.gitignore has examples/out/).
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "train_lm"
+
 PRESETS = {
     # dim, blocks, attention heads, context, batch, steps, learning rate; PEER: n*n experts, heads, k, dim_key
     "smoke": dict(dim=32, blocks=3, heads=2, context=32, batch=4, steps=6, lr=3e-3, corpus_mb=0.3, eval_batches=2,
@@ -230,7 +234,8 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--steps", type=int, help="training steps (default: the preset's)")
     parser.add_argument("--backend", default="auto", help="peer_kernels backend (default auto)")
-    parser.add_argument("--out", default="train_lm_out", help="folder for results.json and curves.png")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="folder for results.json and curves.png (default examples/out/train_lm, git-ignored)")
     args = parser.parse_args(argv)
     p = dict(PRESETS[args.preset], **({"steps": args.steps} if args.steps else {}))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
