@@ -29,6 +29,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "install: builds the wheel and installs it into a fresh environment "
+                                       "(about a minute; -m 'not install' deselects it)")
 
 
 def pytest_collection_modifyitems(config, items):

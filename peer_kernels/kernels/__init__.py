@@ -1,0 +1,1 @@
+"""The @triton.jit kernels, by stage; peer_kernels.ops launches them."""
