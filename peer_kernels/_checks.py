@@ -3,10 +3,11 @@
 Each check raises before any work is done, and its message names the argument, what was expected
 and what was given. Nothing is silently cast, truncated or wrapped around.
 
-Dtype rules of the ops (README "Dtypes"): queries and keys share one float dtype; x, the expert
-tables and the gates may each have their own (the tables are read in their stored dtype, never
-copied to another), except that float64 mixes with nothing: a float64 x needs float64 tables, and
-the other way round. Accumulation is float64 for float64 inputs, float32 otherwise.
+Dtype rules of the ops (docs/numerics.md, "Dtypes and mixed precision"): queries and keys share
+one float dtype; x, the expert tables and the gates may each have their own (the tables are read in
+their stored dtype, never copied to another), except that float64 mixes with nothing: a float64 x
+needs float64 tables, and the other way round. Accumulation is float64 for float64 inputs, float32
+otherwise.
 """
 import math
 
