@@ -8,7 +8,7 @@ from torch import nn
 
 import bounds
 import peer_kernels
-from peer_kernels import backends, reference
+from peer_kernels import _device, backends, reference
 from utils import untie, untie_layer
 
 PEER_pytorch = pytest.importorskip("PEER_pytorch")
@@ -123,7 +123,7 @@ def test_resolved_backend_says_where_forward_runs():
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(backends, "TRITON_INTERPRETED", False)
+    monkeypatch.setattr(_device, "INTERPRETED", False)
     with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
         _layer(backend="triton")(torch.randn(2, 32))
 
@@ -283,7 +283,7 @@ def test_unit_rms_pre_norm_matches_peer_pytorch_formula():
 
 def _backend_params():
     from conftest import DEVICE
-    triton_ok = DEVICE.type == "cuda" or backends.TRITON_INTERPRETED
+    triton_ok = DEVICE.type == "cuda" or _device.INTERPRETED
     return ["reference", "cpp"] + (["triton"] if triton_ok else [])
 
 
