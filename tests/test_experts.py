@@ -10,6 +10,7 @@ import aot
 from conftest import DEVICE
 from peer_kernels import _device, reference, tuning
 from peer_kernels._checks import compute_dtype
+from peer_kernels.kernels import experts as kernels
 from peer_kernels.ops import experts as ops
 from peer_kernels.ops import peer_experts
 import bounds
