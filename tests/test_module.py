@@ -71,8 +71,11 @@ def test_errors_name_what_the_user_passed():
 
 def test_one_token_in_training_with_batchnorm_is_a_clear_error():
     layer = _layer(query_norm="batchnorm").train()
-    with pytest.raises(ValueError, match="query_norm: 'batchnorm'.*cannot normalise 1 token.*layernorm"):
+    with pytest.raises(ValueError, match=r"x: got shape \(1, 1, 32\), 1 token; query_norm='batchnorm'.*cannot "
+                                         r"normalise 1 token.*layernorm"):
         layer(torch.randn(1, 1, 32))
+    with pytest.raises(ValueError, match=r"x: got shape \(32,\), 1 token"):  # a 1-D input is one token
+        layer(torch.randn(32))
     assert layer.eval()(torch.randn(1, 1, 32)).shape == (1, 1, 32)
     assert _layer(query_norm="layernorm").train()(torch.randn(1, 32)).shape == (1, 32)
 
