@@ -91,26 +91,22 @@ def build_triton(op, workload, **options):
 
 def build_triton_network(op, workload):
     """The Triton op with the retrieval's sorting network in every token tile instead of level
-    selection (ops/retrieval.use_level_select answers False during the call): what level selection
-    is measured against."""
+    selection (tuning.overrides(level_select=False) during the call): what level selection is
+    measured against."""
     runner = build_triton(op, workload)
-    retrieval = _import("peer_kernels.ops.retrieval")
+    tuning = _import("peer_kernels.tuning")
 
     def with_network(*args, **kwargs):
-        level_select = retrieval.use_level_select
-        retrieval.use_level_select = lambda *config: False
-        try:
+        with tuning.overrides(level_select=False):
             return runner.fn(*args, **kwargs)
-        finally:
-            retrieval.use_level_select = level_select
 
     return dataclasses.replace(runner, fn=with_network)
 
 
 def build_csrc(op, workload):
     """peer_kernels.csrc: the C++ (OpenMP) ops on a CPU, the plain CUDA kernels on a GPU; the layer is
-    PEER(backend="cpp"), CPU only. csrc falls back to the reference where its extension did not
-    build, so that is checked here: such rows would time the reference under another name."""
+    PEER(backend="cpp"), CPU only. A layer on backend "cpp" runs the reference where the extension
+    did not build, so that is checked here: such rows would time the reference under another name."""
     csrc = _import("peer_kernels.csrc")
     if workload.device.type == "cuda":
         if op == "layer":

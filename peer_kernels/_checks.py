@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from . import _device
+
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
 GATINGS = ("softmax", "sigmoid", "relu")
 QUERY_NORMS = ("batchnorm", "layernorm", None)
@@ -163,6 +165,39 @@ def check_expert_ids(expert_ids, rows):
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
         if lo < 0 or hi >= rows:
             raise ValueError(f"expert_ids: expected values in [0, {rows}) (rows of w_down), got [{lo}, {hi}]")
+
+
+def checked_expert_ids(expert_ids, rows):
+    """Ids that no kernel can read or write out of a table of `rows` rows with, as a launcher uses
+    them: checked on the host for CPU tensors (a ValueError); on a GPU without a host sync (which
+    would cost a round trip per call and rule out CUDA-graph capture): an asynchronous device
+    assert, which fails the next synchronisation with the message, and ids clamped into [0, rows)
+    until then."""
+    if not expert_ids.is_cuda:
+        check_expert_ids(expert_ids, rows)
+        return expert_ids
+    torch._assert_async(((expert_ids >= 0) & (expert_ids < rows)).all(),
+                        f"expert_ids: expected values in [0, {rows}) (rows of the expert tables)")
+    return expert_ids.clamp(0, rows - 1)
+
+
+def check_launchable(name, t):
+    """Triton kernels take CUDA tensors, or CPU tensors when Triton interprets them."""
+    if t.device.type != "cuda" and not _device.INTERPRETED:
+        raise ValueError(f"{name}: expected a CUDA tensor for the Triton ops (or TRITON_INTERPRET=1 set before "
+                         f"import), got device {t.device}")
+
+
+def check_layer_input(x, dim):
+    """x (..., dim) of a float dtype, with data: a PEER layer's input."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != dim:
+        raise ValueError(f"x: expected shape (..., dim) with dim = {dim}, got {tuple(x.shape)}")
+    if x.device.type == "meta":
+        raise ValueError("x: expected a tensor with data (e.g. on cpu or cuda), got a meta tensor")
 
 
 def check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head):

@@ -1,19 +1,44 @@
-"""torch.library registration shared by the Triton ops (peer_kernels/ops) and the C++ ops
-(peer_kernels/csrc.py): one namespace, and output allocation that the real ops and their fake
-(meta) implementations share, so both give the same sizes, strides and dtypes."""
+"""The package's torch.library ops, each op family declared once: schema, fake (meta)
+implementation, and the autograd that joins the forward op to its backward op, with the saved state
+named. Backends only fill them: `implement(family, backend, forward=..., backward=...)` registers a
+backend's two launchers (peer_kernels/ops for "triton", peer_kernels/csrc for "cpp"), and every op
+takes the backend's name as its first argument.
+
+Families (T tokens, h heads, k experts per head, E table rows; "rows" is the touched rows of a
+sparse table gradient, empty for dense ones):
+- retrieve(queries, keys, k, k_sub, gating, id_head_offset) -> scores, ids, gates
+- experts_forward(x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad) -> y, z
+- down_forward(x, expert_ids, w_down, deterministic, sparse_grad) -> z
+- mix_forward(z, expert_ids, gates, w_up, activation, deterministic, sparse_grad) -> y
+- fused_forward(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
+  schedule, deterministic, sparse_grad) -> y, scores, ids, gates, z
+and their *_backward ops. The public functions at the end validate the arguments (peer_kernels._checks)
+and call these; peer_kernels.ops and peer_kernels.csrc bind them to their backend.
+
+The ops are opaque to torch.compile (no graph break) and run their bodies eagerly on every device,
+so a backend's launcher may read values back to the host (the C++ id checks) even in a compiled
+model. Every output is allocated by the helpers here, which the real ops and the fakes share, so
+both give the same sizes, strides and dtypes.
+"""
 import contextlib
+import dataclasses
 import functools
+from typing import Callable, Optional
 
 import torch
 
+from . import _checks
+
 LIBRARY = "peer_kernels"
+Tensor = torch.Tensor
 
 
-def custom_op(name, mutates_args=()):
-    """torch.library.custom_op in this package's namespace: the op is opaque to torch.compile
-    (no graph break) and runs its Python body eagerly, on every device. The body runs with its
-    first CUDA tensor's device as the current one: Triton launches on the current device's current
-    stream, so without it a tensor on cuda:1 would meet kernels launched on cuda:0."""
+# ---- mechanics ----------------------------------------------------------------------------------------
+
+def custom_op(name):
+    """torch.library.custom_op in this package's namespace. The body runs with its first CUDA
+    tensor's device as the current one: Triton launches on the current device's current stream, so
+    without it a tensor on cuda:1 would meet kernels launched on cuda:0."""
     def register(fn):
         @functools.wraps(fn)
         def on_inputs_device(*args, **kwargs):
@@ -21,7 +46,7 @@ def custom_op(name, mutates_args=()):
                           None)
             with contextlib.nullcontext() if device is None else torch.cuda.device(device):
                 return fn(*args, **kwargs)
-        return torch.library.custom_op(f"{LIBRARY}::{name}", mutates_args=mutates_args)(on_inputs_device)
+        return torch.library.custom_op(f"{LIBRARY}::{name}", mutates_args=())(on_inputs_device)
     return register
 
 
@@ -32,11 +57,33 @@ def empty(shape, like, dtype=None):
     return torch.empty(tuple(shape), dtype=like.dtype if dtype is None else dtype, device=like.device)
 
 
+def acc(t):
+    """The accumulation dtype of t's computations."""
+    return _checks.compute_dtype(t.dtype)
 
-def autocast_off(like):
-    """A context in which an op computes in the dtypes it documents: torch.autocast, which would
-    run its matmuls in 16 bits, is switched off on `like`'s device."""
-    return torch.autocast(like.device.type, enabled=False)
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    forward: Callable
+    backward: Callable
+
+
+_IMPLEMENTATIONS = {}
+FAMILIES = ("retrieve", "experts", "down", "mix", "fused")
+
+
+def implement(family, backend, *, forward, backward):
+    """Registers a backend's launchers for an op family. Each takes the family's arguments (see the
+    module docstring) as keywords, the backend's name excepted, and returns its outputs."""
+    _checks.check_choice("family", family, FAMILIES)
+    _IMPLEMENTATIONS[family, backend] = Implementation(forward, backward)
+
+
+def _implementation(family, backend):
+    try:
+        return _IMPLEMENTATIONS[family, backend]
+    except KeyError:
+        raise ValueError(f"backend: {backend!r} implements no {family} op") from None
 
 
 def table_gradients(rows, sparse, grads, tables):
@@ -49,10 +96,316 @@ def table_gradients(rows, sparse, grads, tables):
             for values, t in zip(grads, tables)]
 
 
-def fake_table_grads(sparse, *tables):
-    """Fake table gradients and their rows, as the backward ops return them: dense (each like its
-    table, rows empty) or sparse (values (U, d) per table and rows (U,), U depending on the data)."""
+# ---- outputs, shared by the real ops and the fakes ----------------------------------------------------
+
+def retrieve_outputs(queries, k, gating):
+    """Unwritten scores (T, h, k) in the accumulation dtype, ids (T, h, k) int64, gates like scores
+    (shape (0,) for gating "none")."""
+    T, h = queries.shape[:2]
+    return (empty((T, h, k), queries, acc(queries)), empty((T, h, k), queries, torch.int64),
+            empty((T, h, k) if gating != "none" else (0,), queries, acc(queries)))
+
+
+def experts_outputs(x, expert_ids, d_out):
+    """Unwritten y (T, d_out) in x's dtype and z (T, h, k) in the accumulation dtype."""
+    return empty((x.shape[0], d_out), x), empty(expert_ids.shape, x, acc(x))
+
+
+def fused_outputs(x, queries, k, gating):
+    """Unwritten (y, scores, ids, gates, z) of fused_forward."""
+    scores, ids, gates = retrieve_outputs(queries, k, gating)
+    y, z = experts_outputs(x, ids, x.shape[1])
+    return y, scores, ids, gates, z
+
+
+def table_grad_outputs(sparse, *tables):
+    """Table gradients and their rows as the backward ops return them: dense (each like its table,
+    rows empty) or sparse (values (U, d) per table and rows (U,), U known only to the real op)."""
     if not sparse:
         return (*(empty(t.shape, t) for t in tables), empty((0,), tables[0], torch.int64))
     count = torch.library.get_ctx().new_dynamic_size()
     return (*(empty((count, t.shape[1]), t) for t in tables), empty((count,), tables[0], torch.int64))
+
+
+# ---- retrieval ------------------------------------------------------------------------------------------
+
+@custom_op("retrieve")
+def retrieve(backend: str, queries: Tensor, keys: Tensor, k: int, k_sub: int, gating: str, id_head_offset: int
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """scores (T, h, k) descending in the accumulation dtype, ids (T, h, k) int64 = a*n + b +
+    head*id_head_offset, gates = gating(scores) ((0,) for gating "none"). Differentiable in queries
+    and keys through scores and gates."""
+    return _implementation("retrieve", backend).forward(
+        queries=queries, keys=keys, k=k, k_sub=k_sub, gating=gating, id_head_offset=id_head_offset)
+
+
+@retrieve.register_fake
+def _(backend, queries, keys, k, k_sub, gating, id_head_offset):
+    return retrieve_outputs(queries, k, gating)
+
+
+@custom_op("retrieve_backward")
+def retrieve_backward(backend: str, dscores: Optional[Tensor], dgates: Optional[Tensor], queries: Tensor,
+                      keys: Tensor, ids: Tensor, scores: Tensor, gates: Tensor, gating: str, id_head_offset: int
+                      ) -> tuple[Tensor, Tensor]:
+    """(dqueries, dkeys) in the inputs' dtypes; dscores / dgates None where no gradient flows."""
+    return _implementation("retrieve", backend).backward(
+        dscores=dscores, dgates=dgates, queries=queries, keys=keys, ids=ids, scores=scores, gates=gates,
+        gating=gating, id_head_offset=id_head_offset)
+
+
+@retrieve_backward.register_fake
+def _(backend, dscores, dgates, queries, keys, ids, scores, gates, gating, id_head_offset):
+    return empty(queries.shape, queries), empty(keys.shape, keys)
+
+
+def _retrieve_setup(ctx, inputs, output):
+    backend, queries, keys, _k, _k_sub, gating, id_head_offset = inputs
+    scores, ids, gates = output
+    ctx.save_for_backward(queries, keys, ids, scores, gates)
+    ctx.backend, ctx.gating, ctx.id_head_offset = backend, gating, id_head_offset
+    ctx.mark_non_differentiable(ids)
+
+
+def _retrieve_gradients(ctx, dscores, _dids, dgates):
+    queries, keys, ids, scores, gates = ctx.saved_tensors
+    dqueries, dkeys = retrieve_backward(ctx.backend, dscores, dgates if ctx.gating != "none" else None, queries,
+                                        keys, ids, scores, gates, ctx.gating, ctx.id_head_offset)
+    return None, dqueries, dkeys, None, None, None, None
+
+
+retrieve.register_autograd(_retrieve_gradients, setup_context=_retrieve_setup)
+
+
+# ---- the expert stage ------------------------------------------------------------------------------------
+
+@custom_op("experts_forward")
+def experts_forward(backend: str, x: Tensor, expert_ids: Tensor, gates: Tensor, w_down: Tensor, w_up: Tensor,
+                    activation: str, deterministic: bool, sparse_grad: bool) -> tuple[Tensor, Tensor]:
+    """(y, z): y (T, d_out) = sum g act(z) w_up[e] in x's dtype, z (T, h, k) = w_down[e] . x in the
+    accumulation dtype (saved for the backward). deterministic and sparse_grad only travel to it."""
+    return _implementation("experts", backend).forward(
+        x=x, expert_ids=expert_ids, gates=gates, w_down=w_down, w_up=w_up, activation=activation)
+
+
+@experts_forward.register_fake
+def _(backend, x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad):
+    return experts_outputs(x, expert_ids, w_up.shape[1])
+
+
+@custom_op("experts_backward")
+def experts_backward(backend: str, dy: Tensor, x: Tensor, expert_ids: Tensor, gates: Tensor, z: Tensor,
+                     w_down: Tensor, w_up: Tensor, activation: str, deterministic: bool, sparse_grad: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dgates, dw_down, dw_up, rows) in the dtypes of (x, gates, w_down, w_up)."""
+    return _implementation("experts", backend).backward(
+        dy=dy, x=x, expert_ids=expert_ids, gates=gates, z=z, w_down=w_down, w_up=w_up, activation=activation,
+        deterministic=deterministic, sparse_grad=sparse_grad)
+
+
+@experts_backward.register_fake
+def _(backend, dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic, sparse_grad):
+    return empty(x.shape, x), empty(gates.shape, gates), *table_grad_outputs(sparse_grad, w_down, w_up)
+
+
+def _experts_setup(ctx, inputs, output):
+    backend, x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad = inputs
+    _y, z = output
+    ctx.save_for_backward(x, expert_ids, gates, z, w_down, w_up)
+    ctx.backend, ctx.activation, ctx.deterministic, ctx.sparse_grad = backend, activation, deterministic, sparse_grad
+    ctx.mark_non_differentiable(z)
+
+
+def _experts_gradients(ctx, dy, _dz):
+    x, expert_ids, gates, z, w_down, w_up = ctx.saved_tensors
+    dx, dgates, dw_down, dw_up, rows = experts_backward(ctx.backend, dy, x, expert_ids, gates, z, w_down, w_up,
+                                                        ctx.activation, ctx.deterministic, ctx.sparse_grad)
+    dw_down, dw_up = table_gradients(rows, ctx.sparse_grad, (dw_down, dw_up), (w_down, w_up))
+    return None, dx, None, dgates, dw_down, dw_up, None, None, None
+
+
+experts_forward.register_autograd(_experts_gradients, setup_context=_experts_setup)
+
+
+@custom_op("down_forward")
+def down_forward(backend: str, x: Tensor, expert_ids: Tensor, w_down: Tensor, deterministic: bool,
+                 sparse_grad: bool) -> Tensor:
+    """z (T, h, k) = w_down[e] . x in the accumulation dtype: the expert stage's first half."""
+    return _implementation("down", backend).forward(x=x, expert_ids=expert_ids, w_down=w_down)
+
+
+@down_forward.register_fake
+def _(backend, x, expert_ids, w_down, deterministic, sparse_grad):
+    return empty(expert_ids.shape, x, acc(x))
+
+
+@custom_op("down_backward")
+def down_backward(backend: str, dz: Tensor, x: Tensor, expert_ids: Tensor, w_down: Tensor, deterministic: bool,
+                  sparse_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw_down, rows)."""
+    return _implementation("down", backend).backward(
+        dz=dz, x=x, expert_ids=expert_ids, w_down=w_down, deterministic=deterministic, sparse_grad=sparse_grad)
+
+
+@down_backward.register_fake
+def _(backend, dz, x, expert_ids, w_down, deterministic, sparse_grad):
+    return empty(x.shape, x), *table_grad_outputs(sparse_grad, w_down)
+
+
+def _down_setup(ctx, inputs, output):
+    backend, x, expert_ids, w_down, deterministic, sparse_grad = inputs
+    ctx.save_for_backward(x, expert_ids, w_down)
+    ctx.backend, ctx.deterministic, ctx.sparse_grad = backend, deterministic, sparse_grad
+
+
+def _down_gradients(ctx, dz):
+    x, expert_ids, w_down = ctx.saved_tensors
+    dx, dw_down, rows = down_backward(ctx.backend, dz.to(acc(x)), x, expert_ids, w_down, ctx.deterministic,
+                                      ctx.sparse_grad)
+    dw_down, = table_gradients(rows, ctx.sparse_grad, (dw_down,), (w_down,))
+    return None, dx, None, dw_down, None, None
+
+
+down_forward.register_autograd(_down_gradients, setup_context=_down_setup)
+
+
+@custom_op("mix_forward")
+def mix_forward(backend: str, z: Tensor, expert_ids: Tensor, gates: Tensor, w_up: Tensor, activation: str,
+                deterministic: bool, sparse_grad: bool) -> Tensor:
+    """y (T, d_out) = sum g act(z) w_up[e] in z's dtype: the expert stage's second half."""
+    return _implementation("mix", backend).forward(
+        z=z, expert_ids=expert_ids, gates=gates, w_up=w_up, activation=activation)
+
+
+@mix_forward.register_fake
+def _(backend, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
+    return empty((z.shape[0], w_up.shape[1]), z)
+
+
+@custom_op("mix_backward")
+def mix_backward(backend: str, dy: Tensor, z: Tensor, expert_ids: Tensor, gates: Tensor, w_up: Tensor,
+                 activation: str, deterministic: bool, sparse_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dz, dgates, dw_up, rows)."""
+    return _implementation("mix", backend).backward(
+        dy=dy, z=z, expert_ids=expert_ids, gates=gates, w_up=w_up, activation=activation,
+        deterministic=deterministic, sparse_grad=sparse_grad)
+
+
+@mix_backward.register_fake
+def _(backend, dy, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
+    return empty(z.shape, z), empty(gates.shape, gates), *table_grad_outputs(sparse_grad, w_up)
+
+
+def _mix_setup(ctx, inputs, output):
+    backend, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad = inputs
+    ctx.save_for_backward(z, expert_ids, gates, w_up)
+    ctx.backend, ctx.activation, ctx.deterministic, ctx.sparse_grad = backend, activation, deterministic, sparse_grad
+
+
+def _mix_gradients(ctx, dy):
+    z, expert_ids, gates, w_up = ctx.saved_tensors
+    dz, dgates, dw_up, rows = mix_backward(ctx.backend, dy.to(z.dtype), z, expert_ids, gates, w_up, ctx.activation,
+                                           ctx.deterministic, ctx.sparse_grad)
+    dw_up, = table_gradients(rows, ctx.sparse_grad, (dw_up,), (w_up,))
+    return None, dz, None, dgates, dw_up, None, None, None
+
+
+mix_forward.register_autograd(_mix_gradients, setup_context=_mix_setup)
+
+
+# ---- the fused op -------------------------------------------------------------------------------------------
+
+@custom_op("fused_forward")
+def fused_forward(backend: str, x: Tensor, queries: Tensor, keys: Tensor, w_down: Tensor, w_up: Tensor, k: int,
+                  k_sub: int, gating: str, activation: str, id_head_offset: int, schedule: str, deterministic: bool,
+                  sparse_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, scores, ids, gates, z): retrieval, gating and the experts; schedule names how the
+    backend runs the forward (every backend has "two_kernel": retrieval, then the experts)."""
+    return _implementation("fused", backend).forward(
+        x=x, queries=queries, keys=keys, w_down=w_down, w_up=w_up, k=k, k_sub=k_sub, gating=gating,
+        activation=activation, id_head_offset=id_head_offset, schedule=schedule)
+
+
+@fused_forward.register_fake
+def _(backend, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, schedule,
+      deterministic, sparse_grad):
+    return fused_outputs(x, queries, k, gating)
+
+
+@custom_op("fused_backward")
+def fused_backward(backend: str, dy: Tensor, x: Tensor, queries: Tensor, keys: Tensor, w_down: Tensor,
+                   w_up: Tensor, scores: Tensor, ids: Tensor, gates: Tensor, z: Tensor, gating: str, activation: str,
+                   id_head_offset: int, deterministic: bool, sparse_grad: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dqueries, dkeys, dw_down, dw_up, rows)."""
+    return _implementation("fused", backend).backward(
+        dy=dy, x=x, queries=queries, keys=keys, w_down=w_down, w_up=w_up, scores=scores, ids=ids, gates=gates, z=z,
+        gating=gating, activation=activation, id_head_offset=id_head_offset, deterministic=deterministic,
+        sparse_grad=sparse_grad)
+
+
+@fused_backward.register_fake
+def _(backend, dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, gating, activation, id_head_offset,
+      deterministic, sparse_grad):
+    return *(empty(t.shape, t) for t in (x, queries, keys)), *table_grad_outputs(sparse_grad, w_down, w_up)
+
+
+def _fused_setup(ctx, inputs, output):
+    (backend, x, queries, keys, w_down, w_up, _k, _k_sub, gating, activation, id_head_offset, _schedule,
+     deterministic, sparse_grad) = inputs
+    _y, scores, ids, gates, z = output
+    ctx.save_for_backward(x, queries, keys, w_down, w_up, scores, ids, gates, z)
+    ctx.backend, ctx.gating, ctx.activation, ctx.id_head_offset = backend, gating, activation, id_head_offset
+    ctx.deterministic, ctx.sparse_grad = deterministic, sparse_grad
+    ctx.mark_non_differentiable(scores, ids, gates, z)
+
+
+def _fused_gradients(ctx, dy, *_):
+    x, queries, keys, w_down, w_up, scores, ids, gates, z = ctx.saved_tensors
+    dx, dqueries, dkeys, dw_down, dw_up, rows = fused_backward(
+        ctx.backend, dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, ctx.gating, ctx.activation,
+        ctx.id_head_offset, ctx.deterministic, ctx.sparse_grad)
+    dw_down, dw_up = table_gradients(rows, ctx.sparse_grad, (dw_down, dw_up), (w_down, w_up))
+    return None, dx, dqueries, dkeys, dw_down, dw_up, None, None, None, None, None, None, None, None
+
+
+fused_forward.register_autograd(_fused_gradients, setup_context=_fused_setup)
+
+
+# ---- the public functions, for a backend -----------------------------------------------------------------
+
+def product_key_topk(backend, queries, keys, k, k_sub=None):
+    """peer_kernels.reference.product_key_topk on `backend`."""
+    k_sub = _checks.check_retrieval(queries, keys, k, k_sub)
+    scores, ids, _ = retrieve(backend, queries, keys, k, k_sub, "none", 0)
+    return scores, ids
+
+
+def peer_experts(backend, x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad):
+    """peer_kernels.reference.peer_experts on `backend`. The ids' range is checked by the backend's
+    launcher, where it runs eagerly even inside a torch.compile'd graph."""
+    _checks.check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=False)
+    return experts_forward(backend, x, expert_ids, gates, w_down, w_up, activation, bool(deterministic),
+                           bool(sparse_grad))[0]
+
+
+def peer_down(backend, x, expert_ids, w_down, deterministic, sparse_grad):
+    """peer_kernels.reference.peer_down on `backend`."""
+    _checks.check_down(x, expert_ids, w_down, check_range=False)
+    return down_forward(backend, x, expert_ids, w_down, bool(deterministic), bool(sparse_grad))
+
+
+def peer_mix(backend, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
+    """peer_kernels.reference.peer_mix on `backend`."""
+    _checks.check_mix(z, expert_ids, gates, w_up, activation, check_range=False)
+    return mix_forward(backend, z, expert_ids, gates, w_up, activation, bool(deterministic), bool(sparse_grad))
+
+
+def peer_fused(backend, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
+               sparse_grad, schedule, deterministic):
+    """peer_kernels.reference.peer_fused on `backend`, its forward run by `schedule`."""
+    k_sub = _checks.check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation,
+                                separate_embed_per_head)
+    id_head_offset = keys.shape[1] ** 2 if separate_embed_per_head else 0
+    return fused_forward(backend, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
+                         schedule, bool(deterministic), bool(sparse_grad))[0]

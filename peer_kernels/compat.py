@@ -12,6 +12,10 @@ as peer_kernels.PEER), `device` and `dtype` (where and in what dtype the paramet
 The math is peer-pytorch's; it runs on the backends' ops, so the `(batch, seq, heads, k, dim)`
 tensors of gathered expert rows are never built.
 
+`from_peer_pytorch(module or state_dict, ...)` and `to_peer_pytorch(layer)` convert between
+peer-pytorch's `PEER` and `peer_kernels.PEER` (the same weights and outputs; `PEER.from_peer_pytorch`
+and `layer.to_peer_pytorch()` call them).
+
 `patch_peer_pytorch()` runs `PEER_pytorch.PEER` and `PEER_pytorch.PEERLora` themselves on these
 forwards: instances made before the call and after it (the classes' `forward` is replaced, so the
 patch holds for the process until `unpatch_peer_pytorch()`). A patched instance runs on
@@ -24,14 +28,24 @@ expert kernel, so it must be `nn.GELU` (either approximation), `nn.ReLU` or `nn.
 `ValueError` names anything else); `train_mem_mask` also works with `separate_embed_per_head`
 (a mask over all `heads * num_experts` rows); `ChunkedPEER` runs the whole sequence at once.
 """
+import functools
 import math
 
 import torch
 from torch import nn
 
-from . import backends, reference
+from . import _math, backends
 from ._checks import check_config, check_tensor
-from .module import RMSNorm, _activation_name, retrieve_and_mix
+from .module import PEER as Layer, RMSNorm, retrieve_and_mix
+
+# peer_kernels.PEER's parameter names -> peer-pytorch's (PEER_pytorch.PEER) state_dict keys.
+_PEER_PYTORCH_KEYS = {
+    "norm.gamma": "norm.gamma",
+    "to_queries.weight": "to_queries.0.weight",
+    "keys": "keys",
+    "w_down": "weight_down_embed.weight",
+    "w_up": "weight_up_embed.weight",
+}
 
 
 def _gating(score_activation):
@@ -169,8 +183,9 @@ class PEER(nn.Module):
             w_down, w_up = _MaskRowGrads.apply(w_down, train_mem_mask), _MaskRowGrads.apply(w_up, train_mem_mask)
         k, k_sub, gating = self.num_experts_per_head_topk, self.product_key_topk, _gating(self.score_activation)
         activation = _activation_name(self.activation)
-        y = retrieve_and_mix(ops, tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation,
-                             self.separate_embed_per_head, dropout=self.dropout.p if self.training else 0.0)
+        y = retrieve_and_mix(ops, tokens=tokens, queries=queries, keys=keys, w_down=w_down, w_up=w_up, k=k, k_sub=k_sub,
+                             gating=gating, activation=activation, separate_embed_per_head=self.separate_embed_per_head,
+                             dropout=self.dropout.p if self.training else 0.0)
         return y.view(*x.shape[:-1], dim)
 
 
@@ -223,7 +238,7 @@ class PEERLora(nn.Module):
         tokens, queries, keys = _retrieval_inputs(self, x, dim)
         ops = _ops(self, tokens.device)
         scores, expert_ids = ops.product_key_topk(queries, keys, self.num_experts_per_head_topk, self.product_key_topk)
-        gates = reference.gate(scores, _gating(self.score_activation))
+        gates = _math.gate(scores, _gating(self.score_activation))
 
         def adapters(h, a, b):
             return ops.peer_experts(h, expert_ids, gates, a.weight, b.weight, "identity")
@@ -248,6 +263,103 @@ class ChunkedPEER(nn.Module):
 
     def forward(self, x):
         return self.peer(x)
+
+
+# ---- conversion between peer_kernels.PEER and PEER_pytorch.PEER ------------------------------------
+
+def from_peer_pytorch(source, *, backend="auto", layer_class=None, **peer_pytorch_kwargs):
+    """A PEER with the weights and math of a `PEER_pytorch.PEER`.
+
+    `source` is the module itself, or its state_dict together with the keyword arguments it was
+    constructed with (`dim=...`, `heads=...`, ...; peer-pytorch's defaults apply to the rest).
+    peer-pytorch has no query norm and per-head keys; `non_competing_scores=True` is relu gating
+    with one expert per head. The pre-norm output feeds both the queries and the experts.
+    layer_class: the class to build (peer_kernels.PEER or a subclass; PEER.from_peer_pytorch passes
+    its own).
+    """
+    if isinstance(source, nn.Module):
+        if peer_pytorch_kwargs:
+            raise TypeError("from_peer_pytorch: keyword arguments go with a state_dict, not a module")
+        config = _config_of_peer_pytorch_module(source)
+        state = source.state_dict()
+    else:
+        config = _config_of_peer_pytorch_kwargs(**peer_pytorch_kwargs)
+        state = source
+    weight = state["weight_down_embed.weight"]
+    layer = (layer_class or Layer)(**config, backend=backend, device=weight.device, dtype=weight.dtype)
+    layer.load_state_dict({ours: state[theirs] for ours, theirs in _PEER_PYTORCH_KEYS.items()
+                           if theirs in state})
+    return layer
+
+
+def to_peer_pytorch(layer):
+    """The `PEER_pytorch.PEER` equivalent to a peer_kernels.PEER layer (same weights), where peer-pytorch
+    has its options."""
+    from PEER_pytorch import PEER as PeerPytorch
+
+    unsupported = {"query_norm": (layer.query_norm_kind, None), "shared_keys": (layer.shared_keys, False)}
+    for name, (value, needed) in unsupported.items():
+        if value != needed:
+            raise ValueError(f"to_peer_pytorch: peer-pytorch has no {name}; expected {needed!r}, got {value!r}")
+    if layer.gating not in ("softmax", "relu") or (layer.gating == "relu" and layer.num_experts_per_head != 1):
+        raise ValueError("to_peer_pytorch: peer-pytorch gates by softmax, or by relu with num_experts_per_head=1; "
+                         f"got gating={layer.gating!r}, num_experts_per_head={layer.num_experts_per_head}")
+    if layer.dim % 2:
+        raise ValueError(f"to_peer_pytorch: peer-pytorch needs an even dim, got {layer.dim}")
+    activation = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
+                  "gelu_tanh": functools.partial(nn.GELU, approximate="tanh")}[layer.activation]
+    other = PeerPytorch(
+        layer.dim, heads=layer.heads, num_experts=layer.num_experts, activation=activation,
+        num_experts_per_head=layer.num_experts_per_head if layer.gating == "softmax" else layer.product_key_topk,
+        dim_key=layer.dim_key, product_key_topk=layer.product_key_topk,
+        separate_embed_per_head=layer.separate_embed_per_head, pre_rmsnorm=layer.pre_rmsnorm,
+        non_competing_scores=layer.gating == "relu", dropout=layer.dropout,
+    ).to(device=layer.w_down.device, dtype=layer.w_down.dtype)
+    ours = layer.state_dict()
+    other.load_state_dict({theirs: ours[mine] for mine, theirs in _PEER_PYTORCH_KEYS.items() if mine in ours})
+    return other
+
+
+def _activation_name(activation):
+    """peer-pytorch takes an activation class (nn.GELU by default); map an instance to our names."""
+    if isinstance(activation, nn.GELU):
+        return "gelu" if activation.approximate == "none" else "gelu_tanh"
+    for cls, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu")):
+        if isinstance(activation, cls):
+            return name
+    raise ValueError(
+        f"activation: expected nn.ReLU, nn.GELU or nn.SiLU from peer-pytorch, got {type(activation).__name__}")
+
+
+def _peer_config(*, dim, heads, num_experts, experts_per_head, k_sub, dim_key, activation, relu_gating,
+                 pre_rmsnorm, separate_embed_per_head, dropout):
+    return dict(dim=dim, heads=heads, num_experts=num_experts, num_experts_per_head=experts_per_head,
+                product_key_topk=k_sub, dim_key=dim_key, activation=_activation_name(activation),
+                gating="relu" if relu_gating else "softmax", query_norm=None, pre_rmsnorm=pre_rmsnorm,
+                shared_keys=False, separate_embed_per_head=separate_embed_per_head, dropout=dropout)
+
+
+def _config_of_peer_pytorch_module(module):
+    return _peer_config(
+        dim=module.weight_down_embed.embedding_dim, heads=module.heads, num_experts=module.num_experts,
+        experts_per_head=module.num_experts_per_head_topk, k_sub=module.product_key_topk,
+        dim_key=module.keys.shape[-1], activation=module.activation,
+        relu_gating=isinstance(module.score_activation, nn.ReLU), pre_rmsnorm=not isinstance(module.norm, nn.Identity),
+        separate_embed_per_head=module.separate_embed_per_head, dropout=module.dropout.p)
+
+
+def _config_of_peer_pytorch_kwargs(dim, heads=8, num_experts=1_000_000, num_experts_per_head=16,
+                                   activation=nn.GELU, dim_key=None, product_key_topk=None,
+                                   separate_embed_per_head=False, pre_rmsnorm=False,
+                                   non_competing_scores=True, dropout=0.0):
+    """peer-pytorch's constructor signature and defaults (PEER_pytorch 0.2)."""
+    return _peer_config(
+        dim=dim, heads=heads, num_experts=num_experts,
+        experts_per_head=1 if non_competing_scores else num_experts_per_head,
+        k_sub=num_experts_per_head if product_key_topk is None else product_key_topk,
+        dim_key=dim // 2 if dim_key is None else dim_key, activation=activation(),
+        relu_gating=non_competing_scores, pre_rmsnorm=pre_rmsnorm,
+        separate_embed_per_head=separate_embed_per_head, dropout=dropout)
 
 
 _ORIGINAL_FORWARDS = {}

@@ -7,8 +7,11 @@
 holds columns [off_r, off_r + n_r) of every expert row, split as `torch.chunk` splits (ceil(d/P)
 columns per rank, the last ranks short when P does not divide d). Every other parameter and buffer
 (query projection, keys, norms) becomes a `Replicate()` DTensor, and retrieval runs identically on
-every rank, so each rank picks the same experts with the same gates. The expert stage is then the
-backend's own two halves per column shard, with the layer's kernels unchanged:
+every rank, so each rank picks the same experts with the same gates. It works through the layer's
+public seam only: `distribute_module`'s input and output functions convert the layouts (and let
+the layer's query path see its replicated parameters as local tensors while it runs), and the
+layer's `expert_stage` becomes `ColumnParallelExperts`, the backend's own two halves per column
+shard, with the layer's kernels unchanged:
 
     forward                                          backward
     x_r   = x[:, cols_r]           (no comm)         dx: all-gather of the column blocks (T*d)
@@ -51,17 +54,15 @@ then bounds it (not measured: no multi-GPU run yet). Parameters live on differen
 is added, so `torch.nn.utils.clip_grad_norm_` cannot stack their norms; take each gradient's
 `.norm().full_tensor()` and combine those.
 """
-import contextlib
-import functools
 import inspect
-import types
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from . import reference
+from . import _math
+from ._checks import check_layer_input
 from .module import PEER
 
 TABLES = ("w_down", "w_up")
@@ -100,71 +101,52 @@ class _SumGradOverRanks(torch.autograd.Function):
         return total, None
 
 
-@contextlib.contextmanager
-def _replicated_as_local(layer):
-    """The layer's replicated DTensor parameters and buffers swapped for their local tensors while
-    it computes, so its query path runs on plain tensors as in one process (torch 2.6's DTensor has
-    no batch norm). A parameter's local view carries its gradient back to the DTensor; a buffer's
-    shares its storage, so batch norm's running statistics update in place. (torch.func.functional_call
-    swaps too, but by calling the layer, which would come back here.)"""
-    swapped = []
-    for module in layer.modules():
-        for entries in (module._parameters, module._buffers):
-            for name, value in entries.items():
-                if isinstance(value, DTensor) and value.placements == (Replicate(),):
-                    swapped.append((entries, name, value))
-                    entries[name] = value.to_local()
-    try:
-        yield
-    finally:
-        for entries, name, value in swapped:
-            entries[name] = value
+class ColumnParallelExperts:
+    """The expert stage PEERParallel installs as `layer.expert_stage`: the backend's expert stage
+    for tables (E, d) that are Shard(1) DTensors. x (T, d_in), ids and gates (T, h, k), the same on
+    every rank -> y (T, d_out) as a Shard(1) DTensor. (sparse_grad is refused for sharded tables:
+    PEERParallel._apply.)"""
 
+    def __init__(self, mesh):
+        self.mesh = mesh
 
-class ColumnParallel:
-    """What PEERParallel installs as `layer.column_parallel`: the layer's forward between the layouts
-    the model uses, and its expert stage for the sharded tables."""
-
-    def __init__(self, mesh, input_layout, output_layout, use_local_output):
-        self.mesh, self.input_layout, self.output_layout = mesh, input_layout, output_layout
-        self.use_local_output = use_local_output
-
-    def forward(self, layer, x):
-        layer._check_input(x)
-        if not isinstance(x, DTensor):
-            x = DTensor.from_local(x, self.mesh, [_normalized(self.input_layout, x.dim())], run_check=False)
-        if x.placements != (Replicate(),):
-            x = x.redistribute(self.mesh, [Replicate()])
-        with _replicated_as_local(layer):
-            y = layer._forward(x.to_local())
-        if not isinstance(y, DTensor):  # an empty batch, computed on every rank
-            y = DTensor.from_local(y, self.mesh, [Replicate()], run_check=False)
-        layout = _normalized(self.output_layout, y.dim())
-        if y.placements != (layout,):
-            y = y.redistribute(self.mesh, [layout])
-        return y.to_local() if self.use_local_output else y
-
-    def ops(self, ops):
-        """The backend's ops as the layer calls them: retrieval the backend's own (its inputs are
-        replicated), the expert stage per column shard."""
-        return types.SimpleNamespace(product_key_topk=ops.product_key_topk,
-                                     peer_experts=functools.partial(self.peer_experts, ops))
-
-    def peer_experts(self, ops, x, expert_ids, gates, w_down, w_up, activation="gelu", sparse_grad=False):
-        """ops.peer_experts for tables (E, d) that are Shard(1) DTensors: x (T, d_in), ids and gates
-        (T, h, k), the same on every rank -> y (T, d_out) as a Shard(1) DTensor. (sparse_grad is
-        refused when the tables are sharded: PEERParallel._apply.)"""
+    def __call__(self, ops, x, expert_ids, gates, w_down, w_up, activation, sparse_grad):
         group = self.mesh.get_group()
         columns = DTensor.from_local(x, self.mesh, [Replicate()], run_check=False).redistribute(
             self.mesh, [Shard(1)]).to_local()
         z = _SumOverRanks.apply(ops.peer_down(columns, expert_ids, w_down.to_local()), group)
         # The gate times the activation, summed over ranks in backward: the mix's gradient wrt it is
         # v.dy, partial over columns, and one reduction of it gives both dz and dgates.
-        mixed = _SumGradOverRanks.apply(gates.to(z.dtype) * reference.activate(z, activation), group)
+        mixed = _SumGradOverRanks.apply(gates.to(z.dtype) * _math.activate(z, activation), group)
         y = ops.peer_mix(mixed, expert_ids, torch.ones_like(mixed), w_up.to_local(), "identity")
         shape = (x.shape[0], w_up.shape[1])
         return DTensor.from_local(y.to(x.dtype), self.mesh, [Shard(1)], run_check=False, shape=torch.Size(shape),
                                   stride=(shape[1], 1))
+
+
+class _ReplicatedAsLocal:
+    """A layer's replicated DTensor parameters and buffers swapped for their local tensors while
+    it computes, so its query path runs on plain tensors as in one process (torch 2.6's DTensor has
+    no batch norm). A parameter's local view carries its gradient back to the DTensor; a buffer's
+    shares its storage, so batch norm's running statistics update in place. Swapped in by the
+    style's input function, back by a forward hook that runs even when the forward raises."""
+
+    def __init__(self, layer):
+        self.layer, self.swapped = layer, []
+
+    def swap_in(self):
+        self.swap_back()
+        for module in self.layer.modules():
+            for entries in (module._parameters, module._buffers):
+                for name, value in entries.items():
+                    if isinstance(value, DTensor) and value.placements == (Replicate(),):
+                        self.swapped.append((entries, name, value))
+                        entries[name] = value.to_local()
+
+    def swap_back(self, *_hook_arguments):
+        while self.swapped:
+            entries, name, value = self.swapped.pop()
+            entries[name] = value
 
 
 def _placement(name, value):
@@ -188,9 +170,9 @@ class PEERParallel(ParallelStyle):
 
     `parallelize_module(model, tp_mesh, {"...peer": PEERParallel()})`, or
     `parallelize_module(layer, tp_mesh, PEERParallel())`. Afterwards `w_down` and `w_up` are `Shard(1)`
-    DTensors, the other parameters and buffers `Replicate()` DTensors; see the module docstring for
-    the collectives. Compose with FSDP2 by applying this first, then `fully_shard` on a 2-D mesh's
-    other dim.
+    DTensors, the other parameters and buffers `Replicate()` DTensors, and `layer.expert_stage` a
+    `ColumnParallelExperts`; see the module docstring for the collectives. Compose with FSDP2 by
+    applying this first, then `fully_shard` on a 2-D mesh's other dim.
 
     input_layouts: the layout of a plain-tensor input (default Replicate(); Shard(1) for a
       sequence-parallel (batch, seq, dim) input, whose sequence must then split evenly, as
@@ -212,7 +194,7 @@ class PEERParallel(ParallelStyle):
             param = getattr(module, table)
             module.register_parameter(table, torch.nn.Parameter(
                 self._shard_columns(param, mesh), requires_grad=param.requires_grad))
-        module.column_parallel = ColumnParallel(mesh, self.input_layouts, self.output_layouts, self.use_local_output)
+        module.expert_stage = ColumnParallelExperts(mesh)
 
     def _shard_columns(self, table, mesh):
         placements = [Shard(1)]
@@ -226,6 +208,26 @@ class PEERParallel(ParallelStyle):
         # torch 2.6 leaves a short last shard as a strided view, which FSDP2 refuses to shard
         return DTensor.from_local(local.contiguous(), mesh, placements, run_check=False, shape=sharded.shape,
                                   stride=sharded.stride())
+
+    def _replicated_input(self, layer, inputs, mesh, swap):
+        """The layer's input as a replicated local tensor, its replicated parameters swapped in."""
+        x, *rest = inputs
+        check_layer_input(x, layer.dim)
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, [_normalized(self.input_layouts, x.dim())], run_check=False)
+        if x.placements != (Replicate(),):
+            x = x.redistribute(mesh, [Replicate()])
+        swap.swap_in()
+        return (x.to_local(), *rest)
+
+    def _output(self, layer, y, mesh):
+        """The layer's output in the output layout."""
+        if not isinstance(y, DTensor):  # an empty batch, computed on every rank
+            y = DTensor.from_local(y, mesh, [Replicate()], run_check=False)
+        layout = _normalized(self.output_layouts, y.dim())
+        if y.placements != (layout,):
+            y = y.redistribute(mesh, [layout])
+        return y.to_local() if self.use_local_output else y
 
     # ParallelStyle._apply is private by name but is the extension point parallelize_module calls
     # (the built-in styles and torchtitan's implement it), unchanged from torch 2.6 to 2.13.
@@ -243,4 +245,8 @@ class PEERParallel(ParallelStyle):
         if (ranks - 1) * per_rank >= module.dim:
             raise ValueError(f"dim: {module.dim} columns split as torch.chunk over {ranks} ranks ({per_rank} each) "
                              f"leave the last rank none; use a dim that {ranks} divides, or fewer ranks")
-        return distribute_module(module, device_mesh, self._partition)
+        swap = _ReplicatedAsLocal(module)
+        distribute_module(module, device_mesh, self._partition,
+                          lambda layer, inputs, mesh: self._replicated_input(layer, inputs, mesh, swap), self._output)
+        module.register_forward_hook(swap.swap_back, always_call=True)
+        return module

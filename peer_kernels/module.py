@@ -1,22 +1,15 @@
-"""The PEER layer as an nn.Module. It owns the parameters and composes the ops of a backend."""
-import functools
+"""The PEER layer as an nn.Module. It owns the parameters and composes the ops of a backend;
+peer-pytorch conversion lives in compat.py, expert usage and growing the pool in instruments.py."""
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, reference
-from ._checks import check_config, sub_keys_per_half
+from . import _math, backends, instruments
+from ._checks import check_config, check_layer_input
 
-# Our parameter names -> peer-pytorch's (PEER_pytorch.PEER) state_dict keys.
-_PEER_PYTORCH_KEYS = {
-    "norm.gamma": "norm.gamma",
-    "to_queries.weight": "to_queries.0.weight",
-    "keys": "keys",
-    "w_down": "weight_down_embed.weight",
-    "w_up": "weight_up_embed.weight",
-}
+
 
 
 class RMSNorm(nn.Module):
@@ -81,6 +74,11 @@ class PEER(nn.Module):
     parameters' dtype), the expert tables are read in their stored dtype, accumulation is float32,
     and the output has the compute dtype. The small parameters (keys) are cast per call like an
     autocast Linear's weight; the expert tables never are.
+
+    `expert_stage`: None (the fused op), or a callable `stage(ops, x, expert_ids, gates, w_down,
+    w_up, activation, sparse_grad) -> y` that runs the expert stage instead, after the retrieval op
+    (x (T, dim), ids and gates (T, heads, k), ops the backend's module). It is the layer's one seam
+    for distribution: peer_kernels.distributed.PEERParallel installs one for column-sharded tables.
     """
 
     def __init__(self, dim, *, heads=8, num_experts=1024 ** 2, num_experts_per_head=16, dim_key=128,
@@ -100,9 +98,7 @@ class PEER(nn.Module):
         self.separate_embed_per_head, self.dropout, self.backend = separate_embed_per_head, dropout, backend
         self.sparse_grad = bool(sparse_grad)
         self._sparse_grad_hooks = {}
-        # None, or what peer_kernels.distributed.PEERParallel installs: the forward and the expert stage
-        # for tables sharded by columns over several processes
-        self.column_parallel = None
+        self.expert_stage = None
 
         self.norm = RMSNorm(dim, **factory) if pre_rmsnorm else nn.Identity()
         self.to_queries = nn.Linear(dim, heads * 2 * dim_key, bias=False, **factory)
@@ -146,19 +142,6 @@ class PEER(nn.Module):
         q = self.query_norm(self.to_queries(x))
         return q.view(x.shape[0], 2, self.heads, self.dim_key).transpose(1, 2)
 
-    def _check_input(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected shape (..., dim) with dim = {self.dim}, got {tuple(x.shape)}")
-        if x.device.type == "meta":
-            raise ValueError("x: expected a tensor with data (e.g. on cpu or cuda), got a meta tensor")
-        if self.w_down.device.type == "meta":
-            raise ValueError("PEER: the parameters are on the meta device (not allocated); call "
-                             "layer.to_empty(device=...) and then layer.reset_parameters() first")
-
     def _flag_fresh_sparse_grads(self):
         """Table gradients with sparse_grad come out of the backward coalesced (unique, sorted rows),
         but torch's gradient accumulation drops that flag when it stores a fresh sparse gradient in
@@ -170,12 +153,10 @@ class PEER(nn.Module):
             table._peer_fresh_grad = table.grad is None
 
     def forward(self, x):
-        if self.column_parallel is not None:
-            return self.column_parallel.forward(self, x)
-        return self._forward(x)
-
-    def _forward(self, x):
-        self._check_input(x)
+        check_layer_input(x, self.dim)
+        if self.w_down.device.type == "meta":
+            raise ValueError("PEER: the parameters are on the meta device (not allocated); call "
+                             "layer.to_empty(device=...) and then layer.reset_parameters() first")
         if self.sparse_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._flag_fresh_sparse_grads()
         autocast = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
@@ -183,210 +164,85 @@ class PEER(nn.Module):
         if x.numel() == 0:
             return (x * 0).to(dtype)  # an empty batch: an empty output, still attached to x's graph
         ops = backends.get(self.backend, x.device)
-        if self.column_parallel is not None:
-            ops = self.column_parallel.ops(ops)
         tokens = self.norm(x.reshape(-1, self.dim))
         if self.training and self.query_norm_kind == "batchnorm" and tokens.shape[0] == 1:
-            raise ValueError("query_norm: 'batchnorm' normalises over the tokens of a batch in training mode and "
-                             "cannot normalise 1 token; batch more tokens, use eval(), or use "
-                             "query_norm='layernorm' (per token)")
+            raise ValueError(f"x: got shape {tuple(x.shape)}, 1 token; query_norm='batchnorm' normalises over the "
+                             "tokens of a batch in training mode and cannot normalise 1 token; batch more tokens, "
+                             "use eval(), or use query_norm='layernorm' (per token)")
         # The query path in the compute dtype (outside autocast its projection in the parameters'),
         # the keys cast to it like an autocast Linear's weight; the expert tables are never cast.
         retrieval_dtype = dtype if autocast else self.keys.dtype
         queries = self.queries(tokens if autocast else tokens.to(self.to_queries.weight.dtype)).to(retrieval_dtype)
         keys = self.keys.to(retrieval_dtype)
         tokens = tokens.to(dtype)
-        k, k_sub = self.num_experts_per_head, self.product_key_topk
         if self.track_usage:
-            self._count_usage(ops, queries, keys)
-        y = retrieve_and_mix(ops, tokens, queries, keys, self.w_down, self.w_up, k, k_sub, self.gating, self.activation,
-                             self.separate_embed_per_head, dropout=self.dropout if self.training else 0.0,
-                             unfused=self.column_parallel is not None, sparse_grad=self.sparse_grad)
+            instruments.count_usage(self, ops, queries, keys)
+        y = retrieve_and_mix(ops, tokens=tokens, queries=queries, keys=keys, w_down=self.w_down, w_up=self.w_up,
+                             k=self.num_experts_per_head, k_sub=self.product_key_topk, gating=self.gating,
+                             activation=self.activation, separate_embed_per_head=self.separate_embed_per_head,
+                             dropout=self.dropout if self.training else 0.0, expert_stage=self.expert_stage,
+                             sparse_grad=self.sparse_grad)
         return y.reshape(x.shape)
 
-    # ---- peer-pytorch interop -------------------------------------------------------------------
+    # ---- peer-pytorch interop (peer_kernels.compat) -----------------------------------------------
 
     @classmethod
     def from_peer_pytorch(cls, source, *, backend="auto", **peer_pytorch_kwargs):
-        """A PEER with the weights and math of a `PEER_pytorch.PEER`.
+        """A PEER with the weights and math of a `PEER_pytorch.PEER`: see
+        peer_kernels.compat.from_peer_pytorch."""
+        from .compat import from_peer_pytorch
 
-        `source` is the module itself, or its state_dict together with the keyword arguments it was
-        constructed with (`dim=...`, `heads=...`, ...; peer-pytorch's defaults apply to the rest).
-        peer-pytorch has no query norm and per-head keys; `non_competing_scores=True` is relu gating
-        with one expert per head. The pre-norm output feeds both the queries and the experts.
-        """
-        if isinstance(source, nn.Module):
-            if peer_pytorch_kwargs:
-                raise TypeError("from_peer_pytorch: keyword arguments go with a state_dict, not a module")
-            config = _config_of_peer_pytorch_module(source)
-            state = source.state_dict()
-        else:
-            config = _config_of_peer_pytorch_kwargs(**peer_pytorch_kwargs)
-            state = source
-        weight = state["weight_down_embed.weight"]
-        layer = cls(**config, backend=backend, device=weight.device, dtype=weight.dtype)
-        layer.load_state_dict({ours: state[theirs] for ours, theirs in _PEER_PYTORCH_KEYS.items()
-                               if theirs in state})
-        return layer
+        return from_peer_pytorch(source, backend=backend, layer_class=cls, **peer_pytorch_kwargs)
 
     def to_peer_pytorch(self):
-        """The equivalent `PEER_pytorch.PEER` (same weights), where peer-pytorch has these options."""
-        from PEER_pytorch import PEER as PeerPytorch
+        """The equivalent `PEER_pytorch.PEER` (same weights): see peer_kernels.compat.to_peer_pytorch."""
+        from .compat import to_peer_pytorch
 
-        unsupported = {"query_norm": (self.query_norm_kind, None), "shared_keys": (self.shared_keys, False)}
-        for name, (value, needed) in unsupported.items():
-            if value != needed:
-                raise ValueError(f"to_peer_pytorch: peer-pytorch has no {name}; expected {needed!r}, got {value!r}")
-        if self.gating not in ("softmax", "relu") or (self.gating == "relu" and self.num_experts_per_head != 1):
-            raise ValueError("to_peer_pytorch: peer-pytorch gates by softmax, or by relu with num_experts_per_head=1; "
-                             f"got gating={self.gating!r}, num_experts_per_head={self.num_experts_per_head}")
-        if self.dim % 2:
-            raise ValueError(f"to_peer_pytorch: peer-pytorch needs an even dim, got {self.dim}")
-        activation = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
-                      "gelu_tanh": functools.partial(nn.GELU, approximate="tanh")}[self.activation]
-        other = PeerPytorch(
-            self.dim, heads=self.heads, num_experts=self.num_experts, activation=activation,
-            num_experts_per_head=self.num_experts_per_head if self.gating == "softmax" else self.product_key_topk,
-            dim_key=self.dim_key, product_key_topk=self.product_key_topk,
-            separate_embed_per_head=self.separate_embed_per_head, pre_rmsnorm=self.pre_rmsnorm,
-            non_competing_scores=self.gating == "relu", dropout=self.dropout,
-        ).to(device=self.w_down.device, dtype=self.w_down.dtype)
-        ours = self.state_dict()
-        other.load_state_dict({theirs: ours[mine] for mine, theirs in _PEER_PYTORCH_KEYS.items() if mine in ours})
-        return other
+        return to_peer_pytorch(self)
 
-    # ---- the paper's instruments: expert usage, growing the pool ---------------------------------
+    # ---- the paper's instruments (peer_kernels.instruments) ---------------------------------------
 
     _track_usage = False
 
     @property
     def track_usage(self):
-        """While True, every forward adds its retrievals to `usage_counts`, an (S*N,) int64 buffer
-        on the parameters' device (S = heads with separate_embed_per_head, else 1), with no host
-        sync; usage_stats() reads and resets them. The counts are not part of the
-        state_dict. The fused op keeps its expert ids to itself, so tracking runs the retrieval op
-        once more, without gradients (a small part of the layer's cost); gradient checkpointing,
-        which runs the forward again, counts it twice. The counts are each process's own:
-        DistributedDataParallel's default broadcast_buffers=True overwrites them with rank 0's
-        before every forward, so track with broadcast_buffers=False and all_reduce the counts."""
+        """While True, every forward adds its retrievals to `usage_counts` (see
+        peer_kernels.instruments.track_usage)."""
         return self._track_usage
 
     @track_usage.setter
     def track_usage(self, value):
-        if not isinstance(value, bool):
-            raise TypeError(f"track_usage: expected a bool, got {type(value).__name__} {value!r}")
-        if value and self._buffers.get("usage_counts") is None:
-            self.register_buffer("usage_counts", torch.zeros(self.w_down.shape[0], dtype=torch.int64,
-                                                             device=self.w_down.device), persistent=False)
-        self._track_usage = value
-
-    @torch.no_grad()
-    def _count_usage(self, ops, queries, keys):
-        # The backend's retrieval op again, without gradients: its picks are the fused op's (one tie
-        # rule), and the ids stay on the device (the expert op would check their range on the host).
-        _, ids = ops.product_key_topk(queries, keys, self.num_experts_per_head, self.product_key_topk)
-        if self.separate_embed_per_head:
-            ids = reference.head_offsets(ids, self.num_experts)
-        ids = ids.reshape(-1)
-        self.usage_counts.index_add_(0, ids, torch.ones_like(ids))
+        instruments.track_usage(self, value)
 
     def usage_stats(self, reset=True):
-        """Expert usage since tracking began or the last reset, the paper's Table 2 measures:
-        {"counts": (S*N,) int64 tensor (a copy; S*N rows as in track_usage), "used_fraction": the
-        share of the S*N experts retrieved at least once, "kl_from_uniform": KL(p || uniform) =
-        log(S*N) + sum p log p over the retrieval frequencies p (nan before any retrieval)}.
-        reset=True zeroes the counts. Reading them waits for the device."""
-        counts = self._buffers.get("usage_counts")
-        if counts is None:
-            raise RuntimeError("usage_stats: no usage was tracked; set layer.track_usage = True before the forward")
-        counts = counts.clone()
-        if reset:
-            self.usage_counts.zero_()
-        total = int(counts.sum())
-        p = counts.double() / max(total, 1)
-        kl = math.log(counts.numel()) + float(torch.xlogy(p, p).sum()) if total else math.nan
-        return {"counts": counts, "used_fraction": float((counts > 0).double().mean()), "kl_from_uniform": kl}
+        """Expert usage since tracking began or the last reset: see peer_kernels.instruments.usage_stats."""
+        return instruments.usage_stats(self, reset=reset)
 
-    @torch.no_grad()
     def grow(self, num_experts, optimizer=None):
-        """Grows the pool to `num_experts`, a larger perfect square n'*n', keeping every existing
-        expert's function: sub-key a of each half keeps its index, so expert a*n + b becomes
-        a*n' + b (its rows move; within each head's block with separate_embed_per_head), and the
-        output is unchanged for every token whose retrieval still picks old experts only. The new
-        sub-keys and rows are initialised as reset_parameters() initialises them.
-
-        keys, w_down and w_up become new, larger Parameters (requires_grad kept, .grad dropped), so
-        an optimizer built on the old ones must be told: pass it as `optimizer` and its param
-        groups get the new Parameters, with their state re-laid like the Parameters (the new
-        entries zero, scalars such as Adam's step kept); or build a new optimizer. usage_counts
-        are re-laid as well. Returns the layer."""
-        n_new = sub_keys_per_half(num_experts)
-        n = math.isqrt(self.num_experts)
-        if n_new <= n:
-            raise ValueError(f"num_experts: expected a perfect square larger than {self.num_experts}, got {num_experts}")
-        sets = self.w_down.shape[0] // self.num_experts
-        old = {"keys": self.keys, "w_down": self.w_down, "w_up": self.w_up}
-        for name, param in old.items():
-            for key, value in (optimizer.state.get(param, {}) if optimizer is not None else {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
-                    raise ValueError(f"optimizer: cannot re-lay its state {key!r} of shape {tuple(value.shape)} "
-                                     f"for {name} of shape {tuple(param.shape)}; build a new optimizer instead")
-        grown = {id(p) for p in old.values()}
-        kept = [(t, t.clone()) for t in (*self.parameters(), *self.buffers()) if id(t) not in grown]
-        for name, param in old.items():
-            shape = (param.shape[0], n_new, *param.shape[2:]) if name == "keys" else (sets * n_new * n_new, self.dim)
-            setattr(self, name, nn.Parameter(param.new_empty(shape), requires_grad=param.requires_grad))
-        self.num_experts = num_experts
-        self.reset_parameters()  # initialises the new entries; everything else is put back next
-        for t, value in kept:
-            t.copy_(value)
-        for name, param in old.items():
-            _place_grown(param, getattr(self, name), n, None if name == "keys" else sets)
-        counts = self._buffers.get("usage_counts")
-        if counts is not None:
-            self.usage_counts = _place_grown(counts, counts.new_zeros(sets * n_new * n_new), n, sets)
-        if optimizer is not None:
-            new = {id(p): getattr(self, name) for name, p in old.items()}
-            for group in optimizer.param_groups:
-                group["params"] = [new.get(id(p), p) for p in group["params"]]
-            for name, param in old.items():
-                state = optimizer.state.pop(param, None)
-                if state is None:
-                    continue
-                target = getattr(self, name)
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and value.dim() > 0:
-                        state[key] = _place_grown(value, value.new_zeros(target.shape), n,
-                                                  None if name == "keys" else sets)
-                optimizer.state[target] = state
-        return self
+        """Grows the pool to `num_experts`, keeping every expert's function: see
+        peer_kernels.instruments.grow. Returns the layer."""
+        return instruments.grow(self, num_experts, optimizer=optimizer)
 
 
-def _place_grown(value, into, n, sets):
-    """Writes `value`, laid out for n sub-keys per half, into `into`, laid out for n' > n: keys
-    (h, n, 2, dk) keep their sub-key index (sets None); rows (sets*n*n, ...) of expert a*n + b go
-    to row a*n' + b of their set. Returns `into`."""
-    if sets is None:
-        into[:, :n] = value
-    else:
-        n_new, rest = math.isqrt(into.shape[0] // sets), value.shape[1:]
-        into.view(sets, n_new, n_new, *rest)[:, :n, :n] = value.view(sets, n, n, *rest)
-    return into
+def backend_expert_stage(ops, x, expert_ids, gates, w_down, w_up, activation, sparse_grad):
+    """The expert stage on a backend's own op: what an expert_stage replaces."""
+    return ops.peer_experts(x, expert_ids, gates, w_down, w_up, activation, sparse_grad=sparse_grad)
 
 
-def retrieve_and_mix(ops, tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
-                     dropout=0.0, unfused=False, sparse_grad=False):
+def retrieve_and_mix(ops, *, tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation,
+                     separate_embed_per_head, dropout=0.0, expert_stage=None, sparse_grad=False):
     """The layer after its query path, on a backend's ops: retrieval, gating and the experts, by the
-    fused op, or by the retrieval and expert ops apart when dropout > 0 or `unfused` (column-sharded
-    tables, peer_kernels.distributed, sum z over their shards between the expert stage's halves).
-    Dropout on the activations a_j equals dropout on the gates g_j (y and every gradient are the
-    same products), so the expert op needs no dropout of its own."""
-    if dropout > 0 or unfused:
+    fused op, or by the retrieval op and then `expert_stage` (default: the backend's expert op) when
+    dropout > 0 or an expert stage is given (PEER.expert_stage). Dropout on the activations a_j
+    equals dropout on the gates g_j (y and every gradient are the same products), so the expert
+    stage needs no dropout of its own."""
+    if dropout > 0 or expert_stage is not None:
         scores, expert_ids = ops.product_key_topk(queries, keys, k, k_sub)
         if separate_embed_per_head:
-            expert_ids = reference.head_offsets(expert_ids, keys.shape[1] ** 2)
-        gates = F.dropout(reference.gate(scores, gating), dropout, training=dropout > 0)
-        return ops.peer_experts(tokens, expert_ids, gates, w_down, w_up, activation, sparse_grad=sparse_grad)
+            expert_ids = _math.head_offsets(expert_ids, keys.shape[1] ** 2)
+        gates = F.dropout(_math.gate(scores, gating), dropout, training=dropout > 0)
+        return (expert_stage or backend_expert_stage)(ops, tokens, expert_ids, gates, w_down, w_up, activation,
+                                                      sparse_grad)
     return ops.peer_fused(tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
                           sparse_grad=sparse_grad)
 
@@ -400,43 +256,3 @@ def _flag_coalesced(table):
     table._peer_fresh_grad = False
 
 
-def _activation_name(activation):
-    """peer-pytorch takes an activation class (nn.GELU by default); map an instance to our names."""
-    if isinstance(activation, nn.GELU):
-        return "gelu" if activation.approximate == "none" else "gelu_tanh"
-    for cls, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu")):
-        if isinstance(activation, cls):
-            return name
-    raise ValueError(
-        f"activation: expected nn.ReLU, nn.GELU or nn.SiLU from peer-pytorch, got {type(activation).__name__}")
-
-
-def _peer_config(*, dim, heads, num_experts, experts_per_head, k_sub, dim_key, activation, relu_gating,
-                 pre_rmsnorm, separate_embed_per_head, dropout):
-    return dict(dim=dim, heads=heads, num_experts=num_experts, num_experts_per_head=experts_per_head,
-                product_key_topk=k_sub, dim_key=dim_key, activation=_activation_name(activation),
-                gating="relu" if relu_gating else "softmax", query_norm=None, pre_rmsnorm=pre_rmsnorm,
-                shared_keys=False, separate_embed_per_head=separate_embed_per_head, dropout=dropout)
-
-
-def _config_of_peer_pytorch_module(module):
-    return _peer_config(
-        dim=module.weight_down_embed.embedding_dim, heads=module.heads, num_experts=module.num_experts,
-        experts_per_head=module.num_experts_per_head_topk, k_sub=module.product_key_topk,
-        dim_key=module.keys.shape[-1], activation=module.activation,
-        relu_gating=isinstance(module.score_activation, nn.ReLU), pre_rmsnorm=not isinstance(module.norm, nn.Identity),
-        separate_embed_per_head=module.separate_embed_per_head, dropout=module.dropout.p)
-
-
-def _config_of_peer_pytorch_kwargs(dim, heads=8, num_experts=1_000_000, num_experts_per_head=16,
-                                   activation=nn.GELU, dim_key=None, product_key_topk=None,
-                                   separate_embed_per_head=False, pre_rmsnorm=False,
-                                   non_competing_scores=True, dropout=0.0):
-    """peer-pytorch's constructor signature and defaults (PEER_pytorch 0.2)."""
-    return _peer_config(
-        dim=dim, heads=heads, num_experts=num_experts,
-        experts_per_head=1 if non_competing_scores else num_experts_per_head,
-        k_sub=num_experts_per_head if product_key_topk is None else product_key_topk,
-        dim_key=dim // 2 if dim_key is None else dim_key, activation=activation(),
-        relu_gating=non_competing_scores, pre_rmsnorm=pre_rmsnorm,
-        separate_embed_per_head=separate_embed_per_head, dropout=dropout)

@@ -19,6 +19,8 @@ import types
 
 import torch
 
+from . import _device
+
 try:
     from .ops import optim as kernel_steps
 except ImportError:  # no Triton on this platform: the PyTorch steps below do all the work
@@ -27,7 +29,7 @@ except ImportError:  # no Triton on this platform: the PyTorch steps below do al
 
 def _kernels_for(param):
     """The Triton launchers for CUDA tensors (and CPU ones under the interpreter), else None."""
-    if kernel_steps is not None and (param.is_cuda or kernel_steps.INTERPRETED):
+    if kernel_steps is not None and (param.is_cuda or _device.INTERPRETED):
         return kernel_steps
     return None
 

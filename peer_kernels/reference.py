@@ -18,36 +18,13 @@ k experts per head, k_sub (k') sub-keys kept per half.
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ._library import autocast_off
-from ._checks import (ACTIVATIONS, GATINGS, check_down, check_experts, check_fused, check_mix,  # noqa: F401
-                      check_retrieval, compute_dtype)
+from ._checks import (ACTIVATIONS, GATINGS, check_down, check_experts, check_fused, check_mix, check_retrieval,
+                      compute_dtype)
+from ._math import activate, autocast_off, gate, head_offsets
 
-
-def activate(z, activation):
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "gelu":
-        return F.gelu(z)
-    if activation == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if activation == "silu":
-        return F.silu(z)
-    if activation == "identity":
-        return z
-    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-
-
-def gate(scores, gating):
-    """scores (..., k) -> gates (..., k); softmax normalizes over the k experts of one head."""
-    if gating == "softmax":
-        return torch.softmax(scores, dim=-1)
-    if gating == "sigmoid":
-        return torch.sigmoid(scores)
-    if gating == "relu":
-        return F.relu(scores)
-    raise ValueError(f"gating: expected one of {GATINGS}, got {gating!r}")
+__all__ = ["product_key_topk", "peer_experts", "peer_down", "peer_mix", "peer_fused", "sub_key_scores",
+           "routing_margin", "activate", "gate", "head_offsets", "ACTIVATIONS", "GATINGS"]
 
 
 def sub_key_scores(queries, keys):
@@ -141,13 +118,6 @@ def peer_mix(z, expert_ids, gates, w_up, activation="gelu", sparse_grad=False):
     up_rows = _rows(w_up, expert_ids, z.dtype, sparse_grad)
     with autocast_off(z):
         return torch.einsum("thk,thkd->td", gates.to(z.dtype) * activate(z, activation), up_rows)
-
-
-def head_offsets(expert_ids, num_experts):
-    """Shift head h's ids by h*num_experts: each head owns its own block of the expert tables."""
-    heads = expert_ids.shape[1]
-    offsets = torch.arange(heads, device=expert_ids.device, dtype=expert_ids.dtype) * num_experts
-    return expert_ids + offsets[:, None]
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",

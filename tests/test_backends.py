@@ -6,9 +6,9 @@ import torch
 
 import bounds
 from conftest import DEVICE
-from peer_kernels import backends, reference
+from peer_kernels import _device, backends, reference
 
-BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or backends.TRITON_INTERPRETED else [])
+BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or _device.INTERPRETED else [])
 
 
 @pytest.fixture(params=BACKENDS)

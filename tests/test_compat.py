@@ -11,12 +11,12 @@ from torch import nn
 import bounds
 import peer_kernels
 from conftest import DEVICE
-from peer_kernels import backends, compat, reference
+from peer_kernels import _device, backends, compat, reference
 from utils import untie_layer
 
 PEER_pytorch = pytest.importorskip("PEER_pytorch")
 
-BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or backends.TRITON_INTERPRETED else [])
+BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or _device.INTERPRETED else [])
 CLASSES = [(compat.PEER, PEER_pytorch.PEER), (compat.PEERLora, PEER_pytorch.PEERLora)]
 SHAPE = dict(dim=24, heads=3, num_experts=36, num_experts_per_head=4)
 PEER_CONFIGS = [  # peer-pytorch's defaults (non_competing_scores: relu gates, one expert a head), then the rest

@@ -41,7 +41,7 @@ def ext():
         if shutil.which(cpp_extension.get_cxx_compiler()) is None:
             pytest.skip(f"no C++ compiler: {messages}")
         pytest.fail(f"the C++ extension did not build with the compiler present: {messages}")
-    return csrc._extension("cpu")
+    return csrc.build._extension("cpu")
 
 
 def fused_inputs(T, d, h, n, dk, dtype=torch.float64, shared_keys=False, separate=False, **_):
@@ -245,15 +245,31 @@ def test_out_of_range_ids_raise(ext):
 
 
 def test_build_failure_warns_once_and_falls_back_to_the_reference(monkeypatch):
-    monkeypatch.setitem(csrc._EXTENSIONS, "cpu", ("peer_kernels_csrc_missing", ("no_such_file.cpp",)))
-    monkeypatch.setattr(csrc, "_extension", functools.lru_cache(maxsize=None)(csrc._extension.__wrapped__))
+    """Backend choice decides the fallback, once: "cpp" (or "auto" on a CPU) resolves to the
+    reference, and the layer says so; the C++ functions themselves refuse to run without a build."""
+    monkeypatch.setitem(csrc.build._EXTENSIONS, "cpu", ("peer_kernels_csrc_missing", ("no_such_file.cpp",)))
+    monkeypatch.setattr(csrc.build, "_extension",
+                        functools.lru_cache(maxsize=None)(csrc.build._extension.__wrapped__))
     with pytest.warns(RuntimeWarning, match="cpu extension is unavailable.*falling back to peer_kernels.reference"):
         assert not csrc.available()
-    inputs = fused_inputs(**TINY)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the second use does not warn again
-        y = csrc.peer_fused(*inputs, TINY["k"], TINY["k_sub"])
-    torch.testing.assert_close(y, reference.peer_fused(*inputs, TINY["k"], TINY["k_sub"]), rtol=0, atol=0)
+        warnings.simplefilter("error")  # later uses do not warn again
+        for backend in ("cpp", "auto"):
+            assert backends.resolve(backend, "cpu") == "reference"
+            layer = peer_kernels.PEER(TINY["d"], heads=TINY["h"], num_experts=TINY["n"] ** 2, dim_key=TINY["dk"],
+                                      num_experts_per_head=TINY["k"], product_key_topk=TINY["k_sub"],
+                                      query_norm=None, backend=backend).double()
+            assert layer.resolved_backend == "reference"
+            x = torch.randn(TINY["T"], TINY["d"], dtype=torch.float64)
+            expected = peer_kernels.PEER(TINY["d"], heads=TINY["h"], num_experts=TINY["n"] ** 2,
+                                         dim_key=TINY["dk"], num_experts_per_head=TINY["k"],
+                                         product_key_topk=TINY["k_sub"], query_norm=None,
+                                         backend="reference").double()
+            expected.load_state_dict(layer.state_dict())
+            torch.testing.assert_close(layer(x), expected(x), rtol=0, atol=0)
+    inputs = fused_inputs(**TINY)
+    with pytest.raises(RuntimeError, match="no cpu extension is built"):
+        csrc.peer_fused(*inputs, TINY["k"], TINY["k_sub"])
 
 
 # ---- the module: backend="cpp" vs peer-pytorch ----------------------------------------------------
@@ -330,7 +346,7 @@ def test_cuda_source_compiles_for_sm90(tmp_path):
 
 def test_sources_are_where_the_loader_looks():
     names = {p.name for p in csrc.sources_dir().iterdir()}
-    for _, files in csrc._EXTENSIONS.values():
+    for _, files in csrc.build._EXTENSIONS.values():
         assert set(files) <= names
     assert {"peer_math.h", "peer_torch.h", "peer_cuda.h"} <= names
 
@@ -360,12 +376,12 @@ DATA = Path(__file__).resolve().parent / "data"
 LOADER = f"""
 import sys
 from pathlib import Path
-from peer_kernels import csrc
-csrc._EXTENSIONS["cpu"] = ("peer_kernels_test_tiny", ("tiny_extension.cpp",))
-csrc.sources_dir = lambda: Path({str(DATA)!r})
-print(csrc._build_root() / csrc._versioned_name("cpu", "peer_kernels_test_tiny", csrc.sources_dir(),
-                                                  ("tiny_extension.cpp",)), flush=True)
-extension = csrc._extension("cpu")
+from peer_kernels.csrc import build
+build._EXTENSIONS["cpu"] = ("peer_kernels_test_tiny", ("tiny_extension.cpp",))
+build.sources_dir = lambda: Path({str(DATA)!r})
+print(build._build_root() / build._versioned_name("cpu", "peer_kernels_test_tiny", build.sources_dir(),
+                                                   ("tiny_extension.cpp",)), flush=True)
+extension = build._extension("cpu")
 print(extension is not None and extension.answer() == 42, flush=True)
 """
 

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 import bounds
 import peer_kernels
 from conftest import DEVICE
-from peer_kernels import backends, reference
+from peer_kernels import _device, reference
 from utils import NearTieError, untie_layer
 
-BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or backends.TRITON_INTERPRETED else [])
+BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or _device.INTERPRETED else [])
 
 
 @st.composite

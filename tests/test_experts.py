@@ -8,12 +8,11 @@ import torch
 
 import aot
 from conftest import DEVICE
-from peer_kernels import reference
+from peer_kernels import _device, reference, tuning
 from peer_kernels._checks import compute_dtype
 from peer_kernels.kernels import experts as kernels
-from peer_kernels.ops import _launch
 from peer_kernels.ops import experts as ops
-from peer_kernels.ops.experts import peer_experts
+from peer_kernels.ops import peer_experts
 import bounds
 from utils import poison_empty, random_ids
 
@@ -220,12 +219,13 @@ def test_bad_inputs_raise_before_launch(monkeypatch):
             peer_experts(*args)
 
 
-def test_needs_cuda_without_interpreter():
-    jit_kernel = kernels.experts_fwd_kernel
-    if not isinstance(jit_kernel, __import__("triton").runtime.JITFunction):
-        jit_kernel = __import__("triton").runtime.JITFunction(jit_kernel.fn)
-    with pytest.raises(ValueError, match="CUDA"):
-        _launch.check_launchable(torch.zeros(1), jit_kernel)
+def test_needs_cuda_without_interpreter(monkeypatch):
+    inputs = make_inputs(T=2, h=1, k=2, d=8, rows=5)
+    monkeypatch.setattr(_device, "INTERPRETED", False)
+    if DEVICE.type == "cuda":
+        inputs = [t.cpu() for t in inputs]
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        peer_experts(*inputs)
 
 
 def test_torch_compile_fullgraph():
@@ -295,10 +295,11 @@ def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch, halves=False):
     dtype, table = dtypes if isinstance(dtypes, tuple) else (dtypes, dtypes)
     acc = compute_dtype(dtype)
     gates = torch.float32 if dtype != torch.float64 else dtype
-    act = _launch.activation_id(activation)
+    act = ops.activation_id(activation)
 
     def tile(atomic=False, **flags):
-        block_t, block_s, block_d, num_warps = _launch.gather_tile(T, S, D, acc, atomic)
+        block_t, block_s, block_d, num_warps = tuning.gather_tile(num_tokens=T, slots=S, dim=D, acc_dtype=acc,
+                                                                  arch=arch, atomic=atomic)
         return dict(module=MODULE, arch=arch, num_warps=num_warps,
                     constexprs=dict(D_IN=D, D_OUT=D, S=S, ACTIVATION=act, BLOCK_T=block_t, BLOCK_S=block_s,
                                     BLOCK_D=block_d, **flags))
@@ -321,7 +322,7 @@ def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch, halves=False):
         if (up, down) != (True, True):
             jobs.append(dict(tile(DOWN=down, UP=up, PERSISTENT=False), kernel="experts_fwd_kernel", disassemble=False,
                              signature=forward))
-    block_n, block_d, _, num_warps = _launch.table_grad_tile(D, T * S, torch.device("cpu"))
+    block_n, block_d, _, num_warps = tuning.table_grad_tile(dim=D, slots=T * S, device=torch.device("cpu"))
     jobs.append(dict(module=MODULE, kernel="table_grad_kernel", arch=arch, num_warps=num_warps, disassemble=False,
                      constexprs=dict(D=D, S=S, BLOCK_N=block_n, BLOCK_D=block_d),
                      signature={"src_ptr": _ptr(dtype), "weights_ptr": _ptr(acc), "sorted_ids_ptr": "*i32",

@@ -10,10 +10,9 @@ import torch
 import aot
 import peer_kernels
 from conftest import DEVICE
-from peer_kernels import reference
-from peer_kernels.ops import _launch
-from peer_kernels.ops import fused as fused_ops
-from peer_kernels.ops import peer_fused
+from peer_kernels import _library, reference, tuning
+from peer_kernels.ops import experts as experts_ops
+from peer_kernels.ops import peer_fused, product_key_topk
 from peer_kernels.ops import retrieval as retrieval_ops
 import bounds
 from utils import poison_empty, untie, untie_layer
@@ -107,7 +106,7 @@ def test_bfloat16_given_the_same_picks(dtypes):
     arithmetic, not tie-breaking. fp32 tables with bf16 activations are mixed precision."""
     x, queries, keys, w_down, w_up = make_inputs(d=32, dk=16, dtype=torch.bfloat16)
     w_down, w_up = w_down.to(dtypes[1]), w_up.to(dtypes[1])
-    _, kernel_ids = retrieval_ops.product_key_topk(queries, keys, 3, 4)
+    _, kernel_ids = product_key_topk(queries, keys, 3, 4)
     for options in SCHEDULES.values():
         actual, dy = forward_and_grads(peer_fused, (x, queries, keys, w_down, w_up), k=3, k_sub=4, **options)
         assert actual["y"].dtype == torch.bfloat16 and actual["dw_down"].dtype == dtypes[1]
@@ -127,19 +126,19 @@ def test_overlap_over_many_chunks(k, k_sub, n, ties, monkeypatch):
         inputs = tuple(t.round().clamp(-1, 1) if i in (1, 2) else t for i, t in enumerate(make_inputs(**shape)))
     else:
         inputs = untied_inputs(k, k_sub, **shape)
-    block_t = retrieval_ops.retrieval_config(n, 12, k, k_sub, torch.float32, 0)[0]["BLOCK_T"]
-    chunk, _ = fused_ops.overlap_schedule(2, block_t, 2)
+    block_t = tuning.retrieval_config(n=n, dk=12, k=k, k_sub=k_sub, dtype=torch.float32, arch=0)[0]["BLOCK_T"]
+    chunk, _ = tuning.overlap_schedule(heads=2, block_t=block_t, sms=2)
     assert 45 // chunk >= 2 and 45 % chunk, chunk
     args = (*inputs, k, k_sub, "softmax", "gelu", 0)
-    overlapped = fused_ops.fused_forward(*args, "overlap", True, False)
-    two_kernel = fused_ops.fused_forward(*args, "two_kernel", True, False)
+    overlapped = _library.fused_forward("triton", *args, "overlap", True, False)
+    two_kernel = _library.fused_forward("triton", *args, "two_kernel", True, False)
     for name, a, b in zip(("scores", "ids", "gates"), overlapped[1:4], two_kernel[1:4]):
         assert torch.equal(a, b), name
     poison_empty(monkeypatch)
     actual, dy = forward_and_grads(peer_fused, inputs, k=k, k_sub=k_sub, overlap=True)
     bounds.check_all(actual, exact(inputs, dy, k, k_sub, ids=two_kernel[2] if ties else None))
-    assert fused_ops.fused_forward(*(t[:0] if i in (0, 1) else t for i, t in enumerate(inputs)), k, k_sub, "softmax",
-                                   "gelu", 0, "overlap", True, False)[0].shape == (0, 24)
+    assert _library.fused_forward("triton", *(t[:0] if i in (0, 1) else t for i, t in enumerate(inputs)), k, k_sub,
+                                  "softmax", "gelu", 0, "overlap", True, False)[0].shape == (0, 24)
 
 
 def test_one_pass_and_overlap_are_exclusive():
@@ -165,7 +164,7 @@ def test_gpu_bfloat16_at_paper_shapes():
     score, then the layer against the reference run on the kernel's own picks, on every schedule
     (the overlap runs 4 chunks at 132 SMs)."""
     inputs = make_inputs(T=2048, h=8, key_heads=8, n=1024, dk=128, d=1024, dtype=torch.bfloat16)
-    _, kernel_ids = retrieval_ops.product_key_topk(inputs[1], inputs[2], 16)
+    _, kernel_ids = product_key_topk(inputs[1], inputs[2], 16)
     for options in SCHEDULES.values():
         actual, dy = forward_and_grads(peer_fused, inputs, k=16, **options)
         bounds.check_all(actual, exact(inputs, dy, 16, ids=kernel_ids))
@@ -231,8 +230,9 @@ def test_aot_one_pass_kernel_at_paper_shapes():
             "z_ptr": "*fp32"}
     jobs = []
     for arch in aot.ARCHS:
-        consts, launch = fused_ops.one_pass_config(8192, heads, d, n, dk, k, k, torch.bfloat16, "gelu", "softmax",
-                                                  arch, interpreted=False)
+        consts, launch = tuning.one_pass_config(num_tokens=8192, heads=heads, d=d, n=n, dk=dk, k=k, k_sub=k,
+                                                dtype=torch.bfloat16, arch=arch, interpreted=False)
+        consts.update(D=d, ACTIVATION=experts_ops.activation_id("gelu"), GATING=retrieval_ops.GATING_CODES["softmax"])
         jobs.append(dict(module="peer_kernels.kernels.fused", kernel="peer_fused_kernel",
                          signature={**ptrs, **{name: "i32" for name in ints}}, constexprs=consts, arch=arch, **launch,
                          aligned=list(ptrs) + ["dk", "stride_t", "stride_h", "stride_p", "key_head_stride"]))
@@ -257,12 +257,16 @@ def test_aot_overlap_expert_programs_take_whole_sms():
     d, slots = 1024, 128
     ptrs = {"x_ptr": "*bf16", "expert_ids_ptr": "*i64", "gates_ptr": "*fp32", "w_down_ptr": "*bf16",
             "w_up_ptr": "*bf16", "y_ptr": "*bf16", "z_ptr": "*fp32"}
-    block_t, block_s, block_d, num_warps = _launch.gather_tile(8192, slots, d, torch.float32, whole_sm=True)
-    jobs = [dict(module="peer_kernels.kernels.experts", kernel="experts_fwd_kernel", signature=dict(ptrs, T="i32"),
-                 constexprs=dict(D_IN=d, D_OUT=d, S=slots, ACTIVATION=_launch.activation_id("gelu"),
-                                 BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=True, UP=True,
-                                 PERSISTENT=True),
-                 arch=arch, num_warps=num_warps, aligned=list(ptrs)) for arch in aot.ARCHS]
+    jobs = []
+    for arch in aot.ARCHS:
+        block_t, block_s, block_d, num_warps = tuning.gather_tile(num_tokens=8192, slots=slots, dim=d,
+                                                                  acc_dtype=torch.float32, arch=arch, whole_sm=True)
+        jobs.append(dict(module="peer_kernels.kernels.experts", kernel="experts_fwd_kernel",
+                         signature=dict(ptrs, T="i32"),
+                         constexprs=dict(D_IN=d, D_OUT=d, S=slots, ACTIVATION=experts_ops.activation_id("gelu"),
+                                         BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=True, UP=True,
+                                         PERSISTENT=True),
+                         arch=arch, num_warps=num_warps, aligned=list(ptrs)))
     tile_bytes = block_t * block_s * block_d * 2
     for job, stats in zip(jobs, aot.compile_report(jobs)):
         label = aot.describe(job)
@@ -270,5 +274,5 @@ def test_aot_overlap_expert_programs_take_whole_sms():
         assert stats["ldg128"] >= 2 * tile_bytes // (32 * num_warps * 16), (label, stats)
         assert aot.ctas_per_sm(stats["registers"], num_warps) == 1, (label, stats["registers"])
         sms, bandwidth = OVERLAP_DEVICES[job["arch"]]
-        _, programs = fused_ops.overlap_schedule(8, 64, sms)
+        _, programs = tuning.overlap_schedule(heads=8, block_t=64, sms=sms)
         assert tile_bytes >= 32 * 1024 and programs * tile_bytes >= bandwidth * LOAD_LATENCY_S, (label, programs)

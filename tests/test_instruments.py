@@ -8,10 +8,10 @@ import torch
 
 import peer_kernels
 from conftest import DEVICE
-from peer_kernels import backends, reference
+from peer_kernels import _device, reference
 from utils import untie_layer
 
-BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or backends.TRITON_INTERPRETED else [])
+BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or _device.INTERPRETED else [])
 
 
 def make_layer(backend="reference", device=DEVICE, **options):

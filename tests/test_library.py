@@ -1,16 +1,16 @@
-"""Every torch.library op of the package (peer_kernels/_library.py: the Triton ops of
-peer_kernels/ops and the C++ ops of peer_kernels/csrc.py) passes torch.library.opcheck, forward and
-backward ops alike, with non-contiguous and transposed inputs: schema, fake implementation (sizes,
-strides and dtypes equal to the real op's), autograd registration and AOT dispatch."""
+"""Every torch.library op of the package (peer_kernels/_library.py, declared once and filled by the
+Triton launchers of peer_kernels/ops and the C++ ones of peer_kernels/csrc) passes
+torch.library.opcheck on every backend, forward and backward ops alike, with non-contiguous and
+transposed inputs: schema, fake implementation (sizes, strides and dtypes equal to the real op's),
+autograd registration and AOT dispatch."""
 import pytest
 import torch
 
 from conftest import DEVICE
-from peer_kernels import backends, csrc
-from peer_kernels.ops import experts, fused, retrieval
+from peer_kernels import _device, _library, csrc
 
 T, H, N, DK, D, K, K_SUB = 6, 2, 5, 8, 12, 3, 3
-TRITON = DEVICE.type == "cuda" or backends.TRITON_INTERPRETED
+TRITON = DEVICE.type == "cuda" or _device.INTERPRETED
 
 
 def column_major(t):
@@ -41,78 +41,64 @@ def strided_gates(like_ids, dtype, device):
     return torch.rand(*like_ids.shape, 2, dtype=dtype, device=device)[..., 0].requires_grad_()
 
 
-@pytest.mark.skipif(not TRITON, reason="the Triton ops need CUDA or TRITON_INTERPRET=1")
+def _device_of(backend):
+    if backend == "triton" and not TRITON:
+        pytest.skip("the Triton ops need CUDA or TRITON_INTERPRET=1")
+    if backend == "cpp" and not csrc.available():
+        pytest.skip("the C++ extension did not build")
+    return DEVICE if backend == "triton" else torch.device("cpu")
+
+
+# each backend's schedules of the fused op, with sparse table gradients or not
+SCHEDULES = {"triton": (("one_pass", False), ("two_kernel", False), ("overlap", False), ("one_pass", True)),
+             "cpp": (("two_kernel", False), ("two_kernel", True))}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_triton_ops(dtype):
-    x, queries, keys, w_down, w_up, dy = inputs(dtype)
-    for gating in ("softmax", "none"):
-        torch.library.opcheck(retrieval._retrieve_op, (queries, keys, K, K_SUB, gating, 0))
-    scores, ids, gates = retrieval._retrieve_op(queries, keys, K, K_SUB, "softmax", 0)
-    dscores = column_major(torch.randn(T, H * K, dtype=scores.dtype, device=DEVICE)).view(T, H, K)
-    torch.library.opcheck(retrieval._retrieve_backward_op,
-                          detached(dscores, dscores.clone(), queries, keys, ids, scores, gates, "softmax", 0))
-    torch.library.opcheck(retrieval._retrieve_backward_op,
-                          detached(dscores, None, queries, keys, ids, scores, gates, "none", 0))
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_ops(backend, dtype):
+    device = _device_of(backend)
+    x, queries, keys, w_down, w_up, dy = inputs(dtype, device)
+    for gating, offset in (("softmax", 0), ("none", 0), ("relu", N * N)):
+        torch.library.opcheck(_library.retrieve, (backend, queries, keys, K, K_SUB, gating, offset))
+    scores, ids, gates = _library.retrieve(backend, queries, keys, K, K_SUB, "softmax", 0)
+    dscores = column_major(torch.randn(T, H * K, dtype=scores.dtype, device=device)).view(T, H, K)
+    torch.library.opcheck(_library.retrieve_backward,
+                          detached(backend, dscores, dscores.clone(), queries, keys, ids, scores, gates, "softmax", 0))
+    torch.library.opcheck(_library.retrieve_backward,
+                          detached(backend, dscores, None, queries, keys, ids, scores, gates, "none", 0))
     ids_t = ids.transpose(1, 2).contiguous().transpose(1, 2)
     for deterministic, sparse in ((True, False), (False, False), (True, True)):
-        gates_s = strided_gates(ids, dtype, DEVICE)
-        torch.library.opcheck(experts.experts_forward, (x, ids_t, gates_s, w_down, w_up, "silu", deterministic, sparse))
-        _, z = experts.experts_forward(x, ids, gates_s, w_down, w_up, "silu", deterministic, sparse)
-        torch.library.opcheck(experts.experts_backward,
-                              detached(dy, x, ids_t, gates_s, column_major(z.reshape(T, -1)).view(z.shape), w_down,
-                                       w_up, "silu", deterministic, sparse))
-        torch.library.opcheck(experts.down_forward, (x, ids_t, w_down, deterministic, sparse))
-        z = experts.down_forward(x, ids, w_down, deterministic, sparse)
-        dz = column_major(torch.randn(T, H * K, dtype=z.dtype, device=DEVICE)).view(T, H, K)
-        torch.library.opcheck(experts.down_backward, detached(dz, x, ids_t, w_down, deterministic, sparse))
-        torch.library.opcheck(experts.mix_forward, (z.detach().requires_grad_(), ids_t, gates_s, w_up, "relu",
-                                                    deterministic, sparse))
-        torch.library.opcheck(experts.mix_backward, detached(dy, z, ids_t, gates_s, w_up, "relu", deterministic,
-                                                             sparse))
-    for schedule, sparse in (("one_pass", False), ("two_kernel", False), ("overlap", False), ("one_pass", True)):
-        args = (x, queries, keys, w_down, w_up, K, K_SUB, "sigmoid", "gelu", 0, schedule, True, sparse)
-        torch.library.opcheck(fused.fused_forward, args)
-        _, scores, ids, gates, z = fused.fused_forward(*args)
-        torch.library.opcheck(fused.fused_backward, detached(dy, x, queries, keys, w_down, w_up, scores, ids, gates,
-                                                             z, "sigmoid", "gelu", 0, True, sparse))
-
-
-@pytest.mark.skipif(not csrc.available(), reason="the C++ extension did not build")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpp_ops(dtype):
-    x, queries, keys, w_down, w_up, dy = inputs(dtype, torch.device("cpu"))
-    torch.library.opcheck(csrc._retrieve_op, (queries, keys, K, K_SUB))
-    scores, ids = csrc._retrieve_op(queries, keys, K, K_SUB)
-    dscores = column_major(torch.randn(T, H * K, dtype=scores.dtype)).view(T, H, K)
-    torch.library.opcheck(csrc._retrieve_backward_op, detached(dscores, queries, keys, ids))
-    ids_t = ids.transpose(1, 2).contiguous().transpose(1, 2)
-    gates = strided_gates(ids, dtype, torch.device("cpu"))
-    for sparse in (False, True):
-        torch.library.opcheck(csrc._experts_op, (x, ids_t, gates, w_down, w_up, "gelu_tanh", sparse))
-        _, z = csrc._experts_op(x, ids, gates, w_down, w_up, "gelu_tanh", sparse)
-        torch.library.opcheck(csrc._experts_backward_op, detached(dy, x, ids_t, gates, z, w_down, w_up, "gelu_tanh",
-                                                                  sparse))
-        torch.library.opcheck(csrc._down_op, (x, ids_t, w_down, sparse))
-        z = csrc._down_op(x, ids, w_down, sparse)
-        torch.library.opcheck(csrc._down_backward_op, detached(column_major(z.reshape(T, -1)).view(T, H, K), x, ids_t,
-                                                               w_down, sparse))
-        torch.library.opcheck(csrc._mix_op, (z.detach().requires_grad_(), ids_t, gates, w_up, "identity", sparse))
-        torch.library.opcheck(csrc._mix_backward_op, detached(dy, z, ids_t, gates, w_up, "identity", sparse))
+        gates_s = strided_gates(ids, dtype, device)
+        torch.library.opcheck(_library.experts_forward,
+                              (backend, x, ids_t, gates_s, w_down, w_up, "silu", deterministic, sparse))
+        _, z = _library.experts_forward(backend, x, ids, gates_s, w_down, w_up, "silu", deterministic, sparse)
+        torch.library.opcheck(_library.experts_backward,
+                              detached(backend, dy, x, ids_t, gates_s, column_major(z.reshape(T, -1)).view(z.shape),
+                                       w_down, w_up, "gelu_tanh", deterministic, sparse))
+        torch.library.opcheck(_library.down_forward, (backend, x, ids_t, w_down, deterministic, sparse))
+        z = _library.down_forward(backend, x, ids, w_down, deterministic, sparse)
+        dz = column_major(torch.randn(T, H * K, dtype=z.dtype, device=device)).view(T, H, K)
+        torch.library.opcheck(_library.down_backward, detached(backend, dz, x, ids_t, w_down, deterministic, sparse))
+        torch.library.opcheck(_library.mix_forward, (backend, z.detach().requires_grad_(), ids_t, gates_s, w_up, "relu",
+                                                     deterministic, sparse))
+        torch.library.opcheck(_library.mix_backward, detached(backend, dy, z, ids_t, gates_s, w_up, "identity",
+                                                              deterministic, sparse))
     rows = (H * N * N, D)
-    separate = (x, queries, keys, torch.randn(rows, dtype=dtype).requires_grad_(),
-                column_major(torch.randn(rows, dtype=dtype)).requires_grad_())
-    for args in ((x, queries, keys, w_down, w_up, K, K_SUB, "relu", "relu", 0, False),
-                 (*separate, K, K_SUB, "softmax", "silu", N * N, True)):
-        torch.library.opcheck(csrc._fused_op, args)
-        _, scores, ids, gates, z = csrc._fused_op(*args)
-        torch.library.opcheck(csrc._fused_backward_op, detached(dy, *args[:5], scores, ids, gates, z, *args[7:]))
+    separate = (torch.randn(rows, dtype=dtype, device=device).requires_grad_(),
+                column_major(torch.randn(rows, dtype=dtype, device=device)).requires_grad_())
+    for schedule, sparse in SCHEDULES[backend]:
+        for tables, offset in (((w_down, w_up), 0), (separate, N * N)):
+            args = (backend, x, queries, keys, *tables, K, K_SUB, "sigmoid", "gelu", offset, schedule, True, sparse)
+            torch.library.opcheck(_library.fused_forward, args)
+            _, scores, ids, gates, z = _library.fused_forward(*args)
+            torch.library.opcheck(_library.fused_backward, detached(
+                backend, dy, x, queries, keys, *tables, scores, ids, gates, z, "sigmoid", "gelu", offset, True, sparse))
 
 
 def test_every_registered_op_is_checked():
     """A new op must be added to the opchecks above: the namespace holds exactly these."""
     checked = {"experts_forward", "experts_backward", "down_forward", "down_backward", "mix_forward", "mix_backward",
-               "retrieve", "retrieve_backward", "fused_forward", "fused_backward",
-               "cpp_retrieve", "cpp_retrieve_backward", "cpp_experts", "cpp_experts_backward", "cpp_down",
-               "cpp_down_backward", "cpp_mix", "cpp_mix_backward", "cpp_fused", "cpp_fused_backward"}
+               "retrieve", "retrieve_backward", "fused_forward", "fused_backward"}
     registered = {name for name in dir(torch.ops.peer_kernels) if not name.startswith("_")} - {"name"}
     assert registered == checked

@@ -8,7 +8,7 @@ from torch import nn
 
 import bounds
 import peer_kernels
-from peer_kernels import backends, reference
+from peer_kernels import _device, backends, reference
 from utils import untie, untie_layer
 
 PEER_pytorch = pytest.importorskip("PEER_pytorch")
@@ -72,8 +72,11 @@ def test_errors_name_what_the_user_passed():
 
 def test_one_token_in_training_with_batchnorm_is_a_clear_error():
     layer = _layer(query_norm="batchnorm").train()
-    with pytest.raises(ValueError, match="query_norm: 'batchnorm'.*cannot normalise 1 token.*layernorm"):
+    with pytest.raises(ValueError, match=r"x: got shape \(1, 1, 32\), 1 token; query_norm='batchnorm'.*cannot "
+                                         r"normalise 1 token.*layernorm"):
         layer(torch.randn(1, 1, 32))
+    with pytest.raises(ValueError, match=r"x: got shape \(32,\), 1 token"):  # a 1-D input is one token
+        layer(torch.randn(32))
     assert layer.eval()(torch.randn(1, 1, 32)).shape == (1, 1, 32)
     assert _layer(query_norm="layernorm").train()(torch.randn(1, 32)).shape == (1, 32)
 
@@ -124,7 +127,7 @@ def test_resolved_backend_says_where_forward_runs():
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(backends, "TRITON_INTERPRETED", False)
+    monkeypatch.setattr(_device, "INTERPRETED", False)
     with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
         _layer(backend="triton")(torch.randn(2, 32))
 
@@ -284,7 +287,7 @@ def test_unit_rms_pre_norm_matches_peer_pytorch_formula():
 
 def _backend_params():
     from conftest import DEVICE
-    triton_ok = DEVICE.type == "cuda" or backends.TRITON_INTERPRETED
+    triton_ok = DEVICE.type == "cuda" or _device.INTERPRETED
     return ["reference", "cpp"] + (["triton"] if triton_ok else [])
 
 

@@ -1,4 +1,4 @@
-"""peer_kernels.ops.product_key_topk (and the gated variant ops.retrieval.retrieve) against the
+"""peer_kernels.ops.product_key_topk (and the gated retrieve op of peer_kernels._library) against the
 reference oracle.
 
 Without a GPU the kernels run under the interpreter, whose tl.sort/tl.topk are slow per element: the
@@ -12,7 +12,7 @@ import triton.language as tl
 
 import aot
 from conftest import DEVICE
-from peer_kernels import reference
+from peer_kernels import _library, reference, tuning
 from peer_kernels.kernels import retrieval as kernels
 from peer_kernels.ops import product_key_topk
 from peer_kernels.ops import retrieval as ops
@@ -144,16 +144,17 @@ def test_gpu_block_sizes_under_the_interpreter(dtype, monkeypatch):
     """The interpreter normally gets 16x16 tiles; here the kernel runs with the block sizes a GPU
     gets (64 tokens; 128 keys per tile with int32 keys, 64 with int64), over a partial token tile
     and a partial last key tile, so their masking and index fields are checked before any GPU run."""
-    gpu_config = ops.retrieval_config
+    gpu_config = tuning.retrieval_config
 
-    def config(n, dk, k, k_sub, dtype, arch, **kwargs):
-        constexprs, launch = gpu_config(n, dk, k, k_sub, dtype, 90, interpreted=False)
-        return dict(constexprs, UPCAST_DOT=dtype in (torch.float16, torch.bfloat16)), launch
+    def config(**kwargs):
+        constexprs, launch = gpu_config(**dict(kwargs, arch=90, interpreted=False))
+        return dict(constexprs, UPCAST_DOT=kwargs["dtype"] in (torch.float16, torch.bfloat16)), launch
 
-    monkeypatch.setattr(ops, "retrieval_config", config)
+    monkeypatch.setattr(tuning, "retrieval_config", config)
     T, n, dk, k = 40, 130, 16, 16
     queries, keys = untied(T, 1, 1, n, dk, k, k, dtype)
-    assert config(n, dk, k, k, dtype, 90)[0]["BLOCK_N"] == (128 if dtype == torch.bfloat16 else 64)
+    assert config(n=n, dk=dk, k=k, k_sub=k, dtype=dtype, arch=90)[0]["BLOCK_N"] == (
+        128 if dtype == torch.bfloat16 else 64)
     _, expected_ids = reference.product_key_topk(queries.double(), keys.double(), k)
     poison_empty(monkeypatch)
     scores, ids = product_key_topk(queries, keys, k)
@@ -184,12 +185,12 @@ def _half_select_kernel(queries_ptr, keys_ptr, best_ptr, certified_ptr, T, n, dk
 def half_select(queries, keys, k_sub, block_n, level_select, block_t=16):
     """(selection keys (T, KS_PAD) int32, certified per token tile) of _half_select_kernel."""
     T, n, dk = queries.shape[0], keys.shape[1], queries.shape[-1]
-    ks_pad = ops._pow2(k_sub, 2)
+    ks_pad = max(2, triton.next_power_of_2(k_sub))
     best = torch.empty(T, ks_pad, dtype=torch.int32, device=DEVICE)
     certified = torch.full((triton.cdiv(T, block_t),), -1, dtype=torch.int32, device=DEVICE)
     _half_select_kernel[(certified.numel(),)](
         queries.contiguous(), keys.contiguous(), best, certified, T, n, dk, BLOCK_T=block_t, BLOCK_N=block_n,
-        DK_PAD=ops._pow2(dk, 16), KS_PAD=ks_pad, INDEX_BITS=ops.select_index_bits(n, queries.dtype),
+        DK_PAD=max(16, triton.next_power_of_2(dk)), KS_PAD=ks_pad, INDEX_BITS=tuning.select_index_bits(n, queries.dtype),
         LEVEL_SELECT=level_select)
     return best, certified
 
@@ -236,21 +237,22 @@ def test_level_selection_ties_and_deep_columns():
     network_best, _ = half_select(queries, keys, k_sub, 128, False)
     assert (kernels_index(network_best, n)[:, :4] == torch.tensor([0, 128, 256, 384], device=DEVICE)).all()
 
-    gpu_config = ops.retrieval_config
+    gpu_config = tuning.retrieval_config
     picks = {}
     for level_select in (True, False):
-        def config(*args, **kwargs):
-            constexprs, launch = gpu_config(*args[:5], 90, interpreted=False, block_t=16)
+        def config(**kwargs):
+            with tuning.overrides(retrieval_tokens=16):
+                constexprs, launch = gpu_config(**dict(kwargs, arch=90, interpreted=False))
             return dict(constexprs, UPCAST_DOT=True, LEVEL_SELECT=level_select), launch
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(ops, "retrieval_config", config)
+            patch.setattr(tuning, "retrieval_config", config)
             picks[level_select] = product_key_topk(queries, keys, 16, k_sub)
     assert torch.equal(picks[True][1], picks[False][1]) and torch.equal(picks[True][0], picks[False][0])
 
 
 def kernels_index(select_keys, n):
     """Sub-key indices of int32 selection keys (kernels/retrieval.pack_select)."""
-    low_max = (1 << ops.select_index_bits(n, torch.bfloat16)) - 1
+    low_max = (1 << tuning.select_index_bits(n, torch.bfloat16)) - 1
     return (select_keys & low_max) ^ low_max
 
 
@@ -319,7 +321,7 @@ def test_gating_epilogue(gating, monkeypatch):
 
     expected = run(expected_fn)
     poison_empty(monkeypatch)
-    actual = run(lambda q, kk: ops.retrieve(q, kk, 5, 6, gating))
+    actual = run(lambda q, kk: _library.retrieve("triton", q, kk, 5, 6, gating, 0))
     assert torch.equal(actual[1], expected[1])
     # float64 throughout: a few units of 2**-52 of what is summed apart at most
     torch.testing.assert_close(actual[2], expected[2], rtol=1e-11, atol=1e-11)
@@ -330,7 +332,7 @@ def test_gating_epilogue(gating, monkeypatch):
 def test_separate_embed_offsets():
     queries, keys = make_inputs(16, 3, 3, 13, 12)
     _, ids = product_key_topk(queries, keys, 5, 5)
-    _, offset_ids, _ = ops.retrieve(queries, keys, 5, 5, "softmax", 169)
+    _, offset_ids, _ = _library.retrieve("triton", queries, keys, 5, 5, "softmax", 169)
     assert torch.equal(offset_ids, reference.head_offsets(ids, 169))
 
 
@@ -396,12 +398,13 @@ def _retrieval_jobs():
                **{name: "i32" for name in common}}
         paper = (n, dk) == (1024, 128)
         for arch in arches:
-            config, launch = ops.retrieval_config(n, dk, k, k_sub, dtype, arch, interpreted=False)
+            config, launch = tuning.retrieval_config(n=n, dk=dk, k=k, k_sub=k_sub, dtype=dtype, arch=arch,
+                                                     interpreted=False)
             kernels = [("product_key_topk_kernel", fwd, dict(config, GATING=ops.GATING_CODES[gating]), launch)]
             if paper:
+                backward, backward_launch = tuning.retrieval_backward_config(dk=dk, k=k, arch=arch)
                 kernels.append(("product_key_topk_backward_kernel", bwd, dict(
-                    ops.backward_config(dk, k), GATING=ops.GATING_CODES[gating], HAS_DSCORES=True),
-                    dict(num_warps=4)))
+                    backward, GATING=ops.GATING_CODES[gating], HAS_DSCORES=True), backward_launch))
             for kernel, sig, consts, options in kernels:
                 jobs.append(dict(module="peer_kernels.kernels.retrieval", kernel=kernel, signature=sig,
                                  constexprs=consts, arch=arch, **options,

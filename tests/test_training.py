@@ -11,10 +11,10 @@ import torch
 import bounds
 import peer_kernels
 from conftest import DEVICE
-from peer_kernels import backends
+from peer_kernels import _device
 from utils import untie_layer
 
-BACKENDS = ["auto"] + (["triton"] if DEVICE.type == "cuda" or backends.TRITON_INTERPRETED else [])
+BACKENDS = ["auto"] + (["triton"] if DEVICE.type == "cuda" or _device.INTERPRETED else [])
 
 
 def make_layer(backend, query_norm):

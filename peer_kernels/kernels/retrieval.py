@@ -20,7 +20,7 @@ Two selections rank those keys. streaming_topk sorts each key tile's top k' into
 sorting network: 50-60 instructions per score on sm_90). level_topk keeps only each tile column's 3
 best keys in the key-tile loop (~19-20 instructions per score), selects among those after the loop
 and certifies the list; a token tile it cannot certify re-runs streaming_topk, so the picks never
-depend on which one ran (ops/retrieval.use_level_select says where it is used).
+depend on which one ran (tuning.use_level_select says where it is used).
 
 Tie rule (deterministic, documented in ops/retrieval.py): each half ranks its sub-keys by
 (score desc, sub-key index asc), on the floored scores when INDEX_BITS > 0; the combine ranks

@@ -1,18 +1,12 @@
 """Launchers of the row-sparse optimizer kernels (kernels/optim.py): each updates, in place, only
 the rows a coalesced sparse gradient holds. peer_kernels/optim.py wraps them as optimizers (with
-plain-PyTorch twins where Triton cannot run)."""
+plain-PyTorch twins for tensors Triton cannot take)."""
 import math
 
 import triton
 
+from .. import _device, tuning
 from ..kernels import optim as kernels
-
-# Under TRITON_INTERPRET=1 (read when triton defines the kernels) @triton.jit gives no JITFunction.
-INTERPRETED = not isinstance(kernels.sparse_adamw_kernel, triton.runtime.JITFunction)
-
-
-def _block(d):
-    return min(triton.next_power_of_2(d), 1024)
 
 
 def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
@@ -20,14 +14,17 @@ def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas,
     (U, D)); exp_avg / exp_avg_sq (E, D) fp32 change at the rows only."""
     beta1, beta2 = betas
     D = param.shape[1]
-    block = _block(D)
-    kernels.sparse_adamw_kernel[(rows.numel(), triton.cdiv(D, block))](
-        param, rows, values.contiguous(), exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
-        lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step), D=D, BLOCK_D=block, num_warps=4)
+    block_d, num_warps = tuning.optim_block(dim=D, arch=_device.cuda_arch(param.device))
+    kernels.sparse_adamw_kernel[(rows.numel(), triton.cdiv(D, block_d))](
+        param_ptr=param, rows_ptr=rows, grad_ptr=values.contiguous(), exp_avg_ptr=exp_avg, exp_avg_sq_ptr=exp_avg_sq,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step_size=lr / (1 - beta1 ** step),
+        bias_correction2_sqrt=math.sqrt(1 - beta2 ** step), D=D, BLOCK_D=block_d, num_warps=num_warps)
 
 
 def rowwise_adagrad_step(param, rows, values, state, lr, eps, weight_decay):
     """Row-wise Adagrad on param[rows]; state (E,) fp32 changes at the rows only."""
     D = param.shape[1]
+    block_d, num_warps = tuning.optim_block(dim=D, arch=_device.cuda_arch(param.device))
     kernels.rowwise_adagrad_kernel[(rows.numel(),)](
-        param, rows, values.contiguous(), state, lr, eps, weight_decay, D=D, BLOCK_D=_block(D), num_warps=4)
+        param_ptr=param, rows_ptr=rows, grad_ptr=values.contiguous(), state_ptr=state, lr=lr, eps=eps,
+        weight_decay=weight_decay, D=D, BLOCK_D=block_d, num_warps=num_warps)

@@ -1,0 +1,255 @@
+"""Every tile choice of the Triton launchers, in one place: one table per architecture (sm_90,
+sm_80, and a fallback for other GPUs and the interpreter) and the pickers that read it.
+
+The launchers (peer_kernels/ops) ask the pickers here and nothing else chooses a block size or a
+warp count. The tables hold what a GPU run can re-tune; the pickers hold the rules that make a
+config valid (powers of two, tl.dot's 16-wide minimum, register budgets). The numbers come from the
+compiled SASS of the kernels at the paper's shapes (tests/test_*.py assert the register, spill and
+instruction counts that justify them, per Triton version); none has been timed on a GPU yet.
+
+`overrides(**fields)` replaces table fields for a block of code (the benchmark's variants and tile
+sweeps use it), e.g. `with tuning.overrides(level_select=False): ...`.
+"""
+import contextlib
+import dataclasses
+import functools
+
+import torch
+
+from . import _device
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One architecture's tile choices (see the pickers below for what each one sizes)."""
+    # retrieval (kernels/retrieval.py): tokens per program share each key tile read; 8 warps hold
+    # the packed (64, key tile) selection keys in registers, 16 tokens take 4 warps
+    retrieval_tokens: int = 64
+    # key rows per tile: with int32 selection keys (16-bit inputs), with int64 keys (fp32)
+    key_tile_int32: int = 64
+    key_tile_int64: int = 64
+    # elements of one key tile, so that the pipelined key tiles and the queries fit shared memory
+    key_tile_elements: int = 16384
+    # level selection (kernels/retrieval.level_topk) where it applies (use_level_select)
+    level_select: bool = True
+    # one-pass kernel (kernels/fused.py): tokens per program, warps, key tile
+    one_pass_tokens: int = 32
+    one_pass_warps: int = 8
+    one_pass_key_tile: int = 64
+    # expert gather (kernels/experts.py): fp32 values of a 4-warp (tokens, slots, columns) row tile
+    gather_values: int = 8192
+    # table-gradient segmented reduction: fp32 values per window, programs per SM per column block
+    table_grad_values: int = 2048
+    table_grad_programs_per_sm: int = 4
+    # retrieval backward: tokens per program
+    retrieval_backward_tokens: int = 16
+    # row-sparse optimizers: columns per program
+    optim_columns: int = 1024
+
+
+SM80 = Tiles()
+# sm_90: 128-key tiles with int32 keys spend fewer instructions per score than 64 (sm_80 spills at
+# 128 under triton 3.6), and make level selection applicable.
+SM90 = dataclasses.replace(SM80, key_tile_int32=128)
+TABLES = {"sm_90": SM90, "sm_80": SM80, "fallback": SM80}
+
+# The interpreter (whose sorts cost Python time per element) and float64 get small tiles whatever
+# the architecture: 16 tokens and 16 keys, tl.dot's minimum.
+SMALL_TILE = 16
+
+_OVERRIDES = {}
+
+
+def table_name(arch):
+    """The table of a CUDA architecture (see _device.cuda_arch; 0 off CUDA)."""
+    return "sm_90" if arch >= 90 else "sm_80" if arch >= 80 else "fallback"
+
+
+def tiles(arch):
+    """The tile table for `arch`, with any overrides() in force."""
+    table = TABLES[table_name(arch)]
+    return dataclasses.replace(table, **_OVERRIDES) if _OVERRIDES else table
+
+
+@contextlib.contextmanager
+def overrides(**fields):
+    """Replaces these fields of every table until the block ends (unknown names raise)."""
+    for name in fields:
+        if name not in Tiles.__dataclass_fields__:
+            raise TypeError(f"overrides: Tiles has no field {name!r}")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(fields)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
+
+def next_power_of_2(x):
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def _pow2(x, minimum):
+    return max(minimum, next_power_of_2(x))
+
+
+# ---- retrieval -----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def admissible_pairs(k, k_sub):
+    """Ranks (i, j) of the candidate pairs that can reach the top k (kernels/retrieval.py: pair (i,
+    j) is beaten by the (i+1)(j+1) - 1 pairs of lower ranks in both halves), in lexicographic
+    order: (i+1)*(j+1) <= k, i, j < k_sub."""
+    return tuple((i, j) for i in range(k_sub) for j in range(k_sub) if (i + 1) * (j + 1) <= k)
+
+
+# int32 selection keys for 16-bit inputs keep 32 - INDEX_BITS bits of the score's image: at this
+# many sub-keys per half (12 index bits) that is 11 mantissa bits, no fewer than fp16's inputs have.
+MAX_N_INT32_KEYS = 4096
+
+
+def select_index_bits(n, dtype):
+    """INDEX_BITS of kernels/retrieval.half_topk: 0 selects on exact int64 keys (fp32 / fp64
+    inputs, or more than MAX_N_INT32_KEYS sub-keys); else the bits of the int32 key's index field."""
+    if dtype in (torch.float16, torch.bfloat16) and n <= MAX_N_INT32_KEYS:
+        return max(1, (n - 1).bit_length())
+    return 0
+
+
+# level_topk keeps 3 keys per column of the key tile and re-runs the sorting network for a token
+# tile in which some row's column held 4 of the row's top k': per row about C(k', 4) / BLOCK_N**3
+# on independent scores, 9e-4 at k' = 16 and 128-key tiles (~5% of 64-token tiles), but 0.017 at
+# k' = 32 and 0.007 at k' = 16 with 64-key tiles.
+MAX_LEVEL_SELECT_K_SUB = 16
+
+
+def use_level_select(*, n, ks_pad, block_n, index_bits):
+    """Whether the retrieval selects by level_topk: int32 keys (index_bits), k' <= 16, and 128-key
+    tiles (where 3 levels rarely fall back) or at most 3 key tiles, which no column can overflow
+    (small n, and the interpreter's 16-key tiles)."""
+    return bool(index_bits) and ks_pad <= MAX_LEVEL_SELECT_K_SUB and (block_n >= 128 or n <= 3 * block_n)
+
+
+def retrieval_config(*, n, dk, k, k_sub, dtype, arch, interpreted=_device.INTERPRETED, one_pass=False):
+    """(constexprs, launch options) of the retrieval kernel, or of the one-pass kernel's retrieval
+    part (one_pass=True: its own token tile and key tile, and no level selection, whose 3 levels of
+    keys on top of the gather's state spill). dtype: the queries' (and keys') dtype.
+
+    tl.dot needs every tile dim >= 16; tl.topk / tl.sort need powers of two (>= 2: a length-1
+    top-k is a different code path in older Triton). BLOCK_N: each key tile's top k' is merged into
+    a running list, so wider tiles spend fewer instructions per score.
+    """
+    table = tiles(arch)
+    ks_pad = _pow2(k_sub, 2)
+    k_pad = _pow2(k, 2)
+    dk_pad = _pow2(dk, 16)
+    index_bits = select_index_bits(n, dtype)
+    small = interpreted or dtype == torch.float64
+    block_t = SMALL_TILE if small else table.one_pass_tokens if one_pass else table.retrieval_tokens
+    if one_pass:
+        wide = table.one_pass_key_tile
+    else:
+        wide = table.key_tile_int32 if index_bits else table.key_tile_int64
+    block_n = max(ks_pad, 16, SMALL_TILE if small else min(wide, _pow2(n, 16), table.key_tile_elements // dk_pad))
+    level_select = (table.level_select and not one_pass
+                    and use_level_select(n=n, ks_pad=ks_pad, block_n=block_n, index_bits=index_bits))
+    constexprs = dict(
+        BLOCK_T=block_t,
+        BLOCK_N=block_n,
+        DK_PAD=dk_pad,
+        KS_PAD=ks_pad,
+        P_PAD=_pow2(len(admissible_pairs(k, k_sub)), k_pad),
+        K_PAD=k_pad,
+        INPUT_PRECISION="ieee",  # fp32 scores must match the reference, not be tf32-rounded
+        # the interpreter's 16-bit tl.dot is wrong (triton 3.9): feed it fp32 operands (exact products)
+        UPCAST_DOT=interpreted and dtype in (torch.float16, torch.bfloat16),
+        INDEX_BITS=index_bits,
+        LEVEL_SELECT=level_select,
+        EXACT=dtype == torch.float64,
+    )
+    # level selection holds 3 levels of key tiles and pipelines 2 key tiles, not 3 (at 3 it spills)
+    launch = dict(num_warps=8 if block_t >= 64 else 4, num_stages=2 if level_select else 3)
+    return constexprs, launch
+
+
+def retrieval_backward_config(*, dk, k, arch):
+    """(constexprs, launch options) of the retrieval backward: a token tile x dk per step keeps the
+    gathered key rows and the dq accumulator in registers; one step per pick bounds the live state."""
+    block_t = tiles(arch).retrieval_backward_tokens
+    return dict(BLOCK_T=block_t, DK_PAD=_pow2(dk, 16), K_PAD=_pow2(k, 2)), dict(num_warps=4)
+
+
+# ---- experts ---------------------------------------------------------------------------------------
+
+def gather_tile(*, num_tokens, slots, dim, acc_dtype, arch, atomic=False, whole_sm=False):
+    """(BLOCK_T, BLOCK_S, BLOCK_D, num_warps) for kernels that gather `slots` table rows per token.
+
+    A program covers BLOCK_T tokens x all their slots, so every row is loaded once; BLOCK_T grows
+    only when h*k is small, to keep >= 64 rows per program. The (BLOCK_T, BLOCK_S, BLOCK_D) row
+    tile holds up to gather_values fp32 values at 4 warps: eight 128-bit loads in flight per thread
+    for 16-bit tables. fp64 halves it, and atomics (one 64-bit address per 4 values, live until the
+    atomic issues) quarter it, so that nothing spills. whole_sm=True: four times the tile at 16
+    warps, the same values per thread, for a persistent grid that takes whole SMs (the overlapped
+    forward).
+    """
+    scale = 4 if whole_sm else 1
+    budget = scale * tiles(arch).gather_values * 4 // acc_dtype.itemsize // (4 if atomic else 1)
+    block_s = next_power_of_2(slots)
+    block_t = min(next_power_of_2(num_tokens), max(1, 64 // block_s))
+    block_d = min(next_power_of_2(dim), max(16, budget // (block_t * block_s)))
+    num_warps = min(16, scale * max(4, block_t * block_s * block_d // budget * 4))
+    return block_t, block_s, block_d, num_warps
+
+
+def table_grad_tile(*, dim, slots, device):
+    """(BLOCK_N, BLOCK_D, chunk, num_warps) of kernels/experts.table_grad_kernel: windows of
+    BLOCK_N sorted slots x BLOCK_D columns (the segmented scan's working set, 16 values per thread
+    at 4 warps), and chunks of sorted positions per program: table_grad_programs_per_sm programs
+    per SM per column block on a GPU, a few windows per chunk elsewhere."""
+    table = tiles(_device.cuda_arch(device))
+    block_d = min(next_power_of_2(dim), 256)
+    block_n = max(2, table.table_grad_values // block_d)
+    sms = _device.sm_count(device) if device.type == "cuda" else 1
+    programs = table.table_grad_programs_per_sm * sms
+    chunk = max(block_n, cdiv(cdiv(slots, programs), block_n) * block_n)
+    return block_n, block_d, chunk, 4
+
+
+# ---- the fused op --------------------------------------------------------------------------------------
+
+def one_pass_config(*, num_tokens, heads, d, n, dk, k, k_sub, dtype, arch, interpreted=_device.INTERPRETED):
+    """(constexprs, launch options) of kernels/fused.peer_fused_kernel: the retrieval's tiles
+    (retrieval_config(one_pass=True)) and the expert gather's (gather_tile), whose token count
+    MIX_T must divide the retrieval tile. dtype: the queries' dtype, which sets the accumulation
+    dtype too (float64 mixes with no other, so x accumulates alike)."""
+    config, launch = retrieval_config(n=n, dk=dk, k=k, k_sub=k_sub, dtype=dtype, arch=arch, interpreted=interpreted,
+                                      one_pass=True)
+    mix_t, block_s, block_d, _ = gather_tile(num_tokens=num_tokens, slots=heads * k, dim=d,
+                                             acc_dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                                             arch=arch)
+    config.update(MIX_T=min(mix_t, config["BLOCK_T"]), BLOCK_S=block_s, BLOCK_D=block_d)
+    return config, dict(launch, num_warps=tiles(arch).one_pass_warps)
+
+
+def overlap_schedule(*, heads, block_t, sms):
+    """(tokens per chunk, expert programs) of the overlapped forward on `sms` SMs.
+
+    The SMs are split in space, not by dispatch order: the persistent expert kernel takes half of
+    them, one 16-warp CTA each (too many registers for two), and a chunk's retrieval grid, block_t
+    tokens x one head per program and one program per SM, fits the other half. Each stream runs its
+    kernels in order, so at any time one retrieval and one expert kernel run, and together they fit
+    the device whichever the block scheduler starts first."""
+    programs = max(1, sms // 2)
+    return block_t * max(1, (sms - programs) // heads), programs
+
+
+# ---- optimizers ------------------------------------------------------------------------------------------
+
+def optim_block(*, dim, arch):
+    """(BLOCK_D, num_warps) of the row-sparse optimizer kernels: one program per (row, column block)."""
+    return min(next_power_of_2(dim), tiles(arch).optim_columns), 4
