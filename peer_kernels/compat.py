@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import _math, backends
-from ._checks import check_config, check_tensor
+from ._checks import check_config, check_tensor, resolve_k_sub, sub_keys_per_half
 from .module import PEER as Layer, RMSNorm, retrieve_and_mix
 
 # peer_kernels.PEER's parameter names -> peer-pytorch's (PEER_pytorch.PEER) state_dict keys.
@@ -65,7 +65,9 @@ def _product_keys(module, dim, heads, num_experts, num_experts_per_head, dim_key
         raise ValueError(f"dim: expected an even number (peer-pytorch's product keys split it), got {dim}")
     dim_key = dim // 2 if dim_key is None else dim_key
     k = 1 if non_competing_scores else num_experts_per_head
-    k_sub = num_experts_per_head if product_key_topk is None else product_key_topk
+    # k' defaults to num_experts_per_head (also when the gating keeps k = 1): errors name what was given
+    k_sub = resolve_k_sub(num_experts_per_head, product_key_topk, sub_keys_per_half(num_experts),
+                          "num_experts_per_head", "product_key_topk")
     check_config(dim=dim, heads=heads, num_experts=num_experts, num_experts_per_head=k, dim_key=dim_key,
                  product_key_topk=k_sub, activation=activation_name,
                  gating="relu" if non_competing_scores else "softmax", query_norm=None, backend=backend,

@@ -41,7 +41,7 @@ d > 256 and d > 512): at d = 1024, P = 8, 44 vs 66 MB replicated and 48 vs 61 MB
 at d = 4096, 132 vs 242 and 147 vs 237 MB. Row pays for small d with many picks per token, and
 where retrieval must itself be split (column replicates the query projection and the sub-key scores
 on every rank); it inherits expert-parallel load imbalance from hot experts, which column sharding,
-every rank doing 1/P of every row, does not have. README "Distributed" has the table, and
+every rank doing 1/P of every row, does not have. docs/distributed.md has the table, and
 bench/distributed.py the byte model (`python -m bench --distributed P` measures it).
 
 Conventions: dropout > 0 draws its mask on every rank; seed the ranks of one mesh identically (as

@@ -245,7 +245,10 @@ def test_chunked_peer_runs_the_wrapped_module():
     (dict(dim=23), ValueError, "dim: expected an even number"),
     (dict(num_experts=50), ValueError, "num_experts: expected a perfect square"),
     (dict(activation=nn.Tanh), ValueError, "activation: expected nn.ReLU, nn.GELU or nn.SiLU"),
-    (dict(num_experts_per_head=7), ValueError, r"product_key_topk: expected <= n = sqrt\(num_experts\) = 6 .*, got 7"),
+    (dict(num_experts_per_head=7), ValueError,
+     r"num_experts_per_head \(product_key_topk defaults to it\): expected <= n = sqrt\(num_experts\) = 6 .*, got 7"),
+    (dict(num_experts_per_head=2, product_key_topk=7), ValueError,
+     r"product_key_topk: expected <= n = sqrt\(num_experts\) = 6 .*, got 7"),
     (dict(backend="cuda"), ValueError, "backend: expected one of"),
 ])
 def test_bad_arguments(kwargs, error, match):
