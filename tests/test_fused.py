@@ -12,6 +12,7 @@ import peer_kernels
 from conftest import DEVICE
 from peer_kernels import _library, reference, tuning
 from peer_kernels.ops import experts as experts_ops
+from peer_kernels.ops import fused as fused_ops
 from peer_kernels.ops import peer_fused, product_key_topk
 from peer_kernels.ops import retrieval as retrieval_ops
 import bounds
@@ -61,7 +62,7 @@ def untied_inputs(k, k_sub, **shape):
 
 
 # peer_fused's options per forward schedule (ops/fused.py)
-SCHEDULES = {"one_pass": dict(one_pass=True), "two_kernel": dict(overlap=False), "overlap": {}}
+SCHEDULES = {"one_pass": dict(one_pass=True), "two_kernel": {}, "overlap": dict(overlap=True)}
 
 # every gating with one activation and every activation with one gating, then the other schedules
 COMBOS = [(g, "gelu", "one_pass") for g in reference.GATINGS] + [
@@ -144,6 +145,20 @@ def test_overlap_over_many_chunks(k, k_sub, n, ties, monkeypatch):
 def test_one_pass_and_overlap_are_exclusive():
     with pytest.raises(ValueError, match="one_pass and overlap"):
         peer_fused(*make_inputs(), 3, one_pass=True, overlap=True)
+
+
+@pytest.mark.parametrize("options, schedule", [({}, "two_kernel"), (dict(overlap=True), "overlap"),
+                                               (dict(one_pass=True), "one_pass")])
+def test_schedule_chosen_by_the_options(options, schedule, monkeypatch):
+    """Until a GPU has timed them, the default forward is two kernels in turn."""
+    ran = []
+    for name, forward in fused_ops._SCHEDULE_FORWARDS.items():
+        def record(name=name, forward=forward, **kwargs):
+            ran.append(name)
+            return forward(**kwargs)
+        monkeypatch.setitem(fused_ops._SCHEDULE_FORWARDS, name, record)
+    peer_fused(*make_inputs(T=4), 3, **options)
+    assert ran == [schedule]
 
 
 @pytest.mark.gpu

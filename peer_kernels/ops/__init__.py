@@ -37,18 +37,19 @@ def peer_mix(z, expert_ids, gates, w_up, activation="gelu", sparse_grad=False, d
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False, sparse_grad=False, one_pass=False, overlap=None, deterministic=True):
+               separate_embed_per_head=False, sparse_grad=False, one_pass=False, overlap=False, deterministic=True):
     """Retrieval, gating and expert mixing; see peer_kernels.reference.peer_fused.
 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) -> y (T, d).
     sparse_grad=True gives the tables sparse COO gradients of the touched rows. The forward's
-    schedule (ops/fused.py): by default (overlap=None, or True) the retrieval of the next chunk of
-    tokens runs beside the expert kernel of this one; overlap=False runs the two kernels one after
-    the other; one_pass=True one kernel for both. deterministic=True makes the expert-table
+    schedule (ops/fused.py): by default the retrieval kernel, then the expert kernel; overlap=True
+    runs the retrieval of the next chunk of tokens beside the expert kernel of this one;
+    one_pass=True one kernel for both. The default is the simplest schedule expected to be fast
+    until a GPU has timed the three (bench: triton-2kernel, triton-overlap, triton-1pass). deterministic=True makes the expert-table
     gradients bitwise reproducible (the key gradients still use atomics).
     """
     if one_pass and overlap:
         raise ValueError("one_pass and overlap: expected at most one of them True, got both")
-    schedule = "one_pass" if one_pass else "two_kernel" if overlap is False else "overlap"
+    schedule = "one_pass" if one_pass else "overlap" if overlap else "two_kernel"
     return _library.peer_fused("triton", x, queries, keys, w_down, w_up, k, k_sub, gating, activation,
                                separate_embed_per_head, sparse_grad, schedule, deterministic)

@@ -2,14 +2,15 @@
 mixing); peer_kernels._library declares the op they fill.
 
 Three forward schedules with the same outputs, saved tensors and backward:
-- "overlap" (peer_fused's default): the two kernels below over chunks of tokens, the expert kernel
-  of chunk c on a high-priority side stream while the retrieval of chunk c+1 runs on the caller's,
-  each on its own share of the SMs (tuning.overlap_schedule);
-- "two_kernel": retrieval with fused gating (ops/retrieval.py), then the expert kernel
-  (ops/experts.py);
+- "two_kernel" (peer_fused's default): retrieval with fused gating (ops/retrieval.py), then the
+  expert kernel (ops/experts.py);
+- "overlap": the same two kernels over chunks of tokens, the expert kernel of chunk c on a
+  high-priority side stream while the retrieval of chunk c+1 runs on the caller's, each on its own
+  share of the SMs (tuning.overlap_schedule);
 - "one_pass": kernels/fused.py, one launch per layer.
-No GPU has timed them yet (bench/ times all three as triton-overlap, triton-2kernel and
-triton-1pass, and --profile prints each one's wall time against its kernels' summed time).
+No GPU has timed them yet: the default is the simplest schedule expected to be fast, and the first
+GPU run decides (bench/ times all three as triton-2kernel, triton-overlap and triton-1pass, and
+--profile prints each one's wall time against its kernels' summed time).
 Saved for backward: x, queries, ids, scores, gates and z = w_down[e] . x, O(T*(d + h*(dk + k))).
 The backward is the expert stage's backward (dx, dgates, dw_down, dw_up) followed by the retrieval
 backward driven by dgates (dqueries, dkeys).
