@@ -49,9 +49,10 @@ def _device_of(backend):
     return DEVICE if backend == "triton" else torch.device("cpu")
 
 
-# each backend's schedules of the fused op, with sparse table gradients or not
-SCHEDULES = {"triton": (("one_pass", False), ("two_kernel", False), ("overlap", False), ("one_pass", True)),
-             "cpp": (("two_kernel", False), ("two_kernel", True))}
+# each backend's schedules of the fused op: (schedule, sparse table gradients, tables per head)
+SCHEDULES = {"triton": (("one_pass", False, True), ("two_kernel", False, False), ("overlap", False, False),
+                        ("one_pass", True, False)),
+             "cpp": (("two_kernel", False, True), ("two_kernel", True, False))}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -87,13 +88,13 @@ def test_ops(backend, dtype):
     rows = (H * N * N, D)
     separate = (torch.randn(rows, dtype=dtype, device=device).requires_grad_(),
                 column_major(torch.randn(rows, dtype=dtype, device=device)).requires_grad_())
-    for schedule, sparse in SCHEDULES[backend]:
-        for tables, offset in (((w_down, w_up), 0), (separate, N * N)):
-            args = (backend, x, queries, keys, *tables, K, K_SUB, "sigmoid", "gelu", offset, schedule, True, sparse)
-            torch.library.opcheck(_library.fused_forward, args)
-            _, scores, ids, gates, z = _library.fused_forward(*args)
-            torch.library.opcheck(_library.fused_backward, detached(
-                backend, dy, x, queries, keys, *tables, scores, ids, gates, z, "sigmoid", "gelu", offset, True, sparse))
+    for schedule, sparse, per_head in SCHEDULES[backend]:
+        tables, offset = (separate, N * N) if per_head else ((w_down, w_up), 0)
+        args = (backend, x, queries, keys, *tables, K, K_SUB, "sigmoid", "gelu", offset, schedule, True, sparse)
+        torch.library.opcheck(_library.fused_forward, args)
+        _, scores, ids, gates, z = _library.fused_forward(*args)
+        torch.library.opcheck(_library.fused_backward, detached(
+            backend, dy, x, queries, keys, *tables, scores, ids, gates, z, "sigmoid", "gelu", offset, True, sparse))
 
 
 def test_every_registered_op_is_checked():
