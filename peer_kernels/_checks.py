@@ -237,3 +237,17 @@ def check_mix(z, expert_ids, gates, w_up, activation, check_range=True):
     check_float64_alone([("z", z), ("w_up", w_up)])
     if check_range:
         check_expert_ids(expert_ids, w_up.shape[0])
+
+
+def check_optimizer_state(name, state, param, rows_only=False):
+    """A row-sparse optimizer's state tensor for the table `param` (E, D): float32 whatever the
+    table's dtype (the steps read and write it as float32; the Triton kernels would read 16-bit
+    memory as float32), contiguous, (E, D), or (E,) with rows_only, on the table's device."""
+    shape = tuple(param.shape[:1] if rows_only else param.shape)
+    if state.dtype != torch.float32:
+        raise TypeError(f"{name}: expected float32 optimizer state (for a {param.dtype} table too), got {state.dtype}")
+    if tuple(state.shape) != shape or not state.is_contiguous():
+        raise ValueError(f"{name}: expected contiguous optimizer state of shape {shape}, got shape "
+                         f"{tuple(state.shape)}{'' if state.is_contiguous() else ' (not contiguous)'}")
+    if state.device != param.device:
+        raise ValueError(f"{name}: expected optimizer state on the table's device {param.device}, got {state.device}")

@@ -13,13 +13,19 @@ rows a step touched, in one kernel per table (Triton on CUDA; plain PyTorch on a
 
 Parameters whose gradient is dense (or missing) are left alone, so a model can give its other
 parameters to any dense optimizer. Gradient values may be 16-bit; state and arithmetic are fp32.
+
+Resuming: `state_dict()` / `load_state_dict()` keep the state float32 for 16-bit tables too (where
+torch.optim would cast it to the table's dtype), so a run resumed from a torch.save'd model and
+optimizer state continues bit for bit as the uninterrupted run would have (both step paths, every
+table dtype: tests/test_faults.py). The steps refuse state of another dtype (a TypeError naming it).
 """
+import itertools
 import math
 import types
 
 import torch
 
-from . import _device
+from . import _checks, _device
 
 try:
     from .ops import optim as kernel_steps
@@ -38,6 +44,8 @@ def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas,
     """AdamW at step `step` (1, 2, ...) on param[rows] (param (E, D), rows (U,) unique int64, values
     (U, D)); exp_avg / exp_avg_sq (E, D) fp32 change at the rows only. The arithmetic of
     kernels/optim.sparse_adamw_kernel, in PyTorch."""
+    _checks.check_optimizer_state("exp_avg", exp_avg, param)
+    _checks.check_optimizer_state("exp_avg_sq", exp_avg_sq, param)
     beta1, beta2 = betas
     grad = values.float()
     # each table is read and written once at the rows (index_select / index_copy_), as the kernel does
@@ -54,6 +62,7 @@ def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas,
 def rowwise_adagrad_step(param, rows, values, state, lr, eps, weight_decay):
     """Row-wise Adagrad on param[rows]; state (E,) fp32 changes at the rows only. The arithmetic of
     kernels/optim.rowwise_adagrad_kernel, in PyTorch."""
+    _checks.check_optimizer_state("sum", state, param, rows_only=True)
     p = param.index_select(0, rows).float()
     grad = torch.add(values.float(), p, alpha=weight_decay)     # a new tensor: the gradient stays as it is
     acc = state.index_select(0, rows).add_(grad.pow(2).mean(dim=1))
@@ -83,6 +92,23 @@ def _check_hyper(name, value, low=0.0):
 
 class _RowSparseOptimizer(torch.optim.Optimizer):
     """step() over the parameters with sparse gradients; subclasses update one table's rows."""
+
+    def load_state_dict(self, state_dict):
+        """torch.optim.Optimizer.load_state_dict, except that the state tensors are loaded as saved
+        (float32), copied to their parameter's device: torch casts floating state to the parameter's
+        dtype, which rounds a 16-bit table's moments to 16 bits, and the resumed run would then
+        train differently from the uninterrupted one. torch loads the groups and the other state."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {
+            param_id: {key: value for key, value in entry.items() if not isinstance(value, torch.Tensor)}
+            for param_id, entry in saved.items()}})
+        # torch's own pairing of the saved ids with the parameters (it checked the group sizes)
+        saved_ids = itertools.chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in saved.get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[param][key] = value.to(device=param.device, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None):
