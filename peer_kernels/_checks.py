@@ -9,6 +9,7 @@ copied to another), except that float64 mixes with nothing: a float64 x needs fl
 the other way round. Accumulation is float64 for float64 inputs, float32 otherwise.
 """
 import math
+import numbers
 
 import torch
 
@@ -251,3 +252,37 @@ def check_optimizer_state(name, state, param, rows_only=False):
                          f"{tuple(state.shape)}{'' if state.is_contiguous() else ' (not contiguous)'}")
     if state.device != param.device:
         raise ValueError(f"{name}: expected optimizer state on the table's device {param.device}, got {state.device}")
+
+
+# The smallest eps of the row-sparse optimizers: the smallest normal float32. A touched row whose
+# gradient was zero so far has a zero denominator but for eps (0/0 is NaN), and a GPU may flush a
+# subnormal eps to zero.
+MIN_OPTIMIZER_EPS = torch.finfo(torch.float32).tiny
+
+
+def check_number(name, value, minimum=0.0, below=None):
+    """A finite real number (not a bool) >= minimum, and < below when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < minimum or (below is not None and value >= below):
+        bounds = f"in [{minimum}, {below})" if below is not None else f">= {minimum}"
+        raise ValueError(f"{name}: expected a finite number {bounds}, got {value!r}")
+
+
+def check_sparse_adamw(*, lr, betas, eps, weight_decay):
+    """SparseAdamW's hyperparameters (a param group's)."""
+    check_number("lr", lr)
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas: expected a pair (beta1, beta2) of numbers in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        check_number(f"betas[{i}]", beta, below=1.0)
+    check_number("eps", eps, minimum=MIN_OPTIMIZER_EPS)
+    check_number("weight_decay", weight_decay)
+
+
+def check_rowwise_adagrad(*, lr, eps, weight_decay, initial_accumulator_value):
+    """RowwiseAdagrad's hyperparameters (a param group's)."""
+    check_number("lr", lr)
+    check_number("eps", eps, minimum=MIN_OPTIMIZER_EPS)
+    check_number("weight_decay", weight_decay)
+    check_number("initial_accumulator_value", initial_accumulator_value)
