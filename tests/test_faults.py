@@ -5,10 +5,21 @@ or a clear error, never in lost data, a crash or a hang.
   continues bit for bit as the uninterrupted run, for every table dtype, both row-sparse optimizers
   and both of their step paths (the PyTorch steps of CPU tensors, the Triton kernels under the
   interpreter); the kernels refuse optimizer state of another dtype than float32.
+- The C++ extension's cache: a build killed midway, a cached library truncated (4, 50, 200 KB: a
+  SIGBUS before), a read-only cache, no compiler: each ends in a working extension or the
+  reference, with at most one warning.
 
 Bounded in time: about a minute and a half on 2 cores (CI runs it with the rest of tests/).
 """
 import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +125,173 @@ def test_optimizer_state_of_another_dtype_is_refused(step_path, optimizer_name, 
                 optimizer.step()
         else:
             optimizer.step()
+
+
+# ---- the C++ extension's cache: killed builds, damaged and read-only caches, no compiler -------------
+
+DATA = Path(__file__).resolve().parent / "data"
+TINY = ("peer_kernels_test_tiny", ("tiny_extension.cpp",))
+# A child process that loads the tiny extension (tests/data, seconds to build) through peer_kernels.csrc's
+# loader and prints whether it works; its build directory goes to stdout first. TORCH_EXTENSIONS_DIR
+# is the cache; PEER_TEST_READ_ONLY=1 makes every write under it fail with EROFS, as on a read-only
+# mount (an audit hook: permission bits do not stop root, who runs CI containers).
+LOADER = f"""
+import errno, os, sys
+from pathlib import Path
+if os.environ.get("PEER_TEST_READ_ONLY"):
+    cache = os.environ["TORCH_EXTENSIONS_DIR"]
+    mutating = ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "os.chmod", "shutil.rmtree")
+    def read_only(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writes = any(c in (mode or "") for c in "wax+") or bool((flags or 0) & (os.O_WRONLY | os.O_RDWR))
+        elif event in mutating:
+            path, writes = args[0], True
+        else:
+            return
+        if writes and isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).startswith(cache):
+            raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+    sys.addaudithook(read_only)
+from peer_kernels.csrc import build
+build._EXTENSIONS["cpu"] = base, files = {TINY!r}
+build.sources_dir = lambda: Path({str(DATA)!r})
+print(build._build_root() / build._versioned_name("cpu", base, build.sources_dir(), files), flush=True)
+extension = build._extension("cpu")
+print(extension is not None and extension.answer() == 42, flush=True)
+"""
+NO_COMPILER = {"CXX": "/nonexistent/c++"}
+
+
+def _child_env(cache, **extra):
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), **extra}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _run_loader(cache, timeout=300, **extra):
+    return subprocess.run([sys.executable, "-c", LOADER], env=_child_env(cache, **extra), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _warnings(stderr):
+    return [line for line in stderr.splitlines() if "Warning:" in line]
+
+
+@pytest.fixture(scope="module")
+def killed_then_built(tmp_path_factory):
+    """A tiny build killed midway (SIGKILL: no cleanup, torch's lock file and the objects left
+    behind), then the next process's build: (its cache, that process). Other tests copy the cache."""
+    cache = tmp_path_factory.mktemp("extensions")
+    child = subprocess.Popen([sys.executable, "-c", LOADER], env=_child_env(cache), stdout=subprocess.PIPE, text=True)
+    build_dir = Path(child.stdout.readline().strip())
+    deadline = time.monotonic() + 120
+    while not list(build_dir.rglob("lock")):  # torch's lock file: the compiler is about to start
+        assert child.poll() is None and time.monotonic() < deadline, "the build finished before it could be killed"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    return cache, build_dir, _run_loader(cache)
+
+
+def _copy_of(cache, tmp_path):
+    copy = tmp_path / "extensions"
+    shutil.copytree(cache, copy)
+    return copy
+
+
+def test_a_build_killed_midway_is_cleaned_up_and_built_again(killed_then_built):
+    """Before and after: the next process neither hangs on the stale lock nor uses the half-built
+    objects; it says it removes them, builds, and loads (one warning)."""
+    _, build_dir, done = killed_then_built
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "True"
+    assert "removing the leftovers of an interrupted build" in done.stderr
+    assert len(_warnings(done.stderr)) == 1, done.stderr
+    assert "building the C++ cpu backend on first use" in done.stderr
+    assert not list(build_dir.glob("building-*")), "a build's private folder was left behind"
+
+
+def test_a_read_only_cache_with_a_complete_build_is_used(killed_then_built, tmp_path):
+    """Before: the loader opened its lock file for writing first (EROFS) and fell back to the
+    reference. After: a verified build loads without the lock, silently, with no compiler either."""
+    cache = _copy_of(killed_then_built[0], tmp_path)
+    for path in [cache, *cache.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        done = _run_loader(cache, PEER_TEST_READ_ONLY="1", PATH="/nonexistent", **NO_COMPILER)
+    finally:
+        for path in [cache, *cache.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "True", done.stderr[-3000:]
+    assert done.stderr == "", done.stderr
+
+
+def test_a_damaged_cached_build_is_rebuilt(killed_then_built, tmp_path):
+    """Before: importing the truncated library killed the process (SIGBUS, exit 135) and every
+    later one. After: its digest differs from the recorded one, so it is never mapped; it is built
+    again, said so once, and loads."""
+    cache = _copy_of(killed_then_built[0], tmp_path)
+    (library,) = cache.glob("*/*.so")
+    with open(library, "r+b") as handle:
+        handle.truncate(50 * 1024)
+    done = _run_loader(cache)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
+    assert done.stdout.split()[-1] == "True"
+    assert "building the C++ cpu backend again: the cached one is unusable (damaged" in done.stderr
+    assert _warnings(done.stderr) == [], done.stderr
+    again = _run_loader(cache)  # the rebuilt library and its record are in place
+    assert again.stdout.split()[-1] == "True" and again.stderr == "", again.stderr
+
+
+# A child process that, for each cache folder in argv, makes a PEER with backend="cpp" and reports
+# what ran (resolved_backend), the warnings, and whether the output is the reference's.
+FALLBACK = """
+import copy, json, os, sys, warnings
+import torch
+import peer_kernels
+from peer_kernels.csrc import build
+results = []
+for cache in sys.argv[1:]:
+    os.environ["TORCH_EXTENSIONS_DIR"] = cache
+    build._extension.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(0)
+        layer = peer_kernels.PEER(8, heads=2, num_experts=16, num_experts_per_head=2, dim_key=4, query_norm=None,
+                                  backend="cpp")
+        resolved = layer.resolved_backend
+        x = torch.randn(5, 8)
+        y = layer(x)
+    oracle = copy.deepcopy(layer)
+    oracle.backend = "reference"
+    results.append(dict(resolved=resolved, warnings=[str(w.message) for w in caught], correct=torch.equal(y, oracle(x))))
+print(json.dumps(results))
+"""
+
+
+def test_without_a_compiler_an_empty_or_damaged_cache_falls_back_with_one_warning(tmp_path):
+    """An empty cache, and the C++ backend's own build truncated to 4, 50 and 200 KB (where it is
+    built), with no compiler to build it again. Before: the first truncated library killed the
+    process (SIGBUS, exit 135). After: each is skipped with one warning that says why,
+    backend="cpp" runs the reference and resolved_backend says so (the latter since the one-house
+    refactor, which fixed issue 25's item 4)."""
+    caches = [tmp_path / "empty"]
+    caches[0].mkdir()
+    base, files = csrc.build._EXTENSIONS["cpu"]
+    name = csrc.build._versioned_name("cpu", base, csrc.sources_dir(), files)
+    built = csrc.build._build_root() / name
+    for kilobytes in (4, 50, 200) if csrc.available() else ():
+        caches.append(tmp_path / f"truncated-{kilobytes}k")
+        shutil.copytree(built, caches[-1] / name, ignore=shutil.ignore_patterns("*.flock"))
+        with open(caches[-1] / name / f"{name}.so", "r+b") as handle:
+            handle.truncate(kilobytes * 1024)
+    done = subprocess.run([sys.executable, "-c", FALLBACK, *map(str, caches)], env=_child_env(tmp_path, **NO_COMPILER),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
+    for cache, result in zip(caches, json.loads(done.stdout.splitlines()[-1]), strict=True):
+        assert result["resolved"] == "reference" and result["correct"], (cache.name, result)
+        assert len(result["warnings"]) == 1, (cache.name, result["warnings"])
+        (warning,) = result["warnings"]
+        assert "no C++ compiler found" in warning and "falling back to peer_kernels.reference" in warning, warning
+        assert ("not built yet" if cache.name == "empty" else "damaged") in warning, warning
