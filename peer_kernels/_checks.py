@@ -20,6 +20,7 @@ GATINGS = ("softmax", "sigmoid", "relu")
 QUERY_NORMS = ("batchnorm", "layernorm", None)
 BACKENDS = ("auto", "triton", "cpp", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+COMPUTE_DTYPES = (torch.float32, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -228,9 +229,10 @@ def check_down(x, expert_ids, w_down, check_range=True):
 
 
 def check_mix(z, expert_ids, gates, w_up, activation, check_range=True):
-    """The up mix's arguments: z, expert_ids, gates (T, h, k), w_up (E, d_out)."""
+    """The up mix's arguments: z, expert_ids, gates (T, h, k), w_up (E, d_out). z is peer_down's
+    output, in a compute dtype (compute_dtype), which every backend reads it in."""
     check_choice("activation", activation, ACTIVATIONS)
-    check_tensor("z", z, (None, None, None))
+    check_tensor("z", z, (None, None, None), dtypes=COMPUTE_DTYPES)
     check_tensor("expert_ids", expert_ids, tuple(z.shape), dtypes=ID_DTYPES, device=z.device)
     check_tensor("gates", gates, tuple(z.shape), device=z.device)
     check_tensor("w_up", w_up, (None, None), device=z.device)
