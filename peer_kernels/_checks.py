@@ -200,6 +200,24 @@ def check_layer_input(x, dim):
         raise ValueError("x: expected a tensor with data (e.g. on cpu or cuda), got a meta tensor")
 
 
+def check_batch_norm_input(projection):
+    """query_norm="batchnorm" in training: the query features (T, features) it is about to fold
+    into its running statistics must be finite, or one NaN token makes the statistics NaN, and every
+    later eval output with them. CPU tensors: checked on the host, a ValueError before the
+    statistics change. CUDA tensors (and code torch.compile traces): an asynchronous device assert,
+    because a host check would synchronise every training step and break CUDA-graph capture; it
+    fails the next synchronisation, and so any checkpoint save (which copies the statistics to the
+    host) before NaN statistics can reach the file."""
+    message = ("x: a token's query features are not finite (NaN or inf) in training with query_norm='batchnorm', "
+               "whose running statistics would become NaN, and every later eval output with them; find the "
+               "non-finite input, or use query_norm='layernorm' (per token)")
+    finite = torch.isfinite(projection).all()
+    if projection.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(finite, message)
+    elif not finite:
+        raise ValueError(message)
+
+
 def check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head):
     """The fused op's arguments; returns the resolved k_sub."""
     check_choice("gating", gating, GATINGS)

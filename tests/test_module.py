@@ -77,6 +77,25 @@ def test_one_token_in_training_with_batchnorm_is_a_clear_error():
     assert _layer(query_norm="layernorm").train()(torch.randn(1, 32)).shape == (1, 32)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_non_finite_token_in_training_with_batchnorm_is_a_clear_error(backend):
+    """Before: batch norm folded the NaN into its running statistics, and every later eval output
+    was NaN. After: a ValueError naming x before the statistics change (CPU tensors; on a GPU a
+    device assert, which no CPU test can trigger); eval mode and per-token norms give NaN for that
+    token only."""
+    layer = _layer(query_norm="batchnorm", backend=backend).train()
+    statistics = {name: value.clone() for name, value in layer.query_norm.named_buffers()}
+    x = torch.randn(6, 32)
+    x[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="x: a token's query features are not finite .* query_norm='batchnorm'"):
+        layer(x)
+    for name, value in layer.query_norm.named_buffers():
+        assert torch.equal(value, statistics[name]), name
+    for layer in (layer.eval(), _layer(query_norm="layernorm", backend=backend).train()):
+        y = layer(x)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
+
+
 @pytest.mark.parametrize("query_norm", ["layernorm", None])
 def test_leak_free_query_norms_in_training(query_norm):
     """A causal LM needs token t's output to depend on tokens <= t only. Per-token query norms
