@@ -26,6 +26,7 @@ from . import cases, report, run, timing
 # op name -> sent bytes per payload byte under the ring algorithm, for P ranks
 RING = {
     "allreduce_": lambda p: 2 * (p - 1) / p, "all_reduce": lambda p: 2 * (p - 1) / p,
+    "broadcast_": lambda p: (p - 1) / p,
     "all_gather_into_tensor": lambda p: p - 1,
     "reduce_scatter_tensor": lambda p: (p - 1) / p, "all_to_all_single": lambda p: (p - 1) / p,
 }
@@ -50,13 +51,22 @@ class CollectiveBytes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def replica_bytes(shape, ranks):
+    """Bytes one rank sends per backward to keep the replicated retrieval parameters equal: the
+    first rank's gradient of the query projection (h*2*dk, d) and of the per-head keys
+    (h, n, 2, dk), in the parameters' dtype, broadcast (the bench's layer has no norms)."""
+    p, b = ranks, shape.torch_dtype.itemsize
+    return (p - 1) / p * shape.h * 2 * shape.dk * (shape.d + shape.n) * b
+
+
 def column_bytes(shape, ranks, sequence_parallel=False):
     """Bytes one rank sends per forward+backward under PEERParallel (ring model; NCCL's all-to-all).
     z and its gradient are reduced in the accumulation dtype (float32; float64 for float64)."""
     p, b = ranks, shape.torch_dtype.itemsize
     z = shape.T * shape.h * shape.k * (8 if shape.dtype == "float64" else 4)
     columns = shape.T * math.ceil(shape.d / p) * b              # one rank's block of y or dx
-    reductions = 2 * 2 * (p - 1) / p * z                         # z forward, d(gate * act(z)) backward
+    # z forward, d(gate * act(z)) backward, and the replicas' gradients
+    reductions = 2 * 2 * (p - 1) / p * z + replica_bytes(shape, ranks)
     if not sequence_parallel:                                    # all-gather y, all-gather dx
         return reductions + 2 * (p - 1) * columns
     tokens = math.ceil(shape.T / p) * shape.d * b                # one rank's tokens of x
@@ -69,13 +79,15 @@ def row_bytes(shape, ranks, sequence_parallel=False):
     form for PEER, where nearly every token has a pick on every rank (h*k picks per token):
     replicated tokens: all-reduce of the partial y forward, of the partial dx and of dgates backward;
     tokens sharded: all-gather x and dy, reduce-scatter the partial y and dx, and all-to-all of the
-    rank's (id, gate, token) pairs (4 + 4 + 4 bytes) forward and of their dgates (4) backward."""
+    rank's (id, gate, token) pairs (4 + 4 + 4 bytes) forward and of their dgates (4) backward.
+    Retrieval is replicated as in column sharding, so its replicas' gradients are broadcast too."""
     p, b = ranks, shape.torch_dtype.itemsize
     activations = shape.T * shape.d * b
     pairs = shape.T * shape.h * shape.k
     if not sequence_parallel:
-        return 2 * 2 * (p - 1) / p * activations + 2 * (p - 1) / p * pairs * 4
-    return 4 * (p - 1) / p * activations + (p - 1) / p * math.ceil(pairs / p) * (12 + 4)
+        return 2 * 2 * (p - 1) / p * activations + 2 * (p - 1) / p * pairs * 4 + replica_bytes(shape, ranks)
+    return (4 * (p - 1) / p * activations + (p - 1) / p * math.ceil(pairs / p) * (12 + 4)
+            + replica_bytes(shape, ranks))
 
 
 def _layer(shape, device):
