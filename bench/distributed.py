@@ -6,9 +6,14 @@ below predicts for column and for row sharding. NCCL on GPUs (one per process), 
 Bytes are counted per collective from the tensor each rank puts in (its payload) and, as sent bytes,
 by the ring algorithm's count: an all-reduce of X bytes sends 2(P-1)/P X, an all-gather of X per rank
 (P-1) X, a reduce-scatter or all-to-all of X (P-1)/P X. gloo has no all-to-all and gathers instead.
+
+A rank whose peer is stuck waits for it as long as the process group's timeout: TIMEOUT_SECONDS
+here (`--timeout`), not torch's default of 30 minutes (gloo) or 10 (NCCL); a rank that dies makes
+torchrun stop the others.
 """
 import argparse
 import copy
+import datetime
 import math
 import os
 import subprocess
@@ -23,6 +28,9 @@ from peer_kernels import PEER
 
 from . import cases, report, run, timing
 
+# The process group's timeout: well above a step of the largest preset with its first-call
+# compilation, far below torch's default.
+TIMEOUT_SECONDS = 120.0
 # op name -> sent bytes per payload byte under the ring algorithm, for P ranks
 RING = {
     "allreduce_": lambda p: 2 * (p - 1) / p, "all_reduce": lambda p: 2 * (p - 1) / p,
@@ -158,14 +166,14 @@ def table(meta, rows):
                       report.text_table(headers, body)] + notes)
 
 
-def launch(ranks, preset_name, device, out, stem):
+def launch(ranks, preset_name, device, out, stem, timeout=TIMEOUT_SECONDS):
     """Runs this module under torchrun with `ranks` processes; its exit status."""
     env = dict(os.environ)
     if device.type == "cpu":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # torchrun --standalone: every rank is on this host
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                "-m", "bench.distributed", "--preset", preset_name, "--device", device.type, "--out", out,
-               "--stem", stem]
+               "--stem", stem, "--timeout", str(timeout)]
     return subprocess.run(command, cwd=run.ROOT, env=env).returncode
 
 
@@ -178,13 +186,15 @@ def main(argv=None):
     parser.add_argument("--device", required=True, choices=("cuda", "cpu"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--stem", required=True)
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_SECONDS, help="the process group's, in seconds")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=args.timeout))
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     rows = [measure(shape, mesh, device) for shape in cases.PRESETS[args.preset].shapes]
     gathered = [None] * dist.get_world_size()

@@ -75,6 +75,18 @@ TABLES = ("w_down", "w_up")
 _HAS_SRC_DATA_RANK = "src_data_rank" in inspect.signature(distribute_tensor).parameters
 
 
+def _collective(what, run, tensor, group, **options):
+    """run(tensor, group=group, **options), a collective of the style's: when it fails (gloo: a peer
+    rank died, or did not join within the process group's timeout) the error says which and what
+    bounds the wait. NCCL reports such failures asynchronously: its watchdog ends the process."""
+    try:
+        run(tensor, group=group, **options)
+    except RuntimeError as error:  # torch.distributed.DistBackendError is one
+        raise type(error)(
+            f"PEERParallel: {what} over the tensor-parallel group failed: a peer rank died, or did not join "
+            f"within the process group's timeout (dist.init_process_group(timeout=...)): {error}") from error
+
+
 class _SumOverRanks(torch.autograd.Function):
     """All-reduce (sum) in forward, identity in backward: what follows the sum is replicated, so
     every rank already holds the whole gradient of it."""
@@ -82,7 +94,7 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, partial, group):
         total = partial.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total, group=group)
+        _collective("the all-reduce of z", dist.all_reduce, total, group)
         return total
 
     @staticmethod
@@ -102,7 +114,7 @@ class _SumGradOverRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         total = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total, group=ctx.group)
+        _collective("the all-reduce of the gradient of gates * act(z)", dist.all_reduce, total, ctx.group)
         return total, None
 
 
@@ -144,7 +156,8 @@ class _FirstRanksGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         first = grad.clone(memory_format=torch.contiguous_format)
-        dist.broadcast(first, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
+        _collective("the broadcast of a replicated parameter's gradient", dist.broadcast, first, ctx.group,
+                    src=dist.get_global_rank(ctx.group, 0))
         return first, None
 
 
@@ -202,6 +215,16 @@ class PEERParallel(ParallelStyle):
     `ColumnParallelExperts`; see the module docstring for the collectives. The replicated
     parameters get the mesh's first rank's gradient on every rank, so they stay bitwise equal.
     Compose with FSDP2 by applying this first, then `fully_shard` on a 2-D mesh's other dim.
+
+    A dead or stuck peer: the forward and the backward run collectives, which wait for every rank of
+    the mesh. A rank that dies under torchrun makes its agent stop the others; one that is stuck (a
+    hung data loader, a debugger) makes them wait as long as the process group's timeout, torch's
+    default 30 minutes for gloo and 10 for NCCL. Set a shorter one where the process group is made,
+    longer than the slowest step (first-call compilation included):
+    `dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=2))`. gloo then raises on
+    the waiting ranks, an error naming the collective of this style that failed; NCCL's watchdog
+    ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default). `python -m bench
+    --distributed P` uses 120 s (`--timeout`).
 
     input_layouts: the layout of a plain-tensor input (default Replicate(); Shard(1) for a
       sequence-parallel (batch, seq, dim) input, whose sequence must then split evenly, as

@@ -8,6 +8,8 @@ or a clear error, never in lost data, a crash or a hang.
 - The C++ extension's cache: a build killed midway, a cached library truncated (4, 50, 200 KB: a
   SIGBUS before), a read-only cache, no compiler: each ends in a working extension or the
   reference, with at most one warning.
+- PEERParallel with a peer rank killed or stuck: the others end within the process group's
+  timeout, with an error naming the collective and the timeout.
 
 Bounded in time: about a minute and a half on 2 cores (CI runs it with the rest of tests/).
 """
@@ -295,3 +297,69 @@ def test_without_a_compiler_an_empty_or_damaged_cache_falls_back_with_one_warnin
         (warning,) = result["warnings"]
         assert "no C++ compiler found" in warning and "falling back to peer_kernels.reference" in warning, warning
         assert ("not built yet" if cache.name == "empty" else "damaged") in warning, warning
+
+
+# ---- a dead or stuck peer under PEERParallel: a clear error within the process group's timeout -------
+
+PEER_TIMEOUT_SECONDS = 10
+# Rank argv[1] of 2 gloo processes (rendezvous file argv[2]) with a PEERParallel layer on a process
+# group whose timeout is PEER_TIMEOUT_SECONDS; after one step together, rank 1 dies (argv[3] "killed":
+# SIGKILL) or stops taking part ("stuck"), and rank 0 prints what its next step raised, and when.
+PEER = f"""
+import datetime, json, os, signal, sys, time
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import parallelize_module
+import peer_kernels
+from peer_kernels.distributed import PEERParallel
+rank, rendezvous, fault = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+# The rendezvous with a long timeout (the ranks' imports may end seconds apart on a loaded machine),
+# the layer's mesh on a group with the short one.
+dist.init_process_group("gloo", init_method="file://" + rendezvous, rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=300))
+group = dist.new_group(timeout=datetime.timedelta(seconds={PEER_TIMEOUT_SECONDS}))
+torch.manual_seed(0)
+layer = parallelize_module(peer_kernels.PEER(12, heads=2, num_experts=16, num_experts_per_head=2, dim_key=4,
+                                             backend="reference"), DeviceMesh.from_group(group, "cpu"), PEERParallel())
+layer(torch.randn(6, 12)).sum().backward()
+dist.barrier()
+if rank == 1:
+    if fault == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(3600)
+start = time.monotonic()
+try:
+    layer(torch.randn(6, 12))
+    error = None
+except Exception as raised:
+    error = f"{{type(raised).__name__}}: {{raised}}"
+print(json.dumps(dict(seconds=time.monotonic() - start, error=error)), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("fault", ["killed", "stuck"])
+def test_a_dead_or_stuck_peer_is_a_clear_error_within_the_timeout(tmp_path, fault):
+    """Before: the wait was the process group's, torch's default 30 minutes, and gloo's error named
+    no collective. After: PEERParallel documents the timeout (the bench uses 120 s), and its error
+    says which collective failed and what bounds the wait."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    ranks = [subprocess.Popen([sys.executable, "-c", PEER, str(rank), str(tmp_path / "rendezvous"), fault], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        out, err = ranks[0].communicate(timeout=180)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    assert ranks[0].returncode == 0, err[-3000:]
+    result = json.loads(out.splitlines()[-1])
+    assert result["error"] is not None, "the step with a dead or stuck peer did not fail"
+    assert result["error"].startswith("RuntimeError: PEERParallel: the all-reduce of z over the tensor-parallel group "
+                                      "failed: a peer rank died, or did not join within the process group's "
+                                      "timeout"), result["error"]
+    assert result["seconds"] < PEER_TIMEOUT_SECONDS + 20, result
