@@ -102,20 +102,30 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
-class _SumGradOverRanks(torch.autograd.Function):
-    """Identity in forward, all-reduce (sum) of the gradient in backward: a replicated tensor
-    consumed by a column-sharded op gets one partial gradient per column shard."""
+class _GradientOverRanks(torch.autograd.Function):
+    """Identity in forward; in backward the gradient is combined over the group's ranks, by mode:
+    - "sum" (an all-reduce): a replicated tensor consumed by a column-sharded op gets one partial
+      gradient per column shard.
+    - "first" (a broadcast of the group's first rank's): a replicated parameter's gradient is
+      computed on every rank from the same inputs, but a backend that sums it with fp32 atomics (the
+      Triton keys backward) rounds differently on each, and replicas updated by different gradients
+      drift apart until a near-tie picks other experts on other ranks. With one gradient they are
+      updated alike: equal by construction."""
 
     @staticmethod
-    def forward(ctx, replicated, group):
-        ctx.group = group
+    def forward(ctx, replicated, group, mode):
+        ctx.group, ctx.mode = group, mode
         return replicated.view_as(replicated)
 
     @staticmethod
     def backward(ctx, grad):
-        total = grad.clone(memory_format=torch.contiguous_format)
-        _collective("the all-reduce of the gradient of gates * act(z)", dist.all_reduce, total, ctx.group)
-        return total, None
+        combined = grad.clone(memory_format=torch.contiguous_format)
+        if ctx.mode == "sum":
+            _collective("the all-reduce of the gradient of gates * act(z)", dist.all_reduce, combined, ctx.group)
+        else:
+            _collective("the broadcast of a replicated parameter's gradient", dist.broadcast, combined, ctx.group,
+                        src=dist.get_global_rank(ctx.group, 0))
+        return combined, None, None
 
 
 class ColumnParallelExperts:
@@ -134,38 +144,18 @@ class ColumnParallelExperts:
         z = _SumOverRanks.apply(ops.peer_down(columns, expert_ids, w_down.to_local()), group)
         # The gate times the activation, summed over ranks in backward: the mix's gradient wrt it is
         # v.dy, partial over columns, and one reduction of it gives both dz and dgates.
-        mixed = _SumGradOverRanks.apply(gates.to(z.dtype) * _math.activate(z, activation), group)
+        mixed = _GradientOverRanks.apply(gates.to(z.dtype) * _math.activate(z, activation), group, "sum")
         y = ops.peer_mix(mixed, expert_ids, torch.ones_like(mixed), w_up.to_local(), "identity")
         shape = (x.shape[0], w_up.shape[1])
         return DTensor.from_local(y.to(x.dtype), self.mesh, [Shard(1)], run_check=False, shape=torch.Size(shape),
                                   stride=(shape[1], 1))
 
 
-class _FirstRanksGradient(torch.autograd.Function):
-    """Identity in forward; in backward every rank gets the gradient of the group's first rank (a
-    broadcast). A replicated parameter's gradient is computed on every rank from the same inputs,
-    but a backend that sums it with fp32 atomics (the Triton keys backward) rounds differently on
-    each, and replicas updated by different gradients drift apart until a near-tie picks other
-    experts on other ranks. With one gradient they are updated alike: equal by construction."""
-
-    @staticmethod
-    def forward(ctx, replicated, group):
-        ctx.group = group
-        return replicated.view_as(replicated)
-
-    @staticmethod
-    def backward(ctx, grad):
-        first = grad.clone(memory_format=torch.contiguous_format)
-        _collective("the broadcast of a replicated parameter's gradient", dist.broadcast, first, ctx.group,
-                    src=dist.get_global_rank(ctx.group, 0))
-        return first, None
-
-
 class _ReplicatedAsLocal:
     """A layer's replicated DTensor parameters and buffers swapped for their local tensors while
     it computes, so its query path runs on plain tensors as in one process (torch 2.6's DTensor has
     no batch norm). A parameter's local view carries its gradient back to the DTensor, the first
-    rank's on every rank (_FirstRanksGradient); a buffer's shares its storage, so batch norm's
+    rank's on every rank (_GradientOverRanks, "first"); a buffer's shares its storage, so batch norm's
     running statistics update in place. Swapped in by the style's input function, back by a forward
     hook that runs even when the forward raises."""
 
@@ -181,8 +171,8 @@ class _ReplicatedAsLocal:
                         self.swapped.append((entries, name, value))
                         local = value.to_local()
                         is_parameter = entries is module._parameters
-                        entries[name] = _FirstRanksGradient.apply(local, self.mesh.get_group()) if is_parameter \
-                            else local
+                        entries[name] = _GradientOverRanks.apply(local, self.mesh.get_group(), "first") \
+                            if is_parameter else local
 
     def swap_back(self, *_hook_arguments):
         while self.swapped:
