@@ -391,9 +391,7 @@ def _config_of_peer_pytorch_state(state, **kwargs):
                         "takes none such)")
     options = {**_WITH_DEFAULTS, **kwargs}
     return _peer_config(
-        **{name: shapes[name] for name in ("dim", "heads", "num_experts", "dim_key", "pre_rmsnorm",
-                                           "separate_embed_per_head")},
-        experts_per_head=1 if options["non_competing_scores"] else options["num_experts_per_head"],
+        **shapes, experts_per_head=1 if options["non_competing_scores"] else options["num_experts_per_head"],
         k_sub=options["num_experts_per_head"] if options["product_key_topk"] is None else options["product_key_topk"],
         activation=options["activation"](),
         relu_gating=options["non_competing_scores"], dropout=options["dropout"])
