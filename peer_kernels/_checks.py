@@ -205,9 +205,10 @@ def check_batch_norm_input(projection):
     into its running statistics must be finite, or one NaN token makes the statistics NaN, and every
     later eval output with them. CPU tensors: checked on the host, a ValueError before the
     statistics change. CUDA tensors (and code torch.compile traces): an asynchronous device assert,
-    because a host check would synchronise every training step and break CUDA-graph capture; it
+    because a host check would synchronise every training step and rule out CUDA-graph capture; it
     fails the next synchronisation, and so any checkpoint save (which copies the statistics to the
-    host) before NaN statistics can reach the file."""
+    host) before NaN statistics can reach the file, and like every device assert it ends the
+    process's use of the GPU."""
     message = ("x: a token's query features are not finite (NaN or inf) in training with query_norm='batchnorm', "
                "whose running statistics would become NaN, and every later eval output with them; find the "
                "non-finite input, or use query_norm='layernorm' (per token)")
