@@ -11,7 +11,8 @@ or a clear error, never in lost data, a crash or a hang.
 - PEERParallel with a peer rank killed or stuck: the others end within the process group's
   timeout, with an error naming the collective and the timeout.
 
-Bounded in time: about a minute and a half on 2 cores (CI runs it with the rest of tests/).
+Bounded in time: 78 s of CPU, about two minutes on 2 cores shared with other work (CI runs it
+with the rest of tests/); the C++ cases build only the tiny extension of tests/data, twice.
 """
 import io
 import json
@@ -39,8 +40,10 @@ STEPS_BEFORE, STEPS_AFTER = 1, 2
 
 @pytest.fixture(params=["pytorch", "kernels"])
 def step_path(request, monkeypatch):
-    """The optimizers' two step paths: the PyTorch steps (CPU tensors) and the Triton kernels (under
-    the interpreter without a GPU)."""
+    """The optimizers' two step paths on CPU tensors: the PyTorch steps, and the Triton kernels under
+    the interpreter (so a machine with a GPU, where the interpreter is off, runs the first only: the
+    Triton layer's GPU backward sums with atomics, and a bitwise comparison needs a deterministic
+    one)."""
     if request.param == "pytorch":
         monkeypatch.setattr(optim, "_kernels_for", lambda param: None)
     elif optim._kernels_for(torch.zeros(1)) is None:
