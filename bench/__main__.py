@@ -1,5 +1,5 @@
 """python -m bench [--preset paper|sweep|cpu|smoke] [--device auto|cuda|cpu] [--out DIR] ...
-python -m bench --distributed P [--preset ...]
+python -m bench --distributed P [--timeout SECONDS] [--preset ...]
 python -m bench --compare A.json B.json"""
 import argparse
 import datetime
@@ -36,6 +36,10 @@ def parse(argv):
     parser.add_argument("--distributed", type=int, metavar="P",
                         help="instead: the layer with its tables sharded over P processes (torchrun; one GPU each, "
                              "or gloo on a CPU): per-rank step time and bytes communicated")
+    parser.add_argument("--timeout", type=float, default=distributed.TIMEOUT_SECONDS, metavar="SECONDS",
+                        help="with --distributed: the process group's timeout, how long a rank waits for a stuck "
+                             "peer before it fails (default: %(default)s; torch's own is 30 min for gloo, 10 for "
+                             "NCCL)")
     return parser.parse_args(argv)
 
 
@@ -65,7 +69,8 @@ def main(argv=None):
     if args.distributed:
         if device.type == "cuda" and torch.cuda.device_count() < args.distributed:
             sys.exit(f"--distributed {args.distributed}: only {torch.cuda.device_count()} GPUs")
-        return distributed.launch(args.distributed, preset_name, device, args.out, f"distributed{args.distributed}-{stem}")
+        return distributed.launch(args.distributed, preset_name, device, args.out,
+                                  f"distributed{args.distributed}-{stem}", args.timeout)
 
     def save(meta, rows, skipped):
         report.write(args.out, stem, meta, report.add_speedups(rows), skipped)

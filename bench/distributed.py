@@ -6,9 +6,14 @@ below predicts for column and for row sharding. NCCL on GPUs (one per process), 
 Bytes are counted per collective from the tensor each rank puts in (its payload) and, as sent bytes,
 by the ring algorithm's count: an all-reduce of X bytes sends 2(P-1)/P X, an all-gather of X per rank
 (P-1) X, a reduce-scatter or all-to-all of X (P-1)/P X. gloo has no all-to-all and gathers instead.
+
+A rank whose peer is stuck waits for it as long as the process group's timeout: TIMEOUT_SECONDS
+here (`--timeout`), not torch's default of 30 minutes (gloo) or 10 (NCCL); a rank that dies makes
+torchrun stop the others.
 """
 import argparse
 import copy
+import datetime
 import math
 import os
 import subprocess
@@ -23,9 +28,13 @@ from peer_kernels import PEER
 
 from . import cases, report, run, timing
 
+# The process group's timeout: well above a step of the largest preset with its first-call
+# compilation, far below torch's default.
+TIMEOUT_SECONDS = 120.0
 # op name -> sent bytes per payload byte under the ring algorithm, for P ranks
 RING = {
     "allreduce_": lambda p: 2 * (p - 1) / p, "all_reduce": lambda p: 2 * (p - 1) / p,
+    "broadcast_": lambda p: (p - 1) / p,
     "all_gather_into_tensor": lambda p: p - 1,
     "reduce_scatter_tensor": lambda p: (p - 1) / p, "all_to_all_single": lambda p: (p - 1) / p,
 }
@@ -50,13 +59,22 @@ class CollectiveBytes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def replica_bytes(shape, ranks):
+    """Bytes one rank sends per backward to keep the replicated retrieval parameters equal: the
+    first rank's gradient of the query projection (h*2*dk, d) and of the per-head keys
+    (h, n, 2, dk), in the parameters' dtype, broadcast (the bench's layer has no norms)."""
+    p, b = ranks, shape.torch_dtype.itemsize
+    return (p - 1) / p * shape.h * 2 * shape.dk * (shape.d + shape.n) * b
+
+
 def column_bytes(shape, ranks, sequence_parallel=False):
     """Bytes one rank sends per forward+backward under PEERParallel (ring model; NCCL's all-to-all).
     z and its gradient are reduced in the accumulation dtype (float32; float64 for float64)."""
     p, b = ranks, shape.torch_dtype.itemsize
     z = shape.T * shape.h * shape.k * (8 if shape.dtype == "float64" else 4)
     columns = shape.T * math.ceil(shape.d / p) * b              # one rank's block of y or dx
-    reductions = 2 * 2 * (p - 1) / p * z                         # z forward, d(gate * act(z)) backward
+    # z forward, d(gate * act(z)) backward, and the replicas' gradients
+    reductions = 2 * 2 * (p - 1) / p * z + replica_bytes(shape, ranks)
     if not sequence_parallel:                                    # all-gather y, all-gather dx
         return reductions + 2 * (p - 1) * columns
     tokens = math.ceil(shape.T / p) * shape.d * b                # one rank's tokens of x
@@ -69,13 +87,15 @@ def row_bytes(shape, ranks, sequence_parallel=False):
     form for PEER, where nearly every token has a pick on every rank (h*k picks per token):
     replicated tokens: all-reduce of the partial y forward, of the partial dx and of dgates backward;
     tokens sharded: all-gather x and dy, reduce-scatter the partial y and dx, and all-to-all of the
-    rank's (id, gate, token) pairs (4 + 4 + 4 bytes) forward and of their dgates (4) backward."""
+    rank's (id, gate, token) pairs (4 + 4 + 4 bytes) forward and of their dgates (4) backward.
+    Retrieval is replicated as in column sharding, so its replicas' gradients are broadcast too."""
     p, b = ranks, shape.torch_dtype.itemsize
     activations = shape.T * shape.d * b
     pairs = shape.T * shape.h * shape.k
     if not sequence_parallel:
-        return 2 * 2 * (p - 1) / p * activations + 2 * (p - 1) / p * pairs * 4
-    return 4 * (p - 1) / p * activations + (p - 1) / p * math.ceil(pairs / p) * (12 + 4)
+        return 2 * 2 * (p - 1) / p * activations + 2 * (p - 1) / p * pairs * 4 + replica_bytes(shape, ranks)
+    return (4 * (p - 1) / p * activations + (p - 1) / p * math.ceil(pairs / p) * (12 + 4)
+            + replica_bytes(shape, ranks))
 
 
 def _layer(shape, device):
@@ -146,14 +166,14 @@ def table(meta, rows):
                       report.text_table(headers, body)] + notes)
 
 
-def launch(ranks, preset_name, device, out, stem):
+def launch(ranks, preset_name, device, out, stem, timeout=TIMEOUT_SECONDS):
     """Runs this module under torchrun with `ranks` processes; its exit status."""
     env = dict(os.environ)
     if device.type == "cpu":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # torchrun --standalone: every rank is on this host
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                "-m", "bench.distributed", "--preset", preset_name, "--device", device.type, "--out", out,
-               "--stem", stem]
+               "--stem", stem, "--timeout", str(timeout)]
     return subprocess.run(command, cwd=run.ROOT, env=env).returncode
 
 
@@ -166,13 +186,15 @@ def main(argv=None):
     parser.add_argument("--device", required=True, choices=("cuda", "cpu"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--stem", required=True)
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_SECONDS, help="the process group's, in seconds")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=args.timeout))
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     rows = [measure(shape, mesh, device) for shape in cases.PRESETS[args.preset].shapes]
     gathered = [None] * dist.get_world_size()

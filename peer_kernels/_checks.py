@@ -10,6 +10,7 @@ needs float64 tables, and the other way round. Accumulation is float64 for float
 otherwise.
 """
 import math
+import numbers
 
 import torch
 
@@ -20,6 +21,7 @@ GATINGS = ("softmax", "sigmoid", "relu")
 QUERY_NORMS = ("batchnorm", "layernorm", None)
 BACKENDS = ("auto", "triton", "cpp", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+COMPUTE_DTYPES = (torch.float32, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -200,6 +202,25 @@ def check_layer_input(x, dim):
         raise ValueError("x: expected a tensor with data (e.g. on cpu or cuda), got a meta tensor")
 
 
+def check_batch_norm_input(projection):
+    """query_norm="batchnorm" in training: the query features (T, features) it is about to fold
+    into its running statistics must be finite, or one NaN token makes the statistics NaN, and every
+    later eval output with them. CPU tensors: checked on the host, a ValueError before the
+    statistics change. CUDA tensors (and code torch.compile traces): an asynchronous device assert,
+    because a host check would synchronise every training step and rule out CUDA-graph capture; it
+    fails the next synchronisation, and so any checkpoint save (which copies the statistics to the
+    host) before NaN statistics can reach the file, and like every device assert it ends the
+    process's use of the GPU."""
+    message = ("x: a token's query features are not finite (NaN or inf) in training with query_norm='batchnorm', "
+               "whose running statistics would become NaN, and every later eval output with them; find the "
+               "non-finite input, or use query_norm='layernorm' (per token)")
+    finite = torch.isfinite(projection).all()
+    if projection.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(finite, message)
+    elif not finite:
+        raise ValueError(message)
+
+
 def check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head):
     """The fused op's arguments; returns the resolved k_sub."""
     check_choice("gating", gating, GATINGS)
@@ -229,9 +250,10 @@ def check_down(x, expert_ids, w_down, check_range=True):
 
 
 def check_mix(z, expert_ids, gates, w_up, activation, check_range=True):
-    """The up mix's arguments: z, expert_ids, gates (T, h, k), w_up (E, d_out)."""
+    """The up mix's arguments: z, expert_ids, gates (T, h, k), w_up (E, d_out). z is peer_down's
+    output, in a compute dtype (compute_dtype), which every backend reads it in."""
     check_choice("activation", activation, ACTIVATIONS)
-    check_tensor("z", z, (None, None, None))
+    check_tensor("z", z, (None, None, None), dtypes=COMPUTE_DTYPES)
     check_tensor("expert_ids", expert_ids, tuple(z.shape), dtypes=ID_DTYPES, device=z.device)
     check_tensor("gates", gates, tuple(z.shape), device=z.device)
     check_tensor("w_up", w_up, (None, None), device=z.device)
@@ -239,3 +261,51 @@ def check_mix(z, expert_ids, gates, w_up, activation, check_range=True):
     check_float64_alone([("z", z), ("w_up", w_up)])
     if check_range:
         check_expert_ids(expert_ids, w_up.shape[0])
+
+
+def check_optimizer_state(name, state, param, rows_only=False):
+    """A row-sparse optimizer's state tensor for the table `param` (E, D): float32 whatever the
+    table's dtype (the steps read and write it as float32; the Triton kernels would read 16-bit
+    memory as float32), contiguous, (E, D), or (E,) with rows_only, on the table's device."""
+    shape = tuple(param.shape[:1] if rows_only else param.shape)
+    if state.dtype != torch.float32:
+        raise TypeError(f"{name}: expected float32 optimizer state (for a {param.dtype} table too), got {state.dtype}")
+    if tuple(state.shape) != shape or not state.is_contiguous():
+        raise ValueError(f"{name}: expected contiguous optimizer state of shape {shape}, got shape "
+                         f"{tuple(state.shape)}{'' if state.is_contiguous() else ' (not contiguous)'}")
+    if state.device != param.device:
+        raise ValueError(f"{name}: expected optimizer state on the table's device {param.device}, got {state.device}")
+
+
+# The smallest eps of the row-sparse optimizers: the smallest normal float32. A touched row whose
+# gradient was zero so far has a zero denominator but for eps (0/0 is NaN), and a GPU may flush a
+# subnormal eps to zero.
+MIN_OPTIMIZER_EPS = torch.finfo(torch.float32).tiny
+
+
+def check_number(name, value, minimum=0.0, below=None):
+    """A finite real number (not a bool) >= minimum, and < below when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < minimum or (below is not None and value >= below):
+        bounds = f"in [{minimum}, {below})" if below is not None else f">= {minimum}"
+        raise ValueError(f"{name}: expected a finite number {bounds}, got {value!r}")
+
+
+def check_sparse_adamw(*, lr, betas, eps, weight_decay):
+    """SparseAdamW's hyperparameters (a param group's)."""
+    check_number("lr", lr)
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas: expected a pair (beta1, beta2) of numbers in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        check_number(f"betas[{i}]", beta, below=1.0)
+    check_number("eps", eps, minimum=MIN_OPTIMIZER_EPS)
+    check_number("weight_decay", weight_decay)
+
+
+def check_rowwise_adagrad(*, lr, eps, weight_decay, initial_accumulator_value):
+    """RowwiseAdagrad's hyperparameters (a param group's)."""
+    check_number("lr", lr)
+    check_number("eps", eps, minimum=MIN_OPTIMIZER_EPS)
+    check_number("weight_decay", weight_decay)
+    check_number("initial_accumulator_value", initial_accumulator_value)

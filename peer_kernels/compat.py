@@ -272,8 +272,14 @@ class ChunkedPEER(nn.Module):
 def from_peer_pytorch(source, *, backend="auto", layer_class=None, **peer_pytorch_kwargs):
     """A PEER with the weights and math of a `PEER_pytorch.PEER`.
 
-    `source` is the module itself, or its state_dict together with the keyword arguments it was
-    constructed with (`dim=...`, `heads=...`, ...; peer-pytorch's defaults apply to the rest).
+    `source` is the module itself, or its state_dict together with peer-pytorch's constructor
+    arguments that its weights cannot tell, which must then be given as the module was constructed
+    with them (a TypeError names any missing; guessing loads other math silently):
+    `non_competing_scores` (the gating, and k = 1 when True), `num_experts_per_head` and
+    `activation` (peer-pytorch's class, nn.GELU say). The shapes (`dim`, `heads`, `num_experts`,
+    `dim_key`) and `pre_rmsnorm` / `separate_embed_per_head` are read from the weights (given too,
+    they must agree: a ValueError); `product_key_topk` defaults to `num_experts_per_head` as in
+    peer-pytorch (only a smaller value changes the picks) and `dropout` (training only) to 0.
     peer-pytorch has no query norm and per-head keys; `non_competing_scores=True` is relu gating
     with one expert per head. The pre-norm output feeds both the queries and the experts.
     layer_class: the class to build (peer_kernels.PEER or a subclass; PEER.from_peer_pytorch passes
@@ -285,7 +291,7 @@ def from_peer_pytorch(source, *, backend="auto", layer_class=None, **peer_pytorc
         config = _config_of_peer_pytorch_module(source)
         state = source.state_dict()
     else:
-        config = _config_of_peer_pytorch_kwargs(**peer_pytorch_kwargs)
+        config = _config_of_peer_pytorch_state(source, **peer_pytorch_kwargs)
         state = source
     weight = state["weight_down_embed.weight"]
     layer = (layer_class or Layer)(**config, backend=backend, device=weight.device, dtype=weight.dtype)
@@ -350,18 +356,47 @@ def _config_of_peer_pytorch_module(module):
         separate_embed_per_head=module.separate_embed_per_head, dropout=module.dropout.p)
 
 
-def _config_of_peer_pytorch_kwargs(dim, heads=8, num_experts=1_000_000, num_experts_per_head=16,
-                                   activation=nn.GELU, dim_key=None, product_key_topk=None,
-                                   separate_embed_per_head=False, pre_rmsnorm=False,
-                                   non_competing_scores=True, dropout=0.0):
-    """peer-pytorch's constructor signature and defaults (PEER_pytorch 0.2)."""
+# peer-pytorch's constructor arguments (PEER_pytorch 0.2) that a PEER's weights do not hold
+_NOT_IN_THE_WEIGHTS = ("non_competing_scores", "num_experts_per_head", "activation")
+_WITH_DEFAULTS = {"product_key_topk": None, "dropout": 0.0}
+
+
+def _config_of_peer_pytorch_state(state, **kwargs):
+    """The config of the PEER_pytorch.PEER whose state_dict is `state` (see from_peer_pytorch):
+    shapes from its weights, the rest from kwargs."""
+    missing = [name for name in _NOT_IN_THE_WEIGHTS if name not in kwargs]
+    if missing:
+        raise TypeError(f"from_peer_pytorch: a state_dict's weights do not say {', '.join(missing)}; pass "
+                        f"{'them' if len(missing) > 1 else 'it'} as the PEER_pytorch.PEER was constructed (e.g. "
+                        "non_competing_scores=True, num_experts_per_head=16, activation=nn.GELU: peer-pytorch's "
+                        "defaults), or pass the module itself")
+    absent = [key for key in ("keys", "weight_down_embed.weight", "weight_up_embed.weight") if key not in state]
+    if absent:
+        raise ValueError(f"state_dict: expected a PEER_pytorch.PEER state_dict, missing {', '.join(absent)}")
+    heads, n, _, dim_key = state["keys"].shape
+    rows, dim = state["weight_down_embed.weight"].shape
+    if rows not in (n * n, heads * n * n):
+        raise ValueError(f"state_dict: weight_down_embed.weight has {rows} rows, expected n*n = {n * n} or "
+                         f"heads*n*n = {heads * n * n} for keys of shape {tuple(state['keys'].shape)}")
+    shapes = dict(dim=dim, heads=heads, num_experts=n * n, dim_key=dim_key, pre_rmsnorm="norm.gamma" in state,
+                  separate_embed_per_head=rows == heads * n * n and heads > 1)
+    for name, value in shapes.items():
+        given = kwargs.pop(name, value)
+        if name == "dim_key" and given is None:  # peer-pytorch's default
+            given = dim // 2
+        equivalent = name == "separate_embed_per_head" and heads == 1  # one head: the same rows either way
+        if given != value and not equivalent:
+            raise ValueError(f"{name}: the state_dict's weights say {value!r}, got {given!r}")
+    unknown = set(kwargs) - set(_NOT_IN_THE_WEIGHTS) - set(_WITH_DEFAULTS)
+    if unknown:
+        raise TypeError(f"from_peer_pytorch: unexpected keyword arguments {sorted(unknown)} (peer-pytorch's PEER "
+                        "takes none such)")
+    options = {**_WITH_DEFAULTS, **kwargs}
     return _peer_config(
-        dim=dim, heads=heads, num_experts=num_experts,
-        experts_per_head=1 if non_competing_scores else num_experts_per_head,
-        k_sub=num_experts_per_head if product_key_topk is None else product_key_topk,
-        dim_key=dim // 2 if dim_key is None else dim_key, activation=activation(),
-        relu_gating=non_competing_scores, pre_rmsnorm=pre_rmsnorm,
-        separate_embed_per_head=separate_embed_per_head, dropout=dropout)
+        **shapes, experts_per_head=1 if options["non_competing_scores"] else options["num_experts_per_head"],
+        k_sub=options["num_experts_per_head"] if options["product_key_topk"] is None else options["product_key_topk"],
+        activation=options["activation"](),
+        relu_gating=options["non_competing_scores"], dropout=options["dropout"])
 
 
 _ORIGINAL_FORWARDS = {}

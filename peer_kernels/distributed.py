@@ -22,13 +22,16 @@ shard, with the layer's kernels unchanged:
                                                      dgates then follow locally from dm
     y_r   = peer_mix(m, ids, 1, V_r, "identity")     table gradients local to each shard
     y     = y_r gathered to the output layout        (its mirror)
+    replicated parameters (query path, keys)         broadcast of the first rank's gradients
 
 Bytes each rank sends per forward+backward (ring algorithms, P ranks, activations of b bytes, z in
-fp32): the two reductions, 2 * 2(P-1)/P * T*h*k*4, plus the layer's input and output: replicated,
-an all-gather of y and one of dx, (P-1)/P * T*d*b each; sequence-parallel, an all-gather of x and of
-dx, and y and dy between column and token shards by all-to-all. At the paper's shapes (T=8192,
-d=1024, h*k=128, bf16) and P=8: 44 MB per rank and step replicated, 48 MB sequence-parallel, where
-FSDP would all-gather the two tables, 3.8 GB, per pass.
+fp32): the two reductions, 2 * 2(P-1)/P * T*h*k*4, the broadcast of the replicated parameters'
+gradients, (P-1)/P * 2*h*dk*(d + n) values (the query projection and per-head keys, in their dtype),
+plus the layer's input and output: replicated, an all-gather of y and one of dx, (P-1)/P * T*d*b
+each; sequence-parallel, an all-gather of x and of dx, and y and dy between column and token shards
+by all-to-all. At the paper's shapes (T=8192, d=1024, h*k=128, bf16) and P=8: 51 MB per rank and
+step replicated (7 of them the broadcast), 55 MB sequence-parallel, where FSDP would all-gather the
+two tables, 3.8 GB, per pass.
 
 Column or row sharding. Row sharding (expert parallel: rank r owns N/P whole experts; tokens' (id,
 gate) pairs go to the owners by all-to-all) computes each z on its owner with no reduction, but with
@@ -37,8 +40,9 @@ misses one of 8), so every rank needs nearly every token's x and dy and returns 
 all of them: 4 (P-1)/P * T*d*b, against column's 2 (P-1)/P * T*d*b (its y and dx are split by
 columns already) plus its reductions, 16 (P-1)/P * T*h*k. Column moves fewer bytes when
 d*b > 4*h*k with replicated input and output and d*b > 8*h*k sequence-parallel (bf16, h*k = 128:
-d > 256 and d > 512): at d = 1024, P = 8, 44 vs 66 MB replicated and 48 vs 61 MB sequence-parallel;
-at d = 4096, 132 vs 242 and 147 vs 237 MB. Row pays for small d with many picks per token, and
+d > 256 and d > 512): at d = 1024, P = 8, 51 vs 73 MB replicated and 55 vs 68 MB sequence-parallel;
+at d = 4096, 150 vs 261 and 165 vs 255 MB (both with the broadcast of the replicated retrieval
+parameters' gradients). Row pays for small d with many picks per token, and
 where retrieval must itself be split (column replicates the query projection and the sub-key scores
 on every rank); it inherits expert-parallel load imbalance from hot experts, which column sharding,
 every rank doing 1/P of every row, does not have. docs/distributed.md has the table, and
@@ -46,12 +50,13 @@ bench/distributed.py the byte model (`python -m bench --distributed P` measures 
 
 Conventions: dropout > 0 draws its mask on every rank; seed the ranks of one mesh identically (as
 Megatron and torchtitan do) so the masks agree. The replicated parameters' gradients are computed
-on every rank, not reduced: equal where the backend's retrieval backward is deterministic (the C++
-one and the reference), but the Triton one adds the keys' gradient with fp32 atomics, so on GPUs
-the ranks' keys can drift apart by rounding, and a drift that reorders a near-tie would have ranks
-pick different experts; broadcasting the replicated parameters from the mesh's first rank now and
-then bounds it (not measured: no multi-GPU run yet). Parameters live on different meshes once FSDP2
-is added, so `torch.nn.utils.clip_grad_norm_` cannot stack their norms; take each gradient's
+on every rank, and every rank then takes the first rank's (one broadcast per parameter in
+backward): the Triton keys backward sums with fp32 atomics, whose rounding differs from rank to
+rank, and replicas updated by different gradients would drift apart until a near-tie picked
+different experts on different ranks. With one gradient and the same optimizer they stay bitwise
+equal, by construction (tests/test_distributed.py injects the atomics' rounding on CPUs, where every
+backend is deterministic). Parameters live on different meshes once FSDP2 is added, so
+`torch.nn.utils.clip_grad_norm_` cannot stack their norms; take each gradient's
 `.norm().full_tensor()` and combine those.
 """
 import inspect
@@ -70,6 +75,18 @@ TABLES = ("w_down", "w_up")
 _HAS_SRC_DATA_RANK = "src_data_rank" in inspect.signature(distribute_tensor).parameters
 
 
+def _collective(what, run, tensor, group, **options):
+    """run(tensor, group=group, **options), a collective of the style's: when it fails (gloo: a peer
+    rank died, or did not join within the process group's timeout) the error says which and what
+    bounds the wait. NCCL reports such failures asynchronously: its watchdog ends the process."""
+    try:
+        run(tensor, group=group, **options)
+    except RuntimeError as error:  # torch.distributed.DistBackendError is one
+        raise type(error)(
+            f"PEERParallel: {what} over the tensor-parallel group failed: a peer rank died, or did not join "
+            f"within the process group's timeout (dist.init_process_group(timeout=...)): {error}") from error
+
+
 class _SumOverRanks(torch.autograd.Function):
     """All-reduce (sum) in forward, identity in backward: what follows the sum is replicated, so
     every rank already holds the whole gradient of it."""
@@ -77,7 +94,7 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, partial, group):
         total = partial.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total, group=group)
+        _collective("the all-reduce of z", dist.all_reduce, total, group)
         return total
 
     @staticmethod
@@ -85,20 +102,30 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
-class _SumGradOverRanks(torch.autograd.Function):
-    """Identity in forward, all-reduce (sum) of the gradient in backward: a replicated tensor
-    consumed by a column-sharded op gets one partial gradient per column shard."""
+class _GradientOverRanks(torch.autograd.Function):
+    """Identity in forward; in backward the gradient is combined over the group's ranks, by mode:
+    - "sum" (an all-reduce): a replicated tensor consumed by a column-sharded op gets one partial
+      gradient per column shard.
+    - "first" (a broadcast of the group's first rank's): a replicated parameter's gradient is
+      computed on every rank from the same inputs, but a backend that sums it with fp32 atomics (the
+      Triton keys backward) rounds differently on each, and replicas updated by different gradients
+      drift apart until a near-tie picks other experts on other ranks. With one gradient they are
+      updated alike: equal by construction."""
 
     @staticmethod
-    def forward(ctx, replicated, group):
-        ctx.group = group
+    def forward(ctx, replicated, group, mode):
+        ctx.group, ctx.mode = group, mode
         return replicated.view_as(replicated)
 
     @staticmethod
     def backward(ctx, grad):
-        total = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total, group=ctx.group)
-        return total, None
+        combined = grad.clone(memory_format=torch.contiguous_format)
+        if ctx.mode == "sum":
+            _collective("the all-reduce of the gradient of gates * act(z)", dist.all_reduce, combined, ctx.group)
+        else:
+            _collective("the broadcast of a replicated parameter's gradient", dist.broadcast, combined, ctx.group,
+                        src=dist.get_global_rank(ctx.group, 0))
+        return combined, None, None
 
 
 class ColumnParallelExperts:
@@ -117,7 +144,7 @@ class ColumnParallelExperts:
         z = _SumOverRanks.apply(ops.peer_down(columns, expert_ids, w_down.to_local()), group)
         # The gate times the activation, summed over ranks in backward: the mix's gradient wrt it is
         # v.dy, partial over columns, and one reduction of it gives both dz and dgates.
-        mixed = _SumGradOverRanks.apply(gates.to(z.dtype) * _math.activate(z, activation), group)
+        mixed = _GradientOverRanks.apply(gates.to(z.dtype) * _math.activate(z, activation), group, "sum")
         y = ops.peer_mix(mixed, expert_ids, torch.ones_like(mixed), w_up.to_local(), "identity")
         shape = (x.shape[0], w_up.shape[1])
         return DTensor.from_local(y.to(x.dtype), self.mesh, [Shard(1)], run_check=False, shape=torch.Size(shape),
@@ -127,12 +154,13 @@ class ColumnParallelExperts:
 class _ReplicatedAsLocal:
     """A layer's replicated DTensor parameters and buffers swapped for their local tensors while
     it computes, so its query path runs on plain tensors as in one process (torch 2.6's DTensor has
-    no batch norm). A parameter's local view carries its gradient back to the DTensor; a buffer's
-    shares its storage, so batch norm's running statistics update in place. Swapped in by the
-    style's input function, back by a forward hook that runs even when the forward raises."""
+    no batch norm). A parameter's local view carries its gradient back to the DTensor, the first
+    rank's on every rank (_GradientOverRanks, "first"); a buffer's shares its storage, so batch norm's
+    running statistics update in place. Swapped in by the style's input function, back by a forward
+    hook that runs even when the forward raises."""
 
-    def __init__(self, layer):
-        self.layer, self.swapped = layer, []
+    def __init__(self, layer, mesh):
+        self.layer, self.mesh, self.swapped = layer, mesh, []
 
     def swap_in(self):
         self.swap_back()
@@ -141,7 +169,10 @@ class _ReplicatedAsLocal:
                 for name, value in entries.items():
                     if isinstance(value, DTensor) and value.placements == (Replicate(),):
                         self.swapped.append((entries, name, value))
-                        entries[name] = value.to_local()
+                        local = value.to_local()
+                        is_parameter = entries is module._parameters
+                        entries[name] = _GradientOverRanks.apply(local, self.mesh.get_group(), "first") \
+                            if is_parameter else local
 
     def swap_back(self, *_hook_arguments):
         while self.swapped:
@@ -171,8 +202,19 @@ class PEERParallel(ParallelStyle):
     `parallelize_module(model, tp_mesh, {"...peer": PEERParallel()})`, or
     `parallelize_module(layer, tp_mesh, PEERParallel())`. Afterwards `w_down` and `w_up` are `Shard(1)`
     DTensors, the other parameters and buffers `Replicate()` DTensors, and `layer.expert_stage` a
-    `ColumnParallelExperts`; see the module docstring for the collectives. Compose with FSDP2 by
-    applying this first, then `fully_shard` on a 2-D mesh's other dim.
+    `ColumnParallelExperts`; see the module docstring for the collectives. The replicated
+    parameters get the mesh's first rank's gradient on every rank, so they stay bitwise equal.
+    Compose with FSDP2 by applying this first, then `fully_shard` on a 2-D mesh's other dim.
+
+    A dead or stuck peer: the forward and the backward run collectives, which wait for every rank of
+    the mesh. A rank that dies under torchrun makes its agent stop the others; one that is stuck (a
+    hung data loader, a debugger) makes them wait as long as the process group's timeout, torch's
+    default 30 minutes for gloo and 10 for NCCL. Set a shorter one where the process group is made,
+    longer than the slowest step (first-call compilation included):
+    `dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=2))`. gloo then raises on
+    the waiting ranks, an error naming the collective of this style that failed; NCCL's watchdog
+    ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default). `python -m bench
+    --distributed P` uses 120 s (`--timeout`).
 
     input_layouts: the layout of a plain-tensor input (default Replicate(); Shard(1) for a
       sequence-parallel (batch, seq, dim) input, whose sequence must then split evenly, as
@@ -245,7 +287,7 @@ class PEERParallel(ParallelStyle):
         if (ranks - 1) * per_rank >= module.dim:
             raise ValueError(f"dim: {module.dim} columns split as torch.chunk over {ranks} ranks ({per_rank} each) "
                              f"leave the last rank none; use a dim that {ranks} divides, or fewer ranks")
-        swap = _ReplicatedAsLocal(module)
+        swap = _ReplicatedAsLocal(module, device_mesh)
         distribute_module(module, device_mesh, self._partition,
                           lambda layer, inputs, mesh: self._replicated_input(layer, inputs, mesh, swap), self._output)
         module.register_forward_hook(swap.swap_back, always_call=True)

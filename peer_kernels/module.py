@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _math, backends, instruments
-from ._checks import check_config, check_layer_input
+from ._checks import check_batch_norm_input, check_config, check_layer_input
 
 
 
@@ -61,7 +61,11 @@ class PEER(nn.Module):
     statistics over all the tokens of the batch in training mode: a token's output then depends on
     the other tokens of the batch, later ones included (a leak in a causal LM), one token alone
     cannot be normalised (a ValueError), and gradient checkpointing that re-runs the forward
-    updates the running statistics twice. query_norm="layernorm" (per token, per head and half)
+    updates the running statistics twice. A non-finite token (NaN or inf) in training would make
+    the running statistics NaN, and every later eval output with them: it is an error instead (a
+    ValueError naming x before the statistics change on a CPU; on a GPU a device-side assert, which
+    fails the next synchronisation, with no host sync per step: peer_kernels._checks.
+    check_batch_norm_input). query_norm="layernorm" (per token, per head and half)
     or None has none of these.
 
     sparse_grad=True: the tables' gradients are coalesced sparse COO tensors of the rows the batch
@@ -139,7 +143,10 @@ class PEER(nn.Module):
 
     def queries(self, x):
         """x (T, dim) -> queries (T, heads, 2, dim_key), a view of the (half, head, dk) projection."""
-        q = self.query_norm(self.to_queries(x))
+        projection = self.to_queries(x)
+        if self.training and self.query_norm_kind == "batchnorm":
+            check_batch_norm_input(projection)
+        q = self.query_norm(projection)
         return q.view(x.shape[0], 2, self.heads, self.dim_key).transpose(1, 2)
 
     def _flag_fresh_sparse_grads(self):

@@ -13,13 +13,25 @@ rows a step touched, in one kernel per table (Triton on CUDA; plain PyTorch on a
 
 Parameters whose gradient is dense (or missing) are left alone, so a model can give its other
 parameters to any dense optimizer. Gradient values may be 16-bit; state and arithmetic are fp32.
+
+Resuming: `state_dict()` / `load_state_dict()` keep the state float32 for 16-bit tables too (where
+torch.optim would cast it to the table's dtype), so a run resumed from a torch.save'd model and
+optimizer state continues bit for bit as the uninterrupted run would have (both step paths, every
+table dtype: tests/test_faults.py). The steps refuse state of another dtype (a TypeError naming it).
+
+Hyperparameters are checked when a param group is added (the constructor's groups too) and at
+every step (param_groups may have been edited, as by an LR scheduler): finite numbers, betas a pair
+in [0, 1), eps at least the smallest normal float32 (~1.2e-38: a touched row whose gradient is zero
+has nothing else in its denominator). With finite gradients, parameters and hyperparameters a step
+writes no NaN, unless a product leaves float32's range (weight_decay * param, say).
 """
+import itertools
 import math
 import types
 
 import torch
 
-from . import _device
+from . import _checks, _device
 
 try:
     from .ops import optim as kernel_steps
@@ -38,6 +50,8 @@ def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas,
     """AdamW at step `step` (1, 2, ...) on param[rows] (param (E, D), rows (U,) unique int64, values
     (U, D)); exp_avg / exp_avg_sq (E, D) fp32 change at the rows only. The arithmetic of
     kernels/optim.sparse_adamw_kernel, in PyTorch."""
+    _checks.check_optimizer_state("exp_avg", exp_avg, param)
+    _checks.check_optimizer_state("exp_avg_sq", exp_avg_sq, param)
     beta1, beta2 = betas
     grad = values.float()
     # each table is read and written once at the rows (index_select / index_copy_), as the kernel does
@@ -45,7 +59,7 @@ def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas,
     v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = v.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(eps)
     p = param.index_select(0, rows).float().mul_(1 - lr * weight_decay)
-    p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+    p.sub_(m.div(denom).mul_(lr / (1 - beta1 ** step)))  # the ratio first, as the kernel (see there)
     exp_avg.index_copy_(0, rows, m)
     exp_avg_sq.index_copy_(0, rows, v)
     param.index_copy_(0, rows, p.to(param.dtype))
@@ -54,10 +68,12 @@ def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas,
 def rowwise_adagrad_step(param, rows, values, state, lr, eps, weight_decay):
     """Row-wise Adagrad on param[rows]; state (E,) fp32 changes at the rows only. The arithmetic of
     kernels/optim.rowwise_adagrad_kernel, in PyTorch."""
+    _checks.check_optimizer_state("sum", state, param, rows_only=True)
     p = param.index_select(0, rows).float()
     grad = torch.add(values.float(), p, alpha=weight_decay)     # a new tensor: the gradient stays as it is
     acc = state.index_select(0, rows).add_(grad.pow(2).mean(dim=1))
     state.index_copy_(0, rows, acc)
+    # the ratio first, as the kernel (see there)
     param.index_copy_(0, rows, p.sub_(grad.div_(acc.sqrt().add_(eps)[:, None]).mul_(lr)).to(param.dtype))
 
 
@@ -76,13 +92,32 @@ def _sparse_grads(group):
             yield param, grad.indices()[0], grad.values(), _kernels_for(param) or _TORCH_STEPS
 
 
-def _check_hyper(name, value, low=0.0):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= low:
-        raise ValueError(f"{name}: expected a number >= {low}, got {value!r}")
-
-
 class _RowSparseOptimizer(torch.optim.Optimizer):
-    """step() over the parameters with sparse gradients; subclasses update one table's rows."""
+    """step() over the parameters with sparse gradients; subclasses update one table's rows and
+    check a param group's hyperparameters (_check_group)."""
+
+    def add_param_group(self, param_group):
+        # checked with the defaults it would get, before torch adds it: a bad group is never kept
+        # (torch.optim.Optimizer.__init__ adds the constructor's groups here too)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict):
+        """torch.optim.Optimizer.load_state_dict, except that the state tensors are loaded as saved
+        (float32), copied to their parameter's device: torch casts floating state to the parameter's
+        dtype, which rounds a 16-bit table's moments to 16 bits, and the resumed run would then
+        train differently from the uninterrupted one. torch loads the groups and the other state."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {
+            param_id: {key: value for key, value in entry.items() if not isinstance(value, torch.Tensor)}
+            for param_id, entry in saved.items()}})
+        # torch's own pairing of the saved ids with the parameters (it checked the group sizes)
+        saved_ids = itertools.chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in saved.get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[param][key] = value.to(device=param.device, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -90,6 +125,8 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # edited since they were added, maybe (an LR scheduler does)
+            self._check_group(group)
         for group in self.param_groups:
             for param, rows, values, steps in _sparse_grads(group):
                 self._update(group, self.state[param], param, rows, values, steps)
@@ -100,12 +137,12 @@ class SparseAdamW(_RowSparseOptimizer):
     """Lazy AdamW on the touched rows of tables with sparse gradients (see the module docstring)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        _check_hyper("lr", lr)
-        _check_hyper("eps", eps)
-        _check_hyper("weight_decay", weight_decay)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @staticmethod
+    def _check_group(group):
+        _checks.check_sparse_adamw(lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                   weight_decay=group["weight_decay"])
 
     def _update(self, group, state, param, rows, values, steps):
         if not state:
@@ -121,12 +158,13 @@ class RowwiseAdagrad(_RowSparseOptimizer):
     """Adagrad with one fp32 accumulator per table row (see the module docstring)."""
 
     def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0, initial_accumulator_value=0.0):
-        _check_hyper("lr", lr)
-        _check_hyper("eps", eps)
-        _check_hyper("weight_decay", weight_decay)
-        _check_hyper("initial_accumulator_value", initial_accumulator_value)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value))
+
+    @staticmethod
+    def _check_group(group):
+        _checks.check_rowwise_adagrad(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
+                                      initial_accumulator_value=group["initial_accumulator_value"])
 
     def _update(self, group, state, param, rows, values, steps):
         if not state:

@@ -159,6 +159,26 @@ def test_retrieval_errors(ops, change, error, match):
         ops.product_key_topk(**args)
 
 
+MIX_ERRORS = [
+    (dict(z=torch.randn(4, 2, 3).bfloat16()), TypeError, r"z: expected dtype in \('torch.float32', 'torch.float64'\)"),
+    (dict(z=torch.randn(4, 2, 3).half()), TypeError, r"z: expected dtype in \('torch.float32', 'torch.float64'\)"),
+    (dict(z=torch.randn(4, 2, 3).double()), TypeError, "float64 mixes"),
+    (dict(gates=torch.rand(4, 2, 2)), ValueError, "gates: expected shape"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", MIX_ERRORS)
+def test_mix_errors(ops, change, error, match):
+    """z is peer_down's output, in the compute dtype (float32, or float64): a 16-bit z was run by the
+    reference, a C++ RuntimeError and a Triton InterpreterError, one op with three behaviours."""
+    ops, device = ops
+    args = dict(z=torch.randn(4, 2, 3), expert_ids=torch.randint(0, 5, (4, 2, 3)), gates=torch.rand(4, 2, 3),
+                w_up=torch.randn(5, 6))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.peer_mix(**{name: t.to(device) for name, t in args.items()})
+
+
 # ---- degenerate sizes that work ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", [0, 1])

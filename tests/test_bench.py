@@ -85,6 +85,6 @@ def test_distributed_mode(tmp_path):
     for row in rows:
         assert row["forward_ms"] > 0 and row["backward_ms"] > 0 and row["error"] < 1e-3, row
         assert {name: c["count"] for name, c in row["collectives"].items()} == {
-            "allreduce_": 2, "all_gather_into_tensor": 2}, row["collectives"]
+            "allreduce_": 2, "all_gather_into_tensor": 2, "broadcast_": 2}, row["collectives"]
         assert row["sent_bytes"] == pytest.approx(row["column_model_bytes"], rel=1e-12)
     assert "MB sent" in done.stdout

@@ -218,6 +218,66 @@ def test_checkpoint_from_two_processes_loads_in_one(checkpoint_dir):
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
 
 
+REPLICA_STEPS = 3
+
+
+def _replicas_after_training(rank, backend):
+    """REPLICA_STEPS AdamW steps of a sharded layer, rank 1's keys gradient one rounding away from
+    rank 0's: then every replicated parameter, bitwise the same on both ranks.
+
+    CPU backends are deterministic, so the ranks' gradients would be equal anyway; on GPUs the
+    Triton keys backward sums with fp32 atomics, whose order (and so rounding) differs from rank to
+    rank. That is injected here: the backend's retrieval backward (peer_kernels._library's
+    registration, in this process only) moves every element of rank 1's keys gradient to the next
+    float32 up (torch.nextafter), what a different summation order does to a sum. Without the
+    style's broadcast of the first rank's gradient the keys differ after the first step."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from peer_kernels import _library
+
+    original = _library._implementation("retrieve", backend)
+    seen = []
+
+    def rounded_differently(**arguments):
+        dqueries, dkeys = original.backward(**arguments)
+        if rank == 1:
+            dkeys = torch.nextafter(dkeys, torch.full_like(dkeys, torch.inf))
+        seen.append(dkeys)
+        return dqueries, dkeys
+
+    _library.implement("retrieve", backend, forward=original.forward, backward=rounded_differently)
+    torch.manual_seed(0)
+    layer = parallelize_module(peer_kernels.PEER(D, **SMALL, backend=backend), _mesh(), _style({}))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    for step in range(REPLICA_STEPS):
+        x, target = torch.randn(16, D), torch.randn(16, D)
+        (layer(x) * target).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def on_both_ranks(t):
+        gathered = [torch.empty_like(t) for _ in range(WORLD)]
+        dist.all_gather(gathered, t.contiguous())
+        return gathered
+
+    first, second = on_both_ranks(seen[0])
+    assert not torch.equal(first, second), "the injected rounding did not reach the keys' gradient"
+    replicated = {name: p for name, p in layer.named_parameters()
+                  if isinstance(p, DTensor) and p.placements == (Replicate(),)}
+    assert {"keys", "to_queries.weight", "query_norm.weight", "query_norm.bias"} <= set(replicated), replicated
+    for name, param in replicated.items():
+        first, second = on_both_ranks(param.to_local())
+        assert torch.equal(first, second), (f"{backend}: {name} differs between the ranks after {REPLICA_STEPS} "
+                                            f"steps by up to {(first - second).abs().max().item():.3g}")
+
+
+def test_replicated_parameters_stay_bitwise_equal():
+    """Before: each rank applied its own gradient to its copy of the retrieval parameters, and the
+    copies drifted apart by the atomics' rounding (injected: see _replicas_after_training)."""
+    run_spawned(_replicas_after_training, "cpp" if csrc.available() else "triton")
+
+
 class Tiny(nn.Module):
     """A PEER between two dense layers: FSDP2 shards those, the PEER tables are sharded by columns."""
 

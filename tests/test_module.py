@@ -81,6 +81,25 @@ def test_one_token_in_training_with_batchnorm_is_a_clear_error():
     assert _layer(query_norm="layernorm").train()(torch.randn(1, 32)).shape == (1, 32)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_non_finite_token_in_training_with_batchnorm_is_a_clear_error(backend):
+    """Before: batch norm folded the NaN into its running statistics, and every later eval output
+    was NaN. After: a ValueError naming x before the statistics change (CPU tensors; on a GPU a
+    device assert, which no CPU test can trigger); eval mode and per-token norms give NaN for that
+    token only."""
+    layer = _layer(query_norm="batchnorm", backend=backend).train()
+    statistics = {name: value.clone() for name, value in layer.query_norm.named_buffers()}
+    x = torch.randn(6, 32)
+    x[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="x: a token's query features are not finite .* query_norm='batchnorm'"):
+        layer(x)
+    for name, value in layer.query_norm.named_buffers():
+        assert torch.equal(value, statistics[name]), name
+    for layer in (layer.eval(), _layer(query_norm="layernorm", backend=backend).train()):
+        y = layer(x)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
+
+
 @pytest.mark.parametrize("query_norm", ["layernorm", None])
 def test_leak_free_query_norms_in_training(query_norm):
     """A causal LM needs token t's output to depend on tokens <= t only. Per-token query norms
@@ -254,15 +273,45 @@ def test_peer_pytorch_parity(config, dtype):
     bounds.check_all({names[n]: t for n, t in theirs_results.items()}, expected)
 
 
-@pytest.mark.parametrize("config", PARITY_CONFIGS[:3])
+# what a PEER_pytorch.PEER's weights do not say, as its constructor's defaults
+NOT_IN_THE_WEIGHTS = dict(non_competing_scores=True, num_experts_per_head=16, activation=nn.GELU)
+
+
+@pytest.mark.parametrize("config", PARITY_CONFIGS)
 def test_from_state_dict_and_back(config):
+    """The state_dict form with what the weights do not say, shapes read from the weights (or given,
+    agreeing), equals the module form."""
     theirs = _peer_pytorch(torch.float64, **config)
-    ours = peer_kernels.PEER.from_peer_pytorch(theirs.state_dict(), **PARITY_SHAPE, **config)
-    back = ours.to_peer_pytorch()
+    told = {**NOT_IN_THE_WEIGHTS, "num_experts_per_head": PARITY_SHAPE["num_experts_per_head"], **config}
+    for shapes in ({}, PARITY_SHAPE):
+        ours = peer_kernels.PEER.from_peer_pytorch(theirs.state_dict(), **{**shapes, **told})
+        back = ours.to_peer_pytorch()
+        x = torch.randn(7, 24, dtype=torch.float64)
+        y = theirs(x[None])[0]
+        torch.testing.assert_close(ours(x), y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(back(x[None])[0], y, rtol=0, atol=0)
+
+
+def test_from_state_dict_refuses_to_guess():
+    """Before: gating, k and the activation defaulted to peer-pytorch's, whatever the module was
+    built with, and a softmax k=4 module loaded as relu k=1 (other outputs, silently)."""
+    theirs = _peer_pytorch(torch.float64, non_competing_scores=False, activation=nn.ReLU)
+    state = theirs.state_dict()
+    with pytest.raises(TypeError, match="weights do not say non_competing_scores, num_experts_per_head, activation"):
+        peer_kernels.PEER.from_peer_pytorch(state, dim=24, heads=3, num_experts=36, dim_key=6)
+    told = dict(non_competing_scores=False, num_experts_per_head=4, activation=nn.ReLU)
+    for name in told:
+        with pytest.raises(TypeError, match=f"weights do not say {name};"):
+            peer_kernels.PEER.from_peer_pytorch(state, **{k: v for k, v in told.items() if k != name})
+    with pytest.raises(ValueError, match="dim: the state_dict's weights say 24, got 32"):
+        peer_kernels.PEER.from_peer_pytorch(state, dim=32, **told)
+    with pytest.raises(ValueError, match="pre_rmsnorm: the state_dict's weights say False, got True"):
+        peer_kernels.PEER.from_peer_pytorch(state, pre_rmsnorm=True, **told)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['heeds'\]"):
+        peer_kernels.PEER.from_peer_pytorch(state, heeds=3, **told)
     x = torch.randn(7, 24, dtype=torch.float64)
-    y = theirs(x[None])[0]
-    torch.testing.assert_close(ours(x), y, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(back(x[None])[0], y, rtol=0, atol=0)
+    torch.testing.assert_close(peer_kernels.PEER.from_peer_pytorch(state, **told)(x), theirs(x[None])[0],
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_to_peer_pytorch_refuses_what_it_cannot_express():

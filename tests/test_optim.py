@@ -1,6 +1,8 @@
 """peer_kernels.optim: each step equals a plain PyTorch transcription of its math (to fp32
 rounding), on the Triton kernels (under the interpreter without a GPU) and on the PyTorch
 fallback; only touched rows change; dense-gradient parameters are left alone."""
+import math
+
 import pytest
 import torch
 
@@ -143,11 +145,47 @@ def test_a_training_step_with_the_layer():
     assert torch.equal(layer.w_down[~touched], before[~touched])
 
 
-@pytest.mark.parametrize("cls, kwargs", [(optim.SparseAdamW, dict(lr=-1)), (optim.SparseAdamW, dict(betas=(1.0, 0.9))),
-                                         (optim.RowwiseAdagrad, dict(eps=-1e-3))])
-def test_bad_hyperparameters(cls, kwargs):
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
+BAD_HYPERPARAMETERS = [
+    (optim.SparseAdamW, dict(lr=-1), ValueError), (optim.SparseAdamW, dict(lr=math.inf), ValueError),
+    (optim.RowwiseAdagrad, dict(lr=math.nan), ValueError), (optim.SparseAdamW, dict(betas=(1.0, 0.9)), ValueError),
+    (optim.SparseAdamW, dict(betas=0.9), TypeError), (optim.SparseAdamW, dict(betas=(0.9, "0.99")), TypeError),
+    (optim.SparseAdamW, dict(betas=(0.9, 0.99, 0.5)), TypeError), (optim.SparseAdamW, dict(eps=0.0), ValueError),
+    (optim.RowwiseAdagrad, dict(eps=-1e-3), ValueError), (optim.RowwiseAdagrad, dict(eps=1e-45), ValueError),
+    (optim.SparseAdamW, dict(weight_decay=math.inf), ValueError), (optim.RowwiseAdagrad, dict(lr=True), TypeError),
+    (optim.RowwiseAdagrad, dict(initial_accumulator_value=-1.0), ValueError),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, error", BAD_HYPERPARAMETERS,
+                         ids=[f"{cls.__name__}-{kwargs}" for cls, kwargs, _ in BAD_HYPERPARAMETERS])
+def test_bad_hyperparameters(cls, kwargs, error):
+    """At construction, at add_param_group (where the group is then not added) and at step (for
+    param_groups edited since, as an LR scheduler does), each error naming the hyperparameter."""
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=rf"^{name}"):
         cls([torch.nn.Parameter(torch.zeros(3, 2))], **kwargs)
+    optimizer = cls([torch.nn.Parameter(torch.zeros(3, 2))])
+    with pytest.raises(error, match=rf"^{name}"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, 2))], **kwargs})
+    assert len(optimizer.param_groups) == 1
+    optimizer.param_groups[0].update(kwargs)
+    with pytest.raises(error, match=rf"^{name}"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("cls", [optim.SparseAdamW, optim.RowwiseAdagrad])
+def test_finite_inputs_never_step_to_nan(path, cls):
+    """A touched row whose gradient is zero (fresh state: 0/0 without eps, or an lr/eps that
+    overflows) and one whose squared gradient overflows float32, with the smallest eps and a large
+    lr: every row stays finite, and the zero-gradient row (no weight decay) does not move."""
+    table = torch.randn(4, 8, device=DEVICE)
+    values = torch.zeros(2, 8, device=DEVICE)
+    values[1] = 1e30
+    param = torch.nn.Parameter(table.clone())
+    param.grad = sparse_grad(torch.tensor([0, 2], device=DEVICE), values, table.shape)
+    cls([param], lr=10.0, eps=torch.finfo(torch.float32).tiny, weight_decay=0.0).step()
+    assert torch.isfinite(param).all(), param
+    assert torch.equal(param[0], table[0])
 
 
 def test_not_a_table():

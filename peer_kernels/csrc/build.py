@@ -7,9 +7,19 @@ torch and Python versions; later processes import the built library directly, wi
 needed. When it cannot be built or loaded, a single warning says why, and backend choice
 (peer_kernels.backends) runs the reference instead.
 
+A cached build is used only when it is complete, which a crash or a full disk can break (a
+truncated library makes the process that maps it die of SIGBUS, and every later one): builds
+happen in a private folder, are imported there (the check that they load), and only then are
+renamed into place, with the SHA-256 of the library recorded beside it last. Before a cached
+library is imported its digest is compared with the record; a library without a matching record
+is rebuilt (the announcement says why), or, where nothing can be built, skipped with the one
+warning. A complete build is loaded without taking the lock or writing anything, so a read-only
+cache (a shared, pre-built one) works.
+
 Builds are serialised with an advisory lock (flock) that the kernel drops when its holder dies, so
-a build interrupted by Ctrl-C or SIGKILL cannot leave later processes waiting forever on the lock
-file torch's own build leaves behind: whoever holds the flock knows such a file is stale.
+a build interrupted by Ctrl-C or SIGKILL cannot leave later processes waiting forever; whoever
+holds the flock knows that the private folders left in the cache are an interrupted build's, and
+removes them.
 """
 import contextlib
 import functools
@@ -18,6 +28,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -62,29 +73,36 @@ def _versioned_name(kind, base, folder, files):
     return f"{base}_{digest.hexdigest()[:12]}"
 
 
+_NOT_BUILT = "not built yet"
+# Prefix of the private folders builds happen in, inside the cache folder (the rename stays on one
+# file system, so it is atomic).
+_STAGING_PREFIX = "building-"
+
+
 @contextlib.contextmanager
-def _build_lock(build_dir):
-    """Exclusive for the whole load; released by the kernel if this process dies."""
+def _build_lock(handle, build_dir):
+    """Exclusive on the open lock file `handle` for the whole build; released by the kernel if this
+    process dies. Yields whether it is exclusive (no flock on Windows: then torch's own lock file is
+    all there is)."""
     try:
         import fcntl
-    except ImportError:  # no flock (Windows): torch's own lock file is all there is
-        yield
+    except ImportError:
+        yield False
         return
-    with open(build_dir / "peer_kernels.flock", "w") as handle:
-        deadline = time.monotonic() + BUILD_WAIT_SECONDS
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"another process has held the build lock of {build_dir} for "
-                                       f"{BUILD_WAIT_SECONDS:.0f} s") from None
-                time.sleep(0.2)
+    deadline = time.monotonic() + BUILD_WAIT_SECONDS
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"another process has held the build lock of {build_dir} for "
+                                   f"{BUILD_WAIT_SECONDS:.0f} s") from None
+            time.sleep(0.2)
+    try:
+        yield True
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _import_library(name, path):
@@ -94,38 +112,102 @@ def _import_library(name, path):
     return module
 
 
-def _load(kind):
-    """The extension module for "cpu" or "cuda": imported if built before, else built now."""
-    from torch.utils import cpp_extension
+def _digest_file(library):
+    """Where a library's SHA-256 is recorded when it is built."""
+    return library.with_name(library.name + ".sha256")
 
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached(name, library):
+    """(the imported module, None) when the cached library is complete, else (None, why not)."""
+    try:
+        recorded = _digest_file(library).read_text().strip()
+    except FileNotFoundError:
+        if not library.exists():
+            return None, _NOT_BUILT
+        return None, "no digest recorded beside it: an interrupted build or an older peer_kernels"
+    try:
+        actual = _sha256(library)
+    except FileNotFoundError:
+        return None, "its library is missing"
+    if actual != recorded:  # never imported: mapping a truncated library is a SIGBUS
+        return None, "damaged: its SHA-256 differs from the one recorded when it was built"
+    try:
+        return _import_library(name, library), None
+    except (ImportError, OSError) as error:
+        return None, f"it does not load ({error})"
+
+
+def _load(kind):
+    """The extension module for "cpu" or "cuda": imported if a complete build is cached, else built
+    now (under the lock, which is first taken here: a complete build needs no write access)."""
     base, files = _EXTENSIONS[kind]
     folder = sources_dir()
     name = _versioned_name(kind, base, folder, files)
     build_dir = _build_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
     library = build_dir / f"{name}{'.pyd' if os.name == 'nt' else '.so'}"
-    with _build_lock(build_dir):
-        if library.exists():
-            try:
-                return _import_library(name, library)
-            except (ImportError, OSError):  # truncated by an interrupted link: build it again
-                library.unlink()
-        compiler = cpp_extension.get_cxx_compiler()
-        if shutil.which(compiler) is None:
-            raise RuntimeError(f"no C++ compiler found ({compiler!r} is not on PATH) and no build cached in {build_dir}")
-        if kind == "cuda" and cpp_extension.CUDA_HOME is None:
-            raise RuntimeError("no CUDA toolkit found (CUDA_HOME unset and nvcc not on PATH)")
-        stale = build_dir / "lock"
-        if stale.exists():  # we hold the flock, so no live process is building: a killed build left it
-            warnings.warn(f"peer_kernels.csrc: removing the lock file of an interrupted build ({stale})",
-                          RuntimeWarning, stacklevel=4)
-            stale.unlink()
-        print(f"peer_kernels: building the C++ {kind} backend on first use (about a minute; cached in {build_dir})",
-              file=sys.stderr, flush=True)
-        return cpp_extension.load(
+    module, problem = _cached(name, library)
+    if module is not None:
+        return module
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = open(build_dir / "peer_kernels.flock", "w")
+    except OSError as error:  # a read-only cache, say
+        raise RuntimeError(f"the extension cache {build_dir} is not writable ({error}) and holds no usable build "
+                           f"({problem})") from None
+    with lock_file, _build_lock(lock_file, build_dir) as exclusive:
+        module, problem = _cached(name, library)  # another process may have built it while this one waited
+        if module is not None:
+            return module
+        if exclusive:
+            _remove_interrupted_builds(build_dir)
+        return _build(kind, name, folder, files, build_dir, library, problem)
+
+
+def _remove_interrupted_builds(build_dir):
+    """With the flock held no live process is building: private folders left are a killed build's."""
+    for staging in build_dir.glob(f"{_STAGING_PREFIX}*"):
+        warnings.warn(f"peer_kernels.csrc: removing the leftovers of an interrupted build ({staging})",
+                      RuntimeWarning, stacklevel=5)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build(kind, name, folder, files, build_dir, library, problem):
+    """Builds the extension in a private folder, imports it there, then moves the library into place
+    and records its digest (last: a library is trusted only with its record). Returns the module."""
+    from torch.utils import cpp_extension
+
+    compiler = cpp_extension.get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler found ({compiler!r} is not on PATH) and no usable build cached in "
+                           f"{build_dir} ({problem})")
+    if kind == "cuda" and cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("no CUDA toolkit found (CUDA_HOME unset and nvcc not on PATH)")
+    why = "on first use" if problem == _NOT_BUILT else f"again: the cached one is unusable ({problem})"
+    print(f"peer_kernels: building the C++ {kind} backend {why} (about a minute; cached in {build_dir})",
+          file=sys.stderr, flush=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=build_dir))
+    try:
+        module = cpp_extension.load(
             name=name, sources=[str(folder / f) for f in files], extra_include_paths=[str(folder)],
             extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"],
-            build_directory=str(build_dir), with_cuda=kind == "cuda", verbose=False)
+            build_directory=str(staging), with_cuda=kind == "cuda", verbose=False)
+        built = staging / library.name
+        digest = _sha256(built)
+        os.replace(built, library)  # atomic: a reader opens the old library or the whole new one
+        record = staging / _digest_file(library).name
+        record.write_text(digest + "\n")
+        os.replace(record, _digest_file(library))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return module
 
 
 @functools.lru_cache(maxsize=None)

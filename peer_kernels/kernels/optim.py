@@ -27,7 +27,11 @@ def sparse_adamw_kernel(
     param = tl.load(param_ptr + at, mask=mask).to(tl.float32)
     exp_avg = beta1 * tl.load(exp_avg_ptr + at, mask=mask) + (1.0 - beta1) * grad
     exp_avg_sq = beta2 * tl.load(exp_avg_sq_ptr + at, mask=mask) + (1.0 - beta2) * grad * grad
-    param = param * (1.0 - lr * weight_decay) - step_size * exp_avg / (tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps)
+    # The ratio first: it is 0 for a zero gradient and stays bounded where the step size times a
+    # large moment would overflow (inf / inf is NaN); eps >= the smallest normal float keeps the
+    # denominator above 0.
+    ratio = exp_avg / (tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps)
+    param = param * (1.0 - lr * weight_decay) - step_size * ratio
     tl.store(exp_avg_ptr + at, exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptr + at, exp_avg_sq, mask=mask)
     tl.store(param_ptr + at, param.to(param_ptr.dtype.element_ty), mask=mask)
@@ -56,10 +60,12 @@ def rowwise_adagrad_kernel(
         total += grad * grad
     state = tl.load(state_ptr + row) + tl.sum(total, axis=0) / D
     tl.store(state_ptr + row, state)
-    scale = lr / (tl.sqrt(state) + eps)
+    # The ratio grad / denom first, then lr: lr / denom overflows to inf for a large lr over a small
+    # eps, and inf times a zero gradient is NaN (|grad| / sqrt(state) <= sqrt(D) otherwise).
+    denom = tl.sqrt(state) + eps
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
         mask = offs < D
         param = tl.load(param_ptr + row * D + offs, mask=mask).to(tl.float32)
         grad = tl.load(grad_ptr + index * D + offs, mask=mask).to(tl.float32) + weight_decay * param
-        tl.store(param_ptr + row * D + offs, (param - scale * grad).to(param_ptr.dtype.element_ty), mask=mask)
+        tl.store(param_ptr + row * D + offs, (param - (grad / denom) * lr).to(param_ptr.dtype.element_ty), mask=mask)

@@ -5,13 +5,15 @@ import math
 
 import triton
 
-from .. import _device, tuning
+from .. import _checks, _device, tuning
 from ..kernels import optim as kernels
 
 
 def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
     """AdamW at step `step` (1, 2, ...) on param[rows] (param (E, D), rows (U,) unique int64, values
     (U, D)); exp_avg / exp_avg_sq (E, D) fp32 change at the rows only."""
+    _checks.check_optimizer_state("exp_avg", exp_avg, param)
+    _checks.check_optimizer_state("exp_avg_sq", exp_avg_sq, param)
     beta1, beta2 = betas
     D = param.shape[1]
     block_d, num_warps = tuning.optim_block(dim=D, arch=_device.cuda_arch(param.device))
@@ -23,6 +25,7 @@ def sparse_adamw_step(param, rows, values, exp_avg, exp_avg_sq, step, lr, betas,
 
 def rowwise_adagrad_step(param, rows, values, state, lr, eps, weight_decay):
     """Row-wise Adagrad on param[rows]; state (E,) fp32 changes at the rows only."""
+    _checks.check_optimizer_state("sum", state, param, rows_only=True)
     D = param.shape[1]
     block_d, num_warps = tuning.optim_block(dim=D, arch=_device.cuda_arch(param.device))
     kernels.rowwise_adagrad_kernel[(rows.numel(),)](

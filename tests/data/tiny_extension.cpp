@@ -1,4 +1,4 @@
-// A minimal extension for the build-and-load tests of peer_kernels.csrc (tests/test_csrc.py): it
+// A minimal extension for the build-and-load tests of peer_kernels.csrc (tests/test_faults.py): it
 // compiles in seconds, unlike the real backend, and includes no torch headers.
 #include <pybind11/pybind11.h>
 
