@@ -68,12 +68,13 @@ inline void check_tables(const at::Tensor& x, const at::Tensor& w_down, const at
     m.def("retrieval_forward", &peer::retrieval_forward, "queries, keys, k, k_sub -> scores, expert_ids"); \
     m.def("retrieval_backward", &peer::retrieval_backward,                                             \
           "dscores, queries, keys, expert_ids -> dqueries, dkeys");                                    \
-    m.def("experts_forward", &peer::experts_forward, "x, expert_ids, gates, w_down, w_up, activation -> y, z"); \
+    m.def("experts_forward", &peer::experts_forward,                                                   \
+          "x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale -> y, z");           \
     m.def("experts_backward", &peer::experts_backward,                                                 \
           "dy, x, expert_ids, gates, z, w_down, w_up, activation, sparse -> dx, dgates, dw_down, dw_up, rows"); \
-    m.def("down_forward", &peer::down_forward, "x, expert_ids, w_down -> z");                          \
+    m.def("down_forward", &peer::down_forward, "x, expert_ids, w_down, w_down_scale -> z");            \
     m.def("down_backward", &peer::down_backward, "dz, x, expert_ids, w_down, sparse -> dx, dw_down, rows"); \
-    m.def("mix_forward", &peer::mix_forward, "z, expert_ids, gates, w_up, activation -> y");           \
+    m.def("mix_forward", &peer::mix_forward, "z, expert_ids, gates, w_up, activation, w_up_scale -> y"); \
     m.def("mix_backward", &peer::mix_backward,                                                         \
           "dy, z, expert_ids, gates, w_up, activation, sparse -> dz, dgates, dw_up, rows");            \
     m.def("gates_forward", &peer::gates_forward, "scores (..., k), gating -> gates");                  \
