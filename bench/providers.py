@@ -31,6 +31,9 @@ class Runner:
     # other experts on near-ties): checked in float32 as well when the bench-dtype check fails.
     native_precision: bool = False
     optimizers: tuple = ()  # step only: what steps the module's parameters
+    # The relative RMS error allowed against the reference, where the provider's math differs from
+    # it by design (quantized tables: bench/serving.py); None: the bench dtype's (cases.TOLERANCE).
+    tolerance: float = None
 
 
 def _peer_params(layer):

@@ -106,7 +106,7 @@ class _Checker:
         """{with_grads: (error at the bench dtype, the dtype the check passed in, or None)}. A provider
         that computes in the input dtype and fails is checked again in float32."""
         shape = self.workload.shape
-        tolerance = cases.TOLERANCE[shape.torch_dtype]
+        tolerance = tolerance_of(runner, shape)
         errors = self._errors(runner, self.data, with_grads)
         errors32 = {}
         if max(errors.values()) > tolerance and runner.native_precision and shape.dtype != "float32":
@@ -125,6 +125,11 @@ class _Checker:
         return verdicts
 
 
+def tolerance_of(runner, shape):
+    """The relative RMS error a provider's check allows: its own, or the bench dtype's."""
+    return runner.tolerance or cases.TOLERANCE[shape.torch_dtype]
+
+
 def _verdicts(checker, name, runner, with_grads, shape):
     """{with_grads: (error, dtype the check passed in, None) or (error, None, why it gets no row)}."""
     try:
@@ -135,7 +140,7 @@ def _verdicts(checker, name, runner, with_grads, shape):
     for key, (error, dtype) in checked.items():
         what = "outputs and gradients" if key else "outputs"
         reason = None if dtype else (f"wrong {what}: relative RMS error {error:.3g} > "
-                                     f"{cases.TOLERANCE[shape.torch_dtype]:g} against the reference")
+                                     f"{tolerance_of(runner, shape):g} against the reference")
         verdicts[key] = (error, dtype, reason)
     return verdicts
 

@@ -16,7 +16,9 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef __linux__
@@ -79,18 +81,39 @@ void check_ids(const Tensor& ids, int64_t rows, const char* name, const char* wh
                 "), got ", id[i], " at flat position ", i);
 }
 
+// Every float8_e4m3fn value as a float, by its bits: c10's conversion is bit manipulation with a
+// branch per value, which does not vectorize (about 10x slower per table row than a lookup).
+struct Float8Values {
+  float value[256];
+  Float8Values() {
+    for (int bits = 0; bits < 256; ++bits)
+      value[bits] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(bits), c10::Float8_e4m3fn::from_bits()));
+  }
+};
+const Float8Values kFloat8Values;
+
+// A stored value in the compute type.
+template <typename acc_t, typename src_t>
+inline acc_t to_acc(src_t v) {
+  if constexpr (std::is_same_v<src_t, c10::Float8_e4m3fn>) {
+    return kFloat8Values.value[v.x];
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
 template <typename acc_t, typename a_t, typename b_t>
 inline acc_t dot(const a_t* a, const b_t* b, int64_t d) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < d; ++i) sum += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  for (int64_t i = 0; i < d; ++i) sum += to_acc<acc_t>(a[i]) * to_acc<acc_t>(b[i]);
   return sum;
 }
 
 template <typename acc_t, typename src_t>
 inline void axpy(acc_t alpha, const src_t* src, acc_t* dst, int64_t d) {
 #pragma omp simd
-  for (int64_t i = 0; i < d; ++i) dst[i] += alpha * static_cast<acc_t>(src[i]);
+  for (int64_t i = 0; i < d; ++i) dst[i] += alpha * to_acc<acc_t>(src[i]);
 }
 
 // Entries grouped by the table row they add to: row r's entries are order[start[r] .. start[r+1]),
@@ -290,6 +313,29 @@ Tensor gates_backward(const Tensor& scores_in, const Tensor& gates_in, const Ten
 // y[t] = sum_{h,j} gates[t,h,j] * act(z[t,h,j]) * w_up[e], e = expert_ids[t,h,j]. experts_forward and
 // experts_backward compose them. x (T, d_in) and dy (T, d_out) are small: they are converted to the
 // compute dtype; the tables (w_down (E, d_in), w_up (E, d_out)) are read as they are stored.
+//
+// Quantized tables (the forward only): int8 or float8_e4m3fn values with one float scale per row, the
+// row being its values times its scale. A row's scale is common to all its terms, so it multiplies
+// the row's dot product (down) or its coefficient (mix) instead of every value.
+
+// The compute type of a table's values: double for double tables, float for every other dtype.
+template <typename scalar_t>
+using row_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// A quantized table's per-row scales, contiguous; an undefined tensor for a float table.
+Tensor row_scales(const std::optional<Tensor>& scale, const Tensor& table, const char* name) {
+  const bool quantized = table.scalar_type() == at::kChar || table.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(scale.has_value() == quantized, name, ": int8 and float8_e4m3fn tables come with their per-row scale, ",
+              "float tables without; got a ", table.scalar_type(), " table ", scale.has_value() ? "with" : "without",
+              " a scale");
+  if (!quantized) return Tensor();
+  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == table.size(0) && scale->scalar_type() == at::kFloat, name,
+              "_scale: expected shape (", table.size(0), ",) float32, got ", scale->sizes(), " ", scale->scalar_type());
+  return scale->contiguous();
+}
+
+// The row scale multiplying a row's terms: 1 for a float table (no scales).
+inline float row_scale(const float* scales, int64_t row) { return scales ? scales[row] : 1.0f; }
 
 Tensor checked_ids(const Tensor& expert_ids, const Tensor& table) {
   TORCH_CHECK(expert_ids.dim() == 3, "expert_ids: expected shape (T, h, k), got ", expert_ids.sizes());
@@ -300,25 +346,29 @@ Tensor checked_ids(const Tensor& expert_ids, const Tensor& table) {
 }
 
 // z (T, h, k) in the compute dtype of x.
-Tensor down_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& w_down_in) {
+Tensor down_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& w_down_in,
+                    const std::optional<Tensor>& w_down_scale) {
   TORCH_CHECK(x_in.dim() == 2 && expert_ids.size(0) == x_in.size(0) && w_down_in.size(1) == x_in.size(1) &&
                   (x_in.scalar_type() == at::kDouble) == (w_down_in.scalar_type() == at::kDouble),
               "down_forward: expected x (T, d), expert_ids (T, h, k), w_down (E, d), float64 only together; got ",
               x_in.sizes(), ", ", expert_ids.sizes(), ", ", w_down_in.sizes());
   const Tensor ids = checked_ids(expert_ids, w_down_in), w_down = w_down_in.contiguous();
+  const Tensor scales = row_scales(w_down_scale, w_down, "w_down");
   const Tensor x = x_in.to(compute_type(x_in.scalar_type())).contiguous();
   const int64_t T = x.size(0), d = x.size(1), slots = ids.size(1) * ids.size(2);
   Tensor z = at::empty(ids.sizes(), x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_down.scalar_type(), "peer_down_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND4(at::kBFloat16, at::kHalf, at::kChar, at::kFloat8_e4m3fn, w_down.scalar_type(),
+                                  "peer_down_forward", [&] {
+    using acc_t = row_acc_t<scalar_t>;
     const acc_t* x_p = x.data_ptr<acc_t>();
     const scalar_t* down_p = w_down.data_ptr<scalar_t>();
+    const float* scale_p = scales.defined() ? scales.data_ptr<float>() : nullptr;
     const int64_t* id = ids.data_ptr<int64_t>();
     acc_t* z_p = z.data_ptr<acc_t>();
     parallel_chunks(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
       for (int64_t slot = begin * slots; slot < end * slots; ++slot) {
         if (slot + 1 < T * slots) prefetch_row(down_p + id[slot + 1] * d, d);
-        z_p[slot] = dot<acc_t>(down_p + id[slot] * d, x_p + slot / slots * d, d);
+        z_p[slot] = dot<acc_t>(down_p + id[slot] * d, x_p + slot / slots * d, d) * row_scale(scale_p, id[slot]);
       }
     });
   });
@@ -327,20 +377,23 @@ Tensor down_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& 
 
 // y (T, d_out) in the compute dtype (z's).
 Tensor mix_forward(const Tensor& z_in, const Tensor& expert_ids, const Tensor& gates_in, const Tensor& w_up_in,
-                   const std::string& activation) {
+                   const std::string& activation, const std::optional<Tensor>& w_up_scale) {
   const int act = activation_code(activation);
   TORCH_CHECK(z_in.sizes() == expert_ids.sizes() && gates_in.sizes() == expert_ids.sizes(),
               "mix_forward: expected z, expert_ids and gates of one shape (T, h, k), got ", z_in.sizes(), ", ",
               expert_ids.sizes(), ", ", gates_in.sizes());
   const Tensor ids = checked_ids(expert_ids, w_up_in), w_up = w_up_in.contiguous();
+  const Tensor scales = row_scales(w_up_scale, w_up, "w_up");
   const Tensor z = z_in.contiguous(), gates = gates_in.to(z.scalar_type()).contiguous();
   const int64_t T = z.size(0), d = w_up.size(1), slots = ids.size(1) * ids.size(2);
   Tensor y = at::empty({T, d}, z.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_up.scalar_type(), "peer_mix_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND4(at::kBFloat16, at::kHalf, at::kChar, at::kFloat8_e4m3fn, w_up.scalar_type(),
+                                  "peer_mix_forward", [&] {
+    using acc_t = row_acc_t<scalar_t>;
     TORCH_CHECK(z.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
                 "mix_forward: z must be in the compute dtype of w_up (float64 only together)");
     const scalar_t* up_p = w_up.data_ptr<scalar_t>();
+    const float* scale_p = scales.defined() ? scales.data_ptr<float>() : nullptr;
     const int64_t* id = ids.data_ptr<int64_t>();
     const acc_t* z_p = z.data_ptr<acc_t>();
     const acc_t* g = gates.data_ptr<acc_t>();
@@ -353,7 +406,7 @@ Tensor mix_forward(const Tensor& z_in, const Tensor& expert_ids, const Tensor& g
           if (slot + 1 < T * slots) prefetch_row(up_p + id[slot + 1] * d, d);
           acc_t a, slope;
           activate<acc_t>(act, z_p[slot], &a, &slope);
-          axpy(g[slot] * a, up_p + id[slot] * d, y_row, d);
+          axpy(g[slot] * a * row_scale(scale_p, id[slot]), up_p + id[slot] * d, y_row, d);
         }
       }
     });
@@ -377,7 +430,7 @@ std::vector<Tensor> mix_backward(const Tensor& dy_in, const Tensor& z_in, const 
   const RowGroups groups = group_by_row(ids.numel(), w_up.size(0), [&](int64_t slot) { return ids.data_ptr<int64_t>()[slot]; });
   TableGrad dw_up = table_grad_outputs(groups, w_up, sparse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_up.scalar_type(), "peer_mix_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = row_acc_t<scalar_t>;
     const acc_t* dy_p = dy.data_ptr<acc_t>();
     const scalar_t* up_p = w_up.data_ptr<scalar_t>();
     const int64_t* id = ids.data_ptr<int64_t>();
@@ -418,7 +471,7 @@ std::vector<Tensor> down_backward(const Tensor& dz_in, const Tensor& x_in, const
   const RowGroups groups = group_by_row(ids.numel(), w_down.size(0), [&](int64_t slot) { return ids.data_ptr<int64_t>()[slot]; });
   TableGrad dw_down = table_grad_outputs(groups, w_down, sparse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_down.scalar_type(), "peer_down_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = row_acc_t<scalar_t>;
     const acc_t* x_p = x.data_ptr<acc_t>();
     const scalar_t* down_p = w_down.data_ptr<scalar_t>();
     const int64_t* id = ids.data_ptr<int64_t>();
@@ -443,10 +496,11 @@ std::vector<Tensor> down_backward(const Tensor& dz_in, const Tensor& x_in, const
 
 // {y (T, d_out) in x's dtype, z (T, h, k) in the compute dtype, saved for the backward}.
 std::vector<Tensor> experts_forward(const Tensor& x, const Tensor& expert_ids, const Tensor& gates,
-                                    const Tensor& w_down, const Tensor& w_up, const std::string& activation) {
+                                    const Tensor& w_down, const Tensor& w_up, const std::string& activation,
+                                    const std::optional<Tensor>& w_down_scale, const std::optional<Tensor>& w_up_scale) {
   check_tables(x, w_down, w_up);
-  const Tensor z = down_forward(x, expert_ids, w_down);
-  return {mix_forward(z, expert_ids, gates, w_up, activation).to(x.scalar_type()), z};
+  const Tensor z = down_forward(x, expert_ids, w_down, w_down_scale);
+  return {mix_forward(z, expert_ids, gates, w_up, activation, w_up_scale).to(x.scalar_type()), z};
 }
 
 // {dx, dgates, dw_down, dw_up, rows}: rows (the touched rows of both tables, ascending) when

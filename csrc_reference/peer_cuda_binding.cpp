@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -124,8 +125,11 @@ Tensor gates_backward(const Tensor& scores_in, const Tensor& gates_in, const Ten
               "stage): use backend='triton' for CUDA tensors");
 }
 
-Tensor down_forward(const Tensor&, const Tensor&, const Tensor&) { not_in_baseline("down_forward"); }
-Tensor mix_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::string&) {
+Tensor down_forward(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&) {
+  not_in_baseline("down_forward");
+}
+Tensor mix_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::string&,
+                   const std::optional<Tensor>&) {
   not_in_baseline("mix_forward");
 }
 std::vector<Tensor> down_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool) {
@@ -137,8 +141,10 @@ std::vector<Tensor> mix_backward(const Tensor&, const Tensor&, const Tensor&, co
 }
 
 std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& gates_in,
-                                    const Tensor& w_down_in, const Tensor& w_up_in, const std::string& activation) {
+                                    const Tensor& w_down_in, const Tensor& w_up_in, const std::string& activation,
+                                    const std::optional<Tensor>& w_down_scale, const std::optional<Tensor>& w_up_scale) {
   check_cuda(x_in, "x");
+  if (w_down_scale.has_value() || w_up_scale.has_value()) not_in_baseline("quantized tables (int8 / float8_e4m3fn)");
   if (w_up_in.dim() == 2 && w_up_in.size(1) != x_in.size(1)) not_in_baseline("d_out != d_in");
   TORCH_CHECK(x_in.dim() == 2 && expert_ids.dim() == 3 && expert_ids.size(0) == x_in.size(0) &&
                   gates_in.sizes() == expert_ids.sizes() && w_down_in.dim() == 2 &&

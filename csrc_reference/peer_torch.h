@@ -61,19 +61,27 @@ inline void check_tables(const at::Tensor& x, const at::Tensor& w_down, const at
 }  // namespace peer
 
 // Both extensions bind the same functions under the same names, so peer_kernels/csrc.py drives
-// either; each translation unit defines them (in peer::) before expanding this.
+// either; each translation unit defines them (in peer::) before expanding this. The forward
+// functions' scales (of quantized tables) default to None: float tables.
 #define PEER_BIND_EXTENSION(DOC)                                                                         \
   PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {                                                           \
     m.doc() = DOC;                                                                                     \
     m.def("retrieval_forward", &peer::retrieval_forward, "queries, keys, k, k_sub -> scores, expert_ids"); \
     m.def("retrieval_backward", &peer::retrieval_backward,                                             \
           "dscores, queries, keys, expert_ids -> dqueries, dkeys");                                    \
-    m.def("experts_forward", &peer::experts_forward, "x, expert_ids, gates, w_down, w_up, activation -> y, z"); \
+    m.def("experts_forward", &peer::experts_forward,                                                   \
+          "x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale -> y, z",            \
+          pybind11::arg("x"), pybind11::arg("expert_ids"), pybind11::arg("gates"), pybind11::arg("w_down"), \
+          pybind11::arg("w_up"), pybind11::arg("activation"), pybind11::arg("w_down_scale") = pybind11::none(), \
+          pybind11::arg("w_up_scale") = pybind11::none());                                             \
     m.def("experts_backward", &peer::experts_backward,                                                 \
           "dy, x, expert_ids, gates, z, w_down, w_up, activation, sparse -> dx, dgates, dw_down, dw_up, rows"); \
-    m.def("down_forward", &peer::down_forward, "x, expert_ids, w_down -> z");                          \
+    m.def("down_forward", &peer::down_forward, "x, expert_ids, w_down, w_down_scale -> z", pybind11::arg("x"), \
+          pybind11::arg("expert_ids"), pybind11::arg("w_down"), pybind11::arg("w_down_scale") = pybind11::none()); \
     m.def("down_backward", &peer::down_backward, "dz, x, expert_ids, w_down, sparse -> dx, dw_down, rows"); \
-    m.def("mix_forward", &peer::mix_forward, "z, expert_ids, gates, w_up, activation -> y");           \
+    m.def("mix_forward", &peer::mix_forward, "z, expert_ids, gates, w_up, activation, w_up_scale -> y",  \
+          pybind11::arg("z"), pybind11::arg("expert_ids"), pybind11::arg("gates"), pybind11::arg("w_up"),    \
+          pybind11::arg("activation"), pybind11::arg("w_up_scale") = pybind11::none());                 \
     m.def("mix_backward", &peer::mix_backward,                                                         \
           "dy, z, expert_ids, gates, w_up, activation, sparse -> dz, dgates, dw_up, rows");            \
     m.def("gates_forward", &peer::gates_forward, "scores (..., k), gating -> gates");                  \

@@ -5,6 +5,8 @@ expert usage.
 
     python examples/train_lm.py                    # --preset gpu with a CUDA device, else --preset cpu
     python examples/train_lm.py --preset smoke     # seconds: everything runs
+    python examples/train_lm.py --quantize         # also the trained PEER models' perplexity with
+                                                   # int8 and fp8 expert tables (peer_kernels.quantize_)
 
 It runs offline on a fresh machine: the corpus is the .py files of the standard library of the
 Python that runs it (about 30 MB; every tenth file is held out for evaluation). Needs torch and
@@ -17,13 +19,16 @@ Variants (`--variants`), identical but for the middle block's feed-forward:
   peer     PEER without a query norm: Table 2 of the paper finds query BatchNorm raises the share of
            experts used and lowers the KL divergence of their usage from uniform
 The other blocks have dense 4*dim MLPs. Expert usage is counted over the evaluation text
-(`layer.track_usage`, `layer.usage_stats()`). In training, batch normalisation mixes the statistics
+(`layer.track_usage`, `layer.usage_stats()`). With --quantize, each trained PEER model is evaluated
+again on the same text with its expert tables quantized (a copy; int8, and float8_e4m3fn where it
+runs: a CPU or a GPU of sm_89 or newer), for inference as served. In training, batch normalisation mixes the statistics
 of all the tokens of a batch, later ones included (a causal LM should not see them); evaluation
 uses its running statistics, so the reported perplexities have no such leak.
 
 Output: a table on stdout, <out>/results.json, and <out>/curves.png (train and eval loss per step).
 """
 import argparse
+import copy
 import json
 import math
 import pathlib
@@ -144,6 +149,12 @@ def progress(step, total, start, text):
     sys.stderr.flush()
 
 
+def quantized_dtypes(device):
+    """The table dtypes peer_kernels.quantize_ runs with on `device`."""
+    fp8 = device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9)
+    return {"int8": torch.int8, **({"fp8": torch.float8_e4m3fn} if fp8 else {})}
+
+
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
     model.eval()
@@ -156,7 +167,7 @@ def evaluate(model, batches, device, autocast):
     return total / len(batches)
 
 
-def run(variant, p, train, held_out, device, backend):
+def run(variant, p, train, held_out, device, backend, quantize=False):
     torch.manual_seed(0)
     ffn, active = middle_ffn(variant, p, backend)
     model = ByteLM(p["dim"], p["blocks"], p["heads"], p["context"], ffn).to(device)
@@ -196,6 +207,10 @@ def run(variant, p, train, held_out, device, backend):
     if variant != "dense":
         stats = ffn.usage_stats()
         result.update(used_fraction=stats["used_fraction"], kl_from_uniform=stats["kl_from_uniform"])
+    if quantize and variant != "dense":
+        for name, dtype in quantized_dtypes(device).items():
+            served = peer_kernels.quantize_(copy.deepcopy(model), dtype)
+            result[f"eval_perplexity_{name}"] = math.exp(evaluate(served, held_out, device, autocast))
     return result
 
 
@@ -236,6 +251,8 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", help="peer_kernels backend (default auto)")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help="folder for results.json and curves.png (default examples/out/train_lm, git-ignored)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="also evaluate each trained PEER model with int8 (and fp8) expert tables")
     args = parser.parse_args(argv)
     p = dict(PRESETS[args.preset], **({"steps": args.steps} if args.steps else {}))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -245,15 +262,18 @@ def main(argv=None):
     held_out = [windows(held, s, p["context"]) for s in eval_starts]
     print(f"corpus: {len(train) / 1e6:.1f} MB train, {len(held) / 1e6:.1f} MB held out (the standard library's "
           f".py files); preset {args.preset} on {device}, {p['steps']} steps of {p['batch']}x{p['context']} bytes")
-    results = [run(variant, p, train, held_out, device, args.backend) for variant in args.variants]
+    results = [run(variant, p, train, held_out, device, args.backend, args.quantize) for variant in args.variants]
 
+    quantized = [f"eval_perplexity_{name}" for name in quantized_dtypes(device)] if args.quantize else []
     print(f"\n{'variant':8} {'params':>9} {'active FFN':>10} {'eval ppl':>9} {'bits/byte':>9} "
-          f"{'experts used':>12} {'KL(usage|uniform)':>17} {'time':>7}")
+          f"{'experts used':>12} {'KL(usage|uniform)':>17} {'time':>7}"
+          + "".join(f" {'ppl ' + key.rsplit('_', 1)[1]:>9}" for key in quantized))
     for r in results:
         usage = f"{100 * r['used_fraction']:11.1f}% {r['kl_from_uniform']:17.3f}" if "used_fraction" in r else \
             f"{'-':>12} {'-':>17}"
         print(f"{r['variant']:8} {r['parameters']:9d} {r['middle_ffn_active_parameters']:10d} "
-              f"{r['eval_perplexity']:9.3f} {r['eval_bits_per_byte']:9.3f} {usage} {r['seconds']:6.0f}s")
+              f"{r['eval_perplexity']:9.3f} {r['eval_bits_per_byte']:9.3f} {usage} {r['seconds']:6.0f}s"
+              + "".join(f" {r[key]:9.3f}" if key in r else f" {'-':>9}" for key in quantized))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"preset": args.preset, "settings": p, "device": str(device),

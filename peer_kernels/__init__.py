@@ -6,11 +6,14 @@ sparse table gradients. Set TRITON_INTERPRET=1 before the import to run the Trit
 tensors (slow; for tests). `compat` has peer-pytorch's classes on these kernels and
 `patch_peer_pytorch()` puts peer-pytorch's own on them; `transformers` puts PEER into Hugging Face
 models; `distributed` shards it over several GPUs (none of them needs peer-pytorch or transformers
-to be imported).
+to be imported). `quantize_` stores every PEER layer's expert tables in int8 (or fp8) with a
+scale per row, for inference.
 """
 from . import backends, optim, reference
 from .compat import patch_peer_pytorch, unpatch_peer_pytorch
 from .module import PEER
+from .quantize import quantize_
 
 __version__ = "0.1.0"
-__all__ = ["PEER", "reference", "backends", "optim", "patch_peer_pytorch", "unpatch_peer_pytorch", "__version__"]
+__all__ = ["PEER", "reference", "backends", "optim", "quantize_", "patch_peer_pytorch", "unpatch_peer_pytorch",
+           "__version__"]

@@ -8,6 +8,10 @@ one float dtype; x, the expert tables and the gates may each have their own (the
 their stored dtype, never copied to another), except that float64 mixes with nothing: a float64 x
 needs float64 tables, and the other way round. Accumulation is float64 for float64 inputs, float32
 otherwise.
+
+Quantized tables (peer_kernels.quantize_): int8 or float8_e4m3fn, each with its scale, one float32
+per row (a table row is its stored values times its scale). They are for inference: no backward op
+takes a scale, so an op on quantized tables refuses inputs that would need a gradient.
 """
 import math
 import numbers
@@ -22,6 +26,7 @@ QUERY_NORMS = ("batchnorm", "layernorm", None)
 BACKENDS = ("auto", "triton", "cpp", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COMPUTE_DTYPES = (torch.float32, torch.float64)
+QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -133,17 +138,53 @@ def check_retrieval(queries, keys, k, k_sub):
     return resolve_k_sub(k, k_sub, keys.shape[1], "k", "k_sub")
 
 
-def check_tables(x, w_down, w_up, rows=None, d_out=None):
-    """w_down (rows, d_in) with x's d_in and w_up (rows, d_out) of one float dtype, on x's device;
-    float64 only with a float64 x. d_out: required width of w_up, or None (any, at least 1)."""
-    check_tensor("w_down", w_down, (rows, x.shape[1]), device=x.device)
-    check_tensor("w_up", w_up, (w_down.shape[0], d_out), dtypes=(w_down.dtype,), device=x.device)
+def check_table(name, table, scale, shape, device):
+    """An expert table `name` of `shape` on `device`: a float dtype, or a quantized one with its
+    scale `name`_scale, (rows,) float32 on the same device."""
+    if scale is None and isinstance(table, torch.Tensor) and table.dtype in QUANTIZED_DTYPES:
+        raise TypeError(f"{name}: a {table.dtype} table needs its per-row scale {name}_scale "
+                        f"(see peer_kernels.quantize_), got none")
+    if scale is not None and isinstance(table, torch.Tensor) and table.dtype not in QUANTIZED_DTYPES:
+        raise TypeError(f"{name}_scale: scales go with quantized tables "
+                        f"{tuple(str(d) for d in QUANTIZED_DTYPES)}, but {name} is {table.dtype}")
+    check_tensor(name, table, shape, dtypes=QUANTIZED_DTYPES if scale is not None else FLOAT_DTYPES, device=device)
+    if scale is not None:
+        check_tensor(f"{name}_scale", scale, (table.shape[0],), dtypes=(torch.float32,), device=device)
+
+
+def quantized_training_error(name):
+    """The error for `name`, which would need a gradient through quantized tables."""
+    return ValueError(f"{name}: requires a gradient, but the expert tables are quantized (peer_kernels.quantize_), "
+                      f"which is for inference only: run under torch.no_grad() or torch.inference_mode(), or train "
+                      f"with float tables and quantize after")
+
+
+def check_inference_only(scales, tensors):
+    """With quantized tables (any scale given), none of the (name, tensor) pairs may need a
+    gradient: no backward op takes the scales."""
+    if all(scale is None for scale in scales) or not torch.is_grad_enabled():
+        return
+    for name, t in tensors:
+        if t.requires_grad:
+            raise quantized_training_error(name)
+
+
+def check_tables(x, w_down, w_up, rows=None, d_out=None, w_down_scale=None, w_up_scale=None):
+    """w_down (rows, d_in) with x's d_in and w_up (rows, d_out) of one dtype, on x's device, float
+    or quantized with their scales; float64 only with a float64 x. d_out: required width of w_up,
+    or None (any, at least 1)."""
+    check_table("w_down", w_down, w_down_scale, (rows, x.shape[1]), x.device)
+    check_table("w_up", w_up, w_up_scale, (w_down.shape[0], d_out), x.device)
+    if w_up.dtype != w_down.dtype:
+        raise TypeError(f"w_up: expected dtype {w_down.dtype} (w_down's), got {w_up.dtype}")
     check_at_least("w_up", w_up.shape[1], "feature in dim 1 (d_out)")
     check_float64_alone([("x", x), ("w_down", w_down)])
 
 
-def check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=True):
-    """x (T, d_in), expert_ids (T, h, k) int32/int64, gates (T, h, k), w_down (E, d_in), w_up (E, d_out).
+def check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=True, w_down_scale=None,
+                  w_up_scale=None):
+    """x (T, d_in), expert_ids (T, h, k) int32/int64, gates (T, h, k), w_down (E, d_in), w_up (E, d_out),
+    quantized with their scales (E,) or not.
 
     Ids are checked against the table size on the host (one reduction): a kernel must never read
     out of bounds. check_range=False leaves that to check_expert_ids (for code traced by
@@ -155,7 +196,8 @@ def check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=Tr
     check_at_least("x", d, "feature in dim 1 (d)")
     check_tensor("expert_ids", expert_ids, (T, None, None), dtypes=ID_DTYPES, device=x.device)
     check_tensor("gates", gates, tuple(expert_ids.shape), device=x.device)
-    check_tables(x, w_down, w_up)
+    check_tables(x, w_down, w_up, w_down_scale=w_down_scale, w_up_scale=w_up_scale)
+    check_inference_only((w_down_scale, w_up_scale), (("x", x), ("gates", gates), ("w_down", w_down), ("w_up", w_up)))
     if check_range:
         check_expert_ids(expert_ids, w_down.shape[0])
 
@@ -221,7 +263,8 @@ def check_batch_norm_input(projection):
         raise ValueError(message)
 
 
-def check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head):
+def check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
+                w_down_scale=None, w_up_scale=None):
     """The fused op's arguments; returns the resolved k_sub."""
     check_choice("gating", gating, GATINGS)
     check_choice("activation", activation, ACTIVATIONS)
@@ -234,31 +277,37 @@ def check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, se
     check_tensor("queries", queries, device=x.device)
     check_float64_alone([("x", x), ("queries", queries)])
     check_tables(x, w_down, w_up, rows=(h if separate_embed_per_head else 1) * keys.shape[1] ** 2,
-                 d_out=x.shape[1])
+                 d_out=x.shape[1], w_down_scale=w_down_scale, w_up_scale=w_up_scale)
+    check_inference_only((w_down_scale, w_up_scale), (("x", x), ("queries", queries), ("keys", keys),
+                                                      ("w_down", w_down), ("w_up", w_up)))
     return k_sub
 
 
-def check_down(x, expert_ids, w_down, check_range=True):
-    """The down projection's arguments: x (T, d), expert_ids (T, h, k), w_down (E, d)."""
+def check_down(x, expert_ids, w_down, check_range=True, w_down_scale=None):
+    """The down projection's arguments: x (T, d), expert_ids (T, h, k), w_down (E, d) with its scale
+    (E,) if quantized."""
     check_tensor("x", x, (None, None))
     check_at_least("x", x.shape[1], "feature in dim 1 (d)")
     check_tensor("expert_ids", expert_ids, (x.shape[0], None, None), dtypes=ID_DTYPES, device=x.device)
-    check_tensor("w_down", w_down, (None, x.shape[1]), device=x.device)
+    check_table("w_down", w_down, w_down_scale, (None, x.shape[1]), x.device)
     check_float64_alone([("x", x), ("w_down", w_down)])
+    check_inference_only((w_down_scale,), (("x", x), ("w_down", w_down)))
     if check_range:
         check_expert_ids(expert_ids, w_down.shape[0])
 
 
-def check_mix(z, expert_ids, gates, w_up, activation, check_range=True):
-    """The up mix's arguments: z, expert_ids, gates (T, h, k), w_up (E, d_out). z is peer_down's
-    output, in a compute dtype (compute_dtype), which every backend reads it in."""
+def check_mix(z, expert_ids, gates, w_up, activation, check_range=True, w_up_scale=None):
+    """The up mix's arguments: z, expert_ids, gates (T, h, k), w_up (E, d_out) with its scale (E,)
+    if quantized. z is peer_down's output, in a compute dtype (compute_dtype),
+    which every backend reads it in."""
     check_choice("activation", activation, ACTIVATIONS)
     check_tensor("z", z, (None, None, None), dtypes=COMPUTE_DTYPES)
     check_tensor("expert_ids", expert_ids, tuple(z.shape), dtypes=ID_DTYPES, device=z.device)
     check_tensor("gates", gates, tuple(z.shape), device=z.device)
-    check_tensor("w_up", w_up, (None, None), device=z.device)
+    check_table("w_up", w_up, w_up_scale, (None, None), z.device)
     check_at_least("w_up", w_up.shape[1], "feature in dim 1 (d_out)")
     check_float64_alone([("z", z), ("w_up", w_up)])
+    check_inference_only((w_up_scale,), (("z", z), ("gates", gates), ("w_up", w_up)))
     if check_range:
         check_expert_ids(expert_ids, w_up.shape[0])
 

@@ -7,12 +7,16 @@ takes the backend's name as its first argument.
 Families (T tokens, h heads, k experts per head, E table rows; "rows" is the touched rows of a
 sparse table gradient, empty for dense ones):
 - retrieve(queries, keys, k, k_sub, gating, id_head_offset) -> scores, ids, gates
-- experts_forward(x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad) -> y, z
-- down_forward(x, expert_ids, w_down, deterministic, sparse_grad) -> z
-- mix_forward(z, expert_ids, gates, w_up, activation, deterministic, sparse_grad) -> y
+- experts_forward(x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad,
+  w_down_scale, w_up_scale) -> y, z
+- down_forward(x, expert_ids, w_down, deterministic, sparse_grad, w_down_scale) -> z
+- mix_forward(z, expert_ids, gates, w_up, activation, deterministic, sparse_grad, w_up_scale) -> y
 - fused_forward(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
-  schedule, deterministic, sparse_grad) -> y, scores, ids, gates, z
-and their *_backward ops. The public functions at the end validate the arguments (peer_kernels._checks)
+  schedule, deterministic, sparse_grad, w_down_scale, w_up_scale) -> y, scores, ids, gates, z
+and their *_backward ops. The scales (E,) float32, None for float tables, go with quantized tables
+(int8 / float8_e4m3fn, peer_kernels.quantize_): the forward ops read a table row as its stored
+values times its scale. They are for inference: the backward ops take no scales, and the autograd
+of a forward op given scales refuses to record a backward (_checks.quantized_training_error). The public functions at the end validate the arguments (peer_kernels._checks)
 and call these; peer_kernels.ops and peer_kernels.csrc bind them to their backend.
 
 The ops are opaque to torch.compile (no graph break) and run their bodies eagerly on every device,
@@ -181,15 +185,18 @@ retrieve.register_autograd(_retrieve_gradients, setup_context=_retrieve_setup)
 
 @custom_op("experts_forward")
 def experts_forward(backend: str, x: Tensor, expert_ids: Tensor, gates: Tensor, w_down: Tensor, w_up: Tensor,
-                    activation: str, deterministic: bool, sparse_grad: bool) -> tuple[Tensor, Tensor]:
+                    activation: str, deterministic: bool, sparse_grad: bool, w_down_scale: Optional[Tensor] = None,
+                    w_up_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(y, z): y (T, d_out) = sum g act(z) w_up[e] in x's dtype, z (T, h, k) = w_down[e] . x in the
     accumulation dtype (saved for the backward). deterministic and sparse_grad only travel to it."""
     return _implementation("experts", backend).forward(
-        x=x, expert_ids=expert_ids, gates=gates, w_down=w_down, w_up=w_up, activation=activation)
+        x=x, expert_ids=expert_ids, gates=gates, w_down=w_down, w_up=w_up, activation=activation,
+        w_down_scale=w_down_scale, w_up_scale=w_up_scale)
 
 
 @experts_forward.register_fake
-def _(backend, x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad):
+def _(backend, x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad, w_down_scale=None,
+      w_up_scale=None):
     return experts_outputs(x, expert_ids, w_up.shape[1])
 
 
@@ -208,8 +215,15 @@ def _(backend, dy, x, expert_ids, gates, z, w_down, w_up, activation, determinis
     return empty(x.shape, x), empty(gates.shape, gates), *table_grad_outputs(sparse_grad, w_down, w_up)
 
 
+def _refuse_quantized(scales, name):
+    """The autograd of a forward op given scales: no backward op takes them."""
+    if any(scale is not None for scale in scales):
+        raise _checks.quantized_training_error(name)
+
+
 def _experts_setup(ctx, inputs, output):
-    backend, x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad = inputs
+    backend, x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad, *scales = inputs
+    _refuse_quantized(scales, "experts_forward's inputs")
     _y, z = output
     ctx.save_for_backward(x, expert_ids, gates, z, w_down, w_up)
     ctx.backend, ctx.activation, ctx.deterministic, ctx.sparse_grad = backend, activation, deterministic, sparse_grad
@@ -221,7 +235,7 @@ def _experts_gradients(ctx, dy, _dz):
     dx, dgates, dw_down, dw_up, rows = experts_backward(ctx.backend, dy, x, expert_ids, gates, z, w_down, w_up,
                                                         ctx.activation, ctx.deterministic, ctx.sparse_grad)
     dw_down, dw_up = table_gradients(rows, ctx.sparse_grad, (dw_down, dw_up), (w_down, w_up))
-    return None, dx, None, dgates, dw_down, dw_up, None, None, None
+    return None, dx, None, dgates, dw_down, dw_up, None, None, None, None, None
 
 
 experts_forward.register_autograd(_experts_gradients, setup_context=_experts_setup)
@@ -229,13 +243,14 @@ experts_forward.register_autograd(_experts_gradients, setup_context=_experts_set
 
 @custom_op("down_forward")
 def down_forward(backend: str, x: Tensor, expert_ids: Tensor, w_down: Tensor, deterministic: bool,
-                 sparse_grad: bool) -> Tensor:
+                 sparse_grad: bool, w_down_scale: Optional[Tensor] = None) -> Tensor:
     """z (T, h, k) = w_down[e] . x in the accumulation dtype: the expert stage's first half."""
-    return _implementation("down", backend).forward(x=x, expert_ids=expert_ids, w_down=w_down)
+    return _implementation("down", backend).forward(x=x, expert_ids=expert_ids, w_down=w_down,
+                                                    w_down_scale=w_down_scale)
 
 
 @down_forward.register_fake
-def _(backend, x, expert_ids, w_down, deterministic, sparse_grad):
+def _(backend, x, expert_ids, w_down, deterministic, sparse_grad, w_down_scale=None):
     return empty(expert_ids.shape, x, acc(x))
 
 
@@ -253,7 +268,8 @@ def _(backend, dz, x, expert_ids, w_down, deterministic, sparse_grad):
 
 
 def _down_setup(ctx, inputs, output):
-    backend, x, expert_ids, w_down, deterministic, sparse_grad = inputs
+    backend, x, expert_ids, w_down, deterministic, sparse_grad, w_down_scale = inputs
+    _refuse_quantized((w_down_scale,), "down_forward's inputs")
     ctx.save_for_backward(x, expert_ids, w_down)
     ctx.backend, ctx.deterministic, ctx.sparse_grad = backend, deterministic, sparse_grad
 
@@ -263,7 +279,7 @@ def _down_gradients(ctx, dz):
     dx, dw_down, rows = down_backward(ctx.backend, dz.to(acc(x)), x, expert_ids, w_down, ctx.deterministic,
                                       ctx.sparse_grad)
     dw_down, = table_gradients(rows, ctx.sparse_grad, (dw_down,), (w_down,))
-    return None, dx, None, dw_down, None, None
+    return None, dx, None, dw_down, None, None, None
 
 
 down_forward.register_autograd(_down_gradients, setup_context=_down_setup)
@@ -271,14 +287,14 @@ down_forward.register_autograd(_down_gradients, setup_context=_down_setup)
 
 @custom_op("mix_forward")
 def mix_forward(backend: str, z: Tensor, expert_ids: Tensor, gates: Tensor, w_up: Tensor, activation: str,
-                deterministic: bool, sparse_grad: bool) -> Tensor:
+                deterministic: bool, sparse_grad: bool, w_up_scale: Optional[Tensor] = None) -> Tensor:
     """y (T, d_out) = sum g act(z) w_up[e] in z's dtype: the expert stage's second half."""
     return _implementation("mix", backend).forward(
-        z=z, expert_ids=expert_ids, gates=gates, w_up=w_up, activation=activation)
+        z=z, expert_ids=expert_ids, gates=gates, w_up=w_up, activation=activation, w_up_scale=w_up_scale)
 
 
 @mix_forward.register_fake
-def _(backend, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
+def _(backend, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad, w_up_scale=None):
     return empty((z.shape[0], w_up.shape[1]), z)
 
 
@@ -297,7 +313,8 @@ def _(backend, dy, z, expert_ids, gates, w_up, activation, deterministic, sparse
 
 
 def _mix_setup(ctx, inputs, output):
-    backend, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad = inputs
+    backend, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad, w_up_scale = inputs
+    _refuse_quantized((w_up_scale,), "mix_forward's inputs")
     ctx.save_for_backward(z, expert_ids, gates, w_up)
     ctx.backend, ctx.activation, ctx.deterministic, ctx.sparse_grad = backend, activation, deterministic, sparse_grad
 
@@ -307,7 +324,7 @@ def _mix_gradients(ctx, dy):
     dz, dgates, dw_up, rows = mix_backward(ctx.backend, dy.to(z.dtype), z, expert_ids, gates, w_up, ctx.activation,
                                            ctx.deterministic, ctx.sparse_grad)
     dw_up, = table_gradients(rows, ctx.sparse_grad, (dw_up,), (w_up,))
-    return None, dz, None, dgates, dw_up, None, None, None
+    return None, dz, None, dgates, dw_up, None, None, None, None
 
 
 mix_forward.register_autograd(_mix_gradients, setup_context=_mix_setup)
@@ -318,17 +335,19 @@ mix_forward.register_autograd(_mix_gradients, setup_context=_mix_setup)
 @custom_op("fused_forward")
 def fused_forward(backend: str, x: Tensor, queries: Tensor, keys: Tensor, w_down: Tensor, w_up: Tensor, k: int,
                   k_sub: int, gating: str, activation: str, id_head_offset: int, schedule: str, deterministic: bool,
-                  sparse_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  sparse_grad: bool, w_down_scale: Optional[Tensor] = None, w_up_scale: Optional[Tensor] = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, scores, ids, gates, z): retrieval, gating and the experts; schedule names how the
     backend runs the forward (every backend has "two_kernel": retrieval, then the experts)."""
     return _implementation("fused", backend).forward(
         x=x, queries=queries, keys=keys, w_down=w_down, w_up=w_up, k=k, k_sub=k_sub, gating=gating,
-        activation=activation, id_head_offset=id_head_offset, schedule=schedule)
+        activation=activation, id_head_offset=id_head_offset, schedule=schedule, w_down_scale=w_down_scale,
+        w_up_scale=w_up_scale)
 
 
 @fused_forward.register_fake
 def _(backend, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, schedule,
-      deterministic, sparse_grad):
+      deterministic, sparse_grad, w_down_scale=None, w_up_scale=None):
     return fused_outputs(x, queries, k, gating)
 
 
@@ -352,7 +371,8 @@ def _(backend, dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, gating
 
 def _fused_setup(ctx, inputs, output):
     (backend, x, queries, keys, w_down, w_up, _k, _k_sub, gating, activation, id_head_offset, _schedule,
-     deterministic, sparse_grad) = inputs
+     deterministic, sparse_grad, *scales) = inputs
+    _refuse_quantized(scales, "fused_forward's inputs")
     _y, scores, ids, gates, z = output
     ctx.save_for_backward(x, queries, keys, w_down, w_up, scores, ids, gates, z)
     ctx.backend, ctx.gating, ctx.activation, ctx.id_head_offset = backend, gating, activation, id_head_offset
@@ -366,7 +386,7 @@ def _fused_gradients(ctx, dy, *_):
         ctx.backend, dy, x, queries, keys, w_down, w_up, scores, ids, gates, z, ctx.gating, ctx.activation,
         ctx.id_head_offset, ctx.deterministic, ctx.sparse_grad)
     dw_down, dw_up = table_gradients(rows, ctx.sparse_grad, (dw_down, dw_up), (w_down, w_up))
-    return None, dx, dqueries, dkeys, dw_down, dw_up, None, None, None, None, None, None, None, None
+    return None, dx, dqueries, dkeys, dw_down, dw_up, None, None, None, None, None, None, None, None, None, None
 
 
 fused_forward.register_autograd(_fused_gradients, setup_context=_fused_setup)
@@ -381,31 +401,34 @@ def product_key_topk(backend, queries, keys, k, k_sub=None):
     return scores, ids
 
 
-def peer_experts(backend, x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad):
+def peer_experts(backend, x, expert_ids, gates, w_down, w_up, activation, deterministic, sparse_grad,
+                 w_down_scale=None, w_up_scale=None):
     """peer_kernels.reference.peer_experts on `backend`. The ids' range is checked by the backend's
     launcher, where it runs eagerly even inside a torch.compile'd graph."""
-    _checks.check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=False)
+    _checks.check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=False,
+                          w_down_scale=w_down_scale, w_up_scale=w_up_scale)
     return experts_forward(backend, x, expert_ids, gates, w_down, w_up, activation, bool(deterministic),
-                           bool(sparse_grad))[0]
+                           bool(sparse_grad), w_down_scale, w_up_scale)[0]
 
 
-def peer_down(backend, x, expert_ids, w_down, deterministic, sparse_grad):
+def peer_down(backend, x, expert_ids, w_down, deterministic, sparse_grad, w_down_scale=None):
     """peer_kernels.reference.peer_down on `backend`."""
-    _checks.check_down(x, expert_ids, w_down, check_range=False)
-    return down_forward(backend, x, expert_ids, w_down, bool(deterministic), bool(sparse_grad))
+    _checks.check_down(x, expert_ids, w_down, check_range=False, w_down_scale=w_down_scale)
+    return down_forward(backend, x, expert_ids, w_down, bool(deterministic), bool(sparse_grad), w_down_scale)
 
 
-def peer_mix(backend, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
+def peer_mix(backend, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad, w_up_scale=None):
     """peer_kernels.reference.peer_mix on `backend`."""
-    _checks.check_mix(z, expert_ids, gates, w_up, activation, check_range=False)
-    return mix_forward(backend, z, expert_ids, gates, w_up, activation, bool(deterministic), bool(sparse_grad))
+    _checks.check_mix(z, expert_ids, gates, w_up, activation, check_range=False, w_up_scale=w_up_scale)
+    return mix_forward(backend, z, expert_ids, gates, w_up, activation, bool(deterministic), bool(sparse_grad),
+                       w_up_scale)
 
 
 def peer_fused(backend, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
-               sparse_grad, schedule, deterministic):
+               sparse_grad, schedule, deterministic, w_down_scale=None, w_up_scale=None):
     """peer_kernels.reference.peer_fused on `backend`, its forward run by `schedule`."""
     k_sub = _checks.check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation,
-                                separate_embed_per_head)
+                                separate_embed_per_head, w_down_scale=w_down_scale, w_up_scale=w_up_scale)
     id_head_offset = keys.shape[1] ** 2 if separate_embed_per_head else 0
     return fused_forward(backend, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
-                         schedule, bool(deterministic), bool(sparse_grad))[0]
+                         schedule, bool(deterministic), bool(sparse_grad), w_down_scale, w_up_scale)[0]

@@ -69,7 +69,11 @@ def grow(layer, num_experts, *, optimizer=None):
     an optimizer built on the old ones must be told: pass it as `optimizer` and its param
     groups get the new Parameters, with their state re-laid like the Parameters (the new
     entries zero, scalars such as Adam's step kept); or build a new optimizer. usage_counts
-    are re-laid as well. Returns the layer."""
+    are re-laid as well. Returns the layer. A layer with quantized tables (peer_kernels.quantize_)
+    is not grown: grow the float layer, then quantize it."""
+    if layer.w_down_scale is not None:
+        raise ValueError(f"layer: its tables are quantized ({layer.w_down.dtype}); grow the float layer, then "
+                         f"quantize_ it")
     n_new = sub_keys_per_half(num_experts)
     n = math.isqrt(layer.num_experts)
     if n_new <= n:

@@ -83,6 +83,11 @@ class PEER(nn.Module):
     w_up, activation, sparse_grad) -> y` that runs the expert stage instead, after the retrieval op
     (x (T, dim), ids and gates (T, heads, k), ops the backend's module). It is the layer's one seam
     for distribution: peer_kernels.distributed.PEERParallel installs one for column-sharded tables.
+
+    Quantized tables (peer_kernels.quantize_, inference only): w_down and w_up int8 or
+    float8_e4m3fn with one float32 scale per row in the buffers w_down_scale and w_up_scale (None,
+    and absent from the state_dict, for float tables). Loading a state_dict with quantized tables
+    quantizes the layer first (peer_kernels.quantize.match_checkpoint).
     """
 
     def __init__(self, dim, *, heads=8, num_experts=1024 ** 2, num_experts_per_head=16, dim_key=128,
@@ -116,6 +121,9 @@ class PEER(nn.Module):
         rows = (heads if separate_embed_per_head else 1) * num_experts
         self.w_down = nn.Parameter(torch.empty(rows, dim, **factory))
         self.w_up = nn.Parameter(torch.empty(rows, dim, **factory))
+        # the per-row scales of quantized tables (peer_kernels.quantize_); None for float tables
+        self.register_buffer("w_down_scale", None)
+        self.register_buffer("w_up_scale", None)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -139,7 +147,8 @@ class PEER(nn.Module):
                 f"num_experts_per_head={self.num_experts_per_head}, product_key_topk={self.product_key_topk}, "
                 f"dim_key={self.dim_key}, activation={self.activation!r}, gating={self.gating!r}, "
                 f"shared_keys={self.shared_keys}, separate_embed_per_head={self.separate_embed_per_head}, "
-                f"dropout={self.dropout}, sparse_grad={self.sparse_grad}, backend={self.backend!r}")
+                f"dropout={self.dropout}, sparse_grad={self.sparse_grad}, backend={self.backend!r}"
+                + (f", quantized={self.w_down.dtype}" if self.w_down_scale is not None else ""))
 
     def queries(self, x):
         """x (T, dim) -> queries (T, heads, 2, dim_key), a view of the (half, head, dk) projection."""
@@ -185,11 +194,34 @@ class PEER(nn.Module):
         if self.track_usage:
             instruments.count_usage(self, ops, queries, keys)
         y = retrieve_and_mix(ops, tokens=tokens, queries=queries, keys=keys, w_down=self.w_down, w_up=self.w_up,
+                             w_down_scale=self.w_down_scale, w_up_scale=self.w_up_scale,
                              k=self.num_experts_per_head, k_sub=self.product_key_topk, gating=self.gating,
                              activation=self.activation, separate_embed_per_head=self.separate_embed_per_head,
                              dropout=self.dropout if self.training else 0.0, expert_stage=self.expert_stage,
                              sparse_grad=self.sparse_grad)
         return y.reshape(x.shape)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype), .half() and the like cast every floating tensor: quantized tables and their
+        # scales keep their dtypes (the kernels read them as stored) and follow the device only.
+        if self.w_down_scale is None:
+            return super()._apply(fn, recurse)
+        stored = {name: getattr(self, name).detach() for name in ("w_down", "w_up", "w_down_scale", "w_up_scale")}
+        super()._apply(fn, recurse)
+        for name, before in stored.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                if isinstance(after, nn.Parameter):
+                    after.data = before.to(after.device)
+                else:
+                    setattr(self, name, before.to(after.device))
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        from .quantize import match_checkpoint  # quantize imports this module
+
+        match_checkpoint(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- peer-pytorch interop (peer_kernels.compat) -----------------------------------------------
 
@@ -231,27 +263,36 @@ class PEER(nn.Module):
         return instruments.grow(self, num_experts, optimizer=optimizer)
 
 
-def backend_expert_stage(ops, x, expert_ids, gates, w_down, w_up, activation, sparse_grad):
+def backend_expert_stage(ops, x, expert_ids, gates, w_down, w_up, activation, sparse_grad, w_down_scale=None,
+                         w_up_scale=None):
     """The expert stage on a backend's own op: what an expert_stage replaces."""
-    return ops.peer_experts(x, expert_ids, gates, w_down, w_up, activation, sparse_grad=sparse_grad)
+    return ops.peer_experts(x, expert_ids, gates, w_down, w_up, activation, sparse_grad=sparse_grad,
+                            w_down_scale=w_down_scale, w_up_scale=w_up_scale)
 
 
 def retrieve_and_mix(ops, *, tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation,
-                     separate_embed_per_head, dropout=0.0, expert_stage=None, sparse_grad=False):
+                     separate_embed_per_head, dropout=0.0, expert_stage=None, sparse_grad=False, w_down_scale=None,
+                     w_up_scale=None):
     """The layer after its query path, on a backend's ops: retrieval, gating and the experts, by the
     fused op, or by the retrieval op and then `expert_stage` (default: the backend's expert op) when
     dropout > 0 or an expert stage is given (PEER.expert_stage). Dropout on the activations a_j
     equals dropout on the gates g_j (y and every gradient are the same products), so the expert
-    stage needs no dropout of its own."""
+    stage needs no dropout of its own. Quantized tables come with their scales, and only to the
+    backend's own ops (an expert_stage takes float tables)."""
+    quantized = w_down_scale is not None or w_up_scale is not None
+    if quantized and expert_stage is not None:
+        raise ValueError("expert_stage: a custom expert stage (e.g. peer_kernels.distributed.PEERParallel's) takes "
+                         "float tables, but this layer's are quantized (peer_kernels.quantize_)")
+    scales = dict(w_down_scale=w_down_scale, w_up_scale=w_up_scale) if quantized else {}
     if dropout > 0 or expert_stage is not None:
         scores, expert_ids = ops.product_key_topk(queries, keys, k, k_sub)
         if separate_embed_per_head:
             expert_ids = _math.head_offsets(expert_ids, keys.shape[1] ** 2)
         gates = F.dropout(_math.gate(scores, gating), dropout, training=dropout > 0)
         return (expert_stage or backend_expert_stage)(ops, tokens, expert_ids, gates, w_down, w_up, activation,
-                                                      sparse_grad)
+                                                      sparse_grad, **scales)
     return ops.peer_fused(tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
-                          sparse_grad=sparse_grad)
+                          sparse_grad=sparse_grad, **scales)
 
 
 def _flag_coalesced(table):

@@ -5,7 +5,9 @@ speed and memory: the gathered `(T, h, k, d)` expert rows are materialized, all 
 computed, and gradients come from ordinary autograd. They take the same arguments, with the same
 checks (peer_kernels._checks), as every other backend. They compute in float64 for float64 inputs
 and in float32 otherwise, and return results in the dtype of x (retrieval scores in the compute
-dtype); expert rows are gathered first and cast after, so no whole table is ever copied.
+dtype); expert rows are gathered first and cast after, so no whole table is ever copied. Quantized
+tables (int8 / float8_e4m3fn with a float32 scale per row, peer_kernels.quantize_) are read the same
+way: the gathered rows are cast and multiplied by their scales, then the same math follows.
 
 Tie rule (the same on every backend): each half ranks its sub-keys by (score descending, sub-key
 index ascending); the k'*k' candidate pairs are ranked by (s1 + s2 descending, rank of a in the
@@ -82,56 +84,63 @@ class _SparseRows(torch.autograd.Function):
         return rows.coalesce(), None
 
 
-def _rows(table, expert_ids, dtype, sparse_grad):
-    """The (T, h, k, d) rows the fused kernels never build, in the compute dtype."""
+def _rows(table, expert_ids, dtype, sparse_grad, scale=None):
+    """The (T, h, k, d) rows the fused kernels never build, in the compute dtype; a quantized
+    table's rows times their scales."""
     ids = expert_ids.long()
-    return (_SparseRows.apply(table, ids) if sparse_grad else table[ids]).to(dtype)
+    rows = (_SparseRows.apply(table, ids) if sparse_grad else table[ids]).to(dtype)
+    return rows if scale is None else rows * scale[ids].to(dtype)[..., None]
 
 
-def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", sparse_grad=False):
+def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", sparse_grad=False, *, w_down_scale=None,
+                 w_up_scale=None):
     """Single-neuron expert mixing: y[t] = sum_{h,j} gates[t,h,j] * act(u_e . x[t]) * v_e.
 
     x (T, d_in), expert_ids (T, h, k) indexing rows of w_down (E, d_in) and w_up (E, d_out), gates
     (T, h, k). Returns y (T, d_out) in x's dtype. d_in != d_out with activation="identity" gives
     retrieved rank-1 adapters (peer_kernels.compat.PEERLora). sparse_grad=True: the tables'
-    gradients are coalesced sparse COO tensors of the rows in expert_ids.
+    gradients are coalesced sparse COO tensors of the rows in expert_ids. Quantized tables come with
+    their scales w_down_scale, w_up_scale (E,) float32 (inference only).
     """
-    check_experts(x, expert_ids, gates, w_down, w_up, activation)
-    z = peer_down(x, expert_ids, w_down, sparse_grad)
-    return peer_mix(z, expert_ids, gates, w_up, activation, sparse_grad).to(x.dtype)
+    check_experts(x, expert_ids, gates, w_down, w_up, activation, w_down_scale=w_down_scale, w_up_scale=w_up_scale)
+    z = peer_down(x, expert_ids, w_down, sparse_grad, w_down_scale=w_down_scale)
+    return peer_mix(z, expert_ids, gates, w_up, activation, sparse_grad, w_up_scale=w_up_scale).to(x.dtype)
 
 
-def peer_down(x, expert_ids, w_down, sparse_grad=False):
+def peer_down(x, expert_ids, w_down, sparse_grad=False, *, w_down_scale=None):
     """The experts' down projections z[t,h,j] = u_e . x[t]: x (T, d), expert_ids (T, h, k),
     w_down (E, d) -> z (T, h, k) in the compute dtype. With peer_mix, the expert stage split where a
     column-sharded table needs a sum of z over its shards (peer_kernels.distributed)."""
-    check_down(x, expert_ids, w_down)
-    down_rows = _rows(w_down, expert_ids, compute_dtype(x.dtype), sparse_grad)
+    check_down(x, expert_ids, w_down, w_down_scale=w_down_scale)
+    down_rows = _rows(w_down, expert_ids, compute_dtype(x.dtype), sparse_grad, w_down_scale)
     with autocast_off(x):
         return torch.einsum("thkd,td->thk", down_rows, x.to(down_rows.dtype))
 
 
-def peer_mix(z, expert_ids, gates, w_up, activation="gelu", sparse_grad=False):
+def peer_mix(z, expert_ids, gates, w_up, activation="gelu", sparse_grad=False, *, w_up_scale=None):
     """y[t] = sum_{h,j} gates[t,h,j] * act(z[t,h,j]) * v_e: z, expert_ids, gates (T, h, k), w_up
     (E, d_out) -> y (T, d_out) in z's dtype (the compute dtype)."""
-    check_mix(z, expert_ids, gates, w_up, activation)
-    up_rows = _rows(w_up, expert_ids, z.dtype, sparse_grad)
+    check_mix(z, expert_ids, gates, w_up, activation, w_up_scale=w_up_scale)
+    up_rows = _rows(w_up, expert_ids, z.dtype, sparse_grad, w_up_scale)
     with autocast_off(z):
         return torch.einsum("thk,thkd->td", gates.to(z.dtype) * activate(z, activation), up_rows)
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False, sparse_grad=False):
+               separate_embed_per_head=False, sparse_grad=False, *, w_down_scale=None, w_up_scale=None):
     """Everything after the query projection: retrieval, gating and expert mixing.
 
     x (T, d), queries (T, h, 2, dk), keys (h or 1, n, 2, dk), w_down / w_up (S*n*n, d) with S = h
-    when separate_embed_per_head else 1. Returns y (T, d). sparse_grad as in peer_experts.
+    when separate_embed_per_head else 1. Returns y (T, d). sparse_grad and the scales as in
+    peer_experts.
     """
-    k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head)
+    k_sub = check_fused(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
+                        w_down_scale=w_down_scale, w_up_scale=w_up_scale)
     scores, expert_ids = product_key_topk(queries, keys, k, k_sub)
     if separate_embed_per_head:
         expert_ids = head_offsets(expert_ids, keys.shape[1] ** 2)
-    return peer_experts(x, expert_ids, gate(scores, gating), w_down, w_up, activation, sparse_grad)
+    return peer_experts(x, expert_ids, gate(scores, gating), w_down, w_up, activation, sparse_grad,
+                        w_down_scale=w_down_scale, w_up_scale=w_up_scale)
 
 
 def routing_margin(queries, keys, k, k_sub=None):

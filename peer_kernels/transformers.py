@@ -56,6 +56,7 @@ import json
 
 from torch import nn
 
+from . import quantize
 from ._checks import BACKENDS, check_choice
 from .module import PEER
 
@@ -227,15 +228,19 @@ def _block_indices(layers, count):
     return indices
 
 
-def _install(blocks, hidden, layers, mode, peer_kwargs, backend):
+def _install(blocks, hidden, layers, mode, peer_kwargs, backend, quantization=None):
     """Builds every PEER layer first (bad options raise before the model changes), then swaps them
-    in: each on its feed-forward's device and in its dtype (a quantized one's: the default dtype)."""
+    in: each on its feed-forward's device and in its dtype (a quantized one's: the default dtype).
+    quantization: the dtype name of quantized expert tables (config.peer["quantization"], recorded
+    by peer_kernels.quantize_), which the layers get unwritten, to be loaded."""
     made = []
     for index in layers:
         name, ffn = _find_ffn(blocks[index], hidden)
         weight = next(ffn.parameters())
         dtype = weight.dtype if weight.is_floating_point() else None
         peer = PEER(hidden, **peer_kwargs, backend=backend, device=weight.device, dtype=dtype)
+        if quantization is not None:
+            quantize.make_quantized(peer, quantize.dtype_of(quantization))
         # transformers' weight init skips flagged modules: the PEER layer initialises itself or is
         # loaded, and its names would trip the families' init rules (Gemma zeroes any *RMSNorm*'s weight)
         for module in peer.modules():
@@ -258,7 +263,7 @@ def _with_peer(base):
             base.__init__(self, config, *args, **kwargs)
             settings, hidden = config.peer, _hidden_size(config)
             _install(_decoder_blocks(self, hidden), hidden, settings["layers"], settings["mode"],
-                     settings["peer_kwargs"], "auto")
+                     settings["peer_kwargs"], "auto", settings.get("quantization"))
 
         _WITH_PEER[base] = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
                                                          "__qualname__": base.__qualname__})

@@ -87,9 +87,13 @@ def _opcodes(sass_text):
     return [op for _, op, _ in _instructions(sass_text)]
 
 
+LDG128 = r"LDG(\.\w+)*\.128(\.\w+)*"
+
+
 def loops(sass_text):
     """The loops of a kernel, one dict per backward branch (BRA to an earlier address), in address
-    order: instructions in its body, how many are MMAs (HMMA / HGMMA) and local-memory spills."""
+    order: instructions in its body, how many are MMAs (HMMA / HGMMA), local-memory spills and
+    128-bit global loads."""
     instructions = _instructions(sass_text)
     found = []
     for address, op, operands in instructions:
@@ -98,7 +102,8 @@ def loops(sass_text):
             body = [o for a, o, _ in instructions if int(target.group(1), 16) <= a <= address]
             found.append({"instructions": len(body),
                           "mma": sum(1 for o in body if re.match(r"HG?MMA", o)),
-                          "spills": sum(1 for o in body if re.match(r"(STL|LDL)", o))})
+                          "spills": sum(1 for o in body if re.match(r"(STL|LDL)", o)),
+                          "ldg128": sum(1 for o in body if re.fullmatch(LDG128, o))})
     return found
 
 
@@ -126,7 +131,7 @@ def sass_stats(compiled, disassemble=True):
         stats.update({
             "stl": count(r"STL(\..*)?"),
             "ldl": count(r"LDL(\..*)?"),
-            "ldg128": count(r"LDG(\.\w+)*\.128(\.\w+)*"),
+            "ldg128": count(LDG128),
             "ldg64": count(r"LDG(\.\w+)*\.64(\.\w+)*"),
             "ldg": count(r"LDG(\..*)?"),
             "stg": count(r"STG(\..*)?"),

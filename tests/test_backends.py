@@ -126,13 +126,30 @@ EXPERT_ERRORS = [
     (dict(x=torch.randn(4, 6, dtype=torch.float64)), TypeError, "float64 mixes"),
     (dict(w_up=torch.randn(5, 6).bfloat16()), TypeError, "w_up: expected dtype"),
     (dict(gates=torch.rand(4, 2, 2)), ValueError, "gates: expected shape"),
+    # quantized tables (peer_kernels.quantize_): int8 / float8_e4m3fn with a float32 scale per row
+    (dict(w_down=torch.ones(5, 6, dtype=torch.int8), w_up=torch.ones(5, 6, dtype=torch.int8)), TypeError,
+     "w_down: a torch.int8 table needs its per-row scale w_down_scale"),
+    (dict(w_down_scale=torch.ones(5), w_up_scale=torch.ones(5)), TypeError,
+     "w_down_scale: scales go with quantized tables .* but w_down is torch.float32"),
+    (dict(w_down=torch.ones(5, 6, dtype=torch.int8), w_up=torch.ones(5, 6, dtype=torch.int8), w_down_scale=torch.ones(4),
+          w_up_scale=torch.ones(5)), ValueError, r"w_down_scale: expected shape \(5\), got \(4,\)"),
+    (dict(w_down=torch.ones(5, 6, dtype=torch.int8), w_up=torch.ones(5, 6, dtype=torch.int8), w_down_scale=torch.ones(5),
+          w_up_scale=torch.ones(5, dtype=torch.float64)), TypeError, "w_up_scale: expected dtype"),
+    (dict(w_down=torch.ones(5, 6, dtype=torch.int8), w_up=torch.ones(5, 6, dtype=torch.float8_e4m3fn),
+          w_down_scale=torch.ones(5), w_up_scale=torch.ones(5)), TypeError, "w_up: expected dtype torch.int8"),
+    (dict(x=torch.randn(4, 6, dtype=torch.float64), w_down=torch.ones(5, 6, dtype=torch.int8),
+          w_up=torch.ones(5, 6, dtype=torch.int8), w_down_scale=torch.ones(5), w_up_scale=torch.ones(5)), TypeError,
+     "float64 mixes"),
+    (dict(x=torch.randn(4, 6, requires_grad=True), w_down=torch.ones(5, 6, dtype=torch.int8),
+          w_up=torch.ones(5, 6, dtype=torch.int8), w_down_scale=torch.ones(5), w_up_scale=torch.ones(5)), ValueError,
+     r"x: requires a gradient, but the expert tables are quantized \(peer_kernels.quantize_\)"),
 ]
 
 
 @pytest.mark.parametrize("change, error, match", EXPERT_ERRORS)
 def test_expert_errors(ops, change, error, match):
     ops, device = ops
-    args = {name: t.to(device) for name, t in _expert_args(**change).items()}
+    args = {name: t.detach().to(device).requires_grad_(t.requires_grad) for name, t in _expert_args(**change).items()}
     with pytest.raises(error, match=match):
         ops.peer_experts(**args)
 

@@ -307,9 +307,10 @@ def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch, halves=False):
     tokens = {"x_ptr": _ptr(dtype), "expert_ids_ptr": _ptr(ids_dtype), "gates_ptr": _ptr(gates),
               "w_down_ptr": _ptr(table), "w_up_ptr": _ptr(table)}
     forward = dict(tokens, y_ptr=_ptr(dtype), z_ptr=_ptr(acc), T="i32")
+    float_tables = dict(w_down_scale_ptr=None, w_up_scale_ptr=None)  # constexpr None: no scale loads
     # only the whole forward is disassembled (~1 s each); spills of the others show in their LOCAL bytes
-    jobs = [dict(tile(DOWN=True, UP=True, PERSISTENT=False), kernel="experts_fwd_kernel", disassemble=True,
-                 signature=forward)]
+    jobs = [dict(tile(DOWN=True, UP=True, PERSISTENT=False, **float_tables), kernel="experts_fwd_kernel",
+                 disassemble=True, signature=forward)]
     bwd = dict(tokens, dy_ptr=_ptr(dtype), z_ptr=_ptr(acc), dx_ptr=_ptr(dtype), dgates_ptr=_ptr(gates),
                dz_ptr=_ptr(acc), ga_ptr=_ptr(acc), T="i32")
     halves_flags = [(True, True)] + ([(True, False), (False, True)] if halves else [])
@@ -320,8 +321,8 @@ def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch, halves=False):
                              disassemble=False,
                              signature=dict(bwd, dw_down_ptr=_ptr(table_grad), dw_up_ptr=_ptr(table_grad))))
         if (up, down) != (True, True):
-            jobs.append(dict(tile(DOWN=down, UP=up, PERSISTENT=False), kernel="experts_fwd_kernel", disassemble=False,
-                             signature=forward))
+            jobs.append(dict(tile(DOWN=down, UP=up, PERSISTENT=False, **float_tables), kernel="experts_fwd_kernel",
+                             disassemble=False, signature=forward))
     block_n, block_d, _, num_warps = tuning.table_grad_tile(dim=D, slots=T * S, device=torch.device("cpu"))
     jobs.append(dict(module=MODULE, kernel="table_grad_kernel", arch=arch, num_warps=num_warps, disassemble=False,
                      constexprs=dict(D=D, S=S, BLOCK_N=block_n, BLOCK_D=block_d),

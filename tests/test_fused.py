@@ -247,7 +247,8 @@ def test_aot_one_pass_kernel_at_paper_shapes():
     for arch in aot.ARCHS:
         consts, launch = tuning.one_pass_config(num_tokens=8192, heads=heads, d=d, n=n, dk=dk, k=k, k_sub=k,
                                                 dtype=torch.bfloat16, arch=arch, interpreted=False)
-        consts.update(D=d, ACTIVATION=experts_ops.activation_id("gelu"), GATING=retrieval_ops.GATING_CODES["softmax"])
+        consts.update(D=d, ACTIVATION=experts_ops.activation_id("gelu"), GATING=retrieval_ops.GATING_CODES["softmax"],
+                      w_down_scale_ptr=None, w_up_scale_ptr=None)
         jobs.append(dict(module="peer_kernels.kernels.fused", kernel="peer_fused_kernel",
                          signature={**ptrs, **{name: "i32" for name in ints}}, constexprs=consts, arch=arch, **launch,
                          aligned=list(ptrs) + ["dk", "stride_t", "stride_h", "stride_p", "key_head_stride"]))
@@ -280,7 +281,7 @@ def test_aot_overlap_expert_programs_take_whole_sms():
                          signature=dict(ptrs, T="i32"),
                          constexprs=dict(D_IN=d, D_OUT=d, S=slots, ACTIVATION=experts_ops.activation_id("gelu"),
                                          BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=True, UP=True,
-                                         PERSISTENT=True),
+                                         PERSISTENT=True, w_down_scale_ptr=None, w_up_scale_ptr=None),
                          arch=arch, num_warps=num_warps, aligned=list(ptrs)))
     tile_bytes = block_t * block_s * block_d * 2
     for job, stats in zip(jobs, aot.compile_report(jobs)):

@@ -8,6 +8,7 @@ import torch
 
 from conftest import DEVICE
 from peer_kernels import _device, _library, csrc
+from peer_kernels.quantize import quantize_rows
 
 T, H, N, DK, D, K, K_SUB = 6, 2, 5, 8, 12, 3, 3
 TRITON = DEVICE.type == "cuda" or _device.INTERPRETED
@@ -95,6 +96,35 @@ def test_ops(backend, dtype):
         _, scores, ids, gates, z = _library.fused_forward(*args)
         torch.library.opcheck(_library.fused_backward, detached(
             backend, dy, x, queries, keys, *tables, scores, ids, gates, z, "sigmoid", "gelu", offset, True, sparse))
+
+
+@pytest.mark.parametrize("table_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_forward_ops_with_quantized_tables(backend, table_dtype):
+    """The forward ops' scale arguments: quantized tables (column-major, like the float ones above)
+    with their scales; inference only, so no input requires grad. opcheck's schema check compares
+    the inputs before and after with torch.allclose, which float8 tensors lack on a CPU: the schema
+    (no input mutated) is checked with the int8 tables."""
+    device = _device_of(backend)
+    checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic") + \
+        (("test_schema",) if table_dtype == torch.int8 else ())
+
+    def opcheck(op, args):
+        torch.library.opcheck(op, args, test_utils=checks)
+
+    x, queries, keys, w_down, w_up, _ = detached(*inputs(torch.float32, device))
+    tables = [column_major(quantize_rows(t, table_dtype)[0]) for t in (w_down, w_up)]
+    scales = [quantize_rows(t, table_dtype)[1] for t in (w_down, w_up)]
+    scores, ids, gates = _library.retrieve(backend, queries, keys, K, K_SUB, "softmax", 0)
+    ids_t = ids.transpose(1, 2).contiguous().transpose(1, 2)
+    gates_s = strided_gates(ids, torch.float32, device).detach()
+    opcheck(_library.experts_forward, (backend, x, ids_t, gates_s, *tables, "silu", True, False, *scales))
+    opcheck(_library.down_forward, (backend, x, ids_t, tables[0], True, False, scales[0]))
+    z = _library.down_forward(backend, x, ids, tables[0], True, False, scales[0])
+    opcheck(_library.mix_forward, (backend, z, ids_t, gates_s, tables[1], "relu", True, False, scales[1]))
+    for schedule in dict(SCHEDULES[backend]):
+        opcheck(_library.fused_forward, (backend, x, queries, keys, *tables, K, K_SUB, "sigmoid", "gelu", 0, schedule,
+                                         True, False, *scales))
 
 
 def test_every_registered_op_is_checked():

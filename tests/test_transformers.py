@@ -6,7 +6,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from peer_kernels import PEER
+from peer_kernels import PEER, quantize_
 from peer_kernels.transformers import ParallelPEER, apply_peer, from_pretrained, peer_modules
 
 transformers = pytest.importorskip("transformers")
@@ -200,6 +200,29 @@ def test_from_pretrained_passes_dtype_and_backend_through(tmp_path):
     assert layer.w_down.dtype == torch.bfloat16 and layer.backend == "cpp"
     with pytest.raises(ValueError, match="backend: expected one of"):
         from_pretrained(cls, tmp_path, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantized_model_round_trip(dtype, tmp_path):
+    """quantize_ records its dtype in config.peer; from_pretrained rebuilds the layers quantized and
+    loads their tables and scales: the same logits and tokens. Loaded in bfloat16, the tables and
+    scales keep their dtypes."""
+    config, cls = tiny("llama")
+    model = quantize_(apply_peer(cls(config), mode="parallel", **OPTIONS), dtype).eval()
+    assert model.config.peer["quantization"] == str(dtype).removeprefix("torch.")
+    model.save_pretrained(tmp_path)
+    restored = from_pretrained(transformers.AutoModelForCausalLM, tmp_path, backend="reference")
+    layer, = peer_modules(restored).values()
+    assert layer.w_down.dtype == layer.w_up.dtype == dtype and layer.w_up_scale.dtype == torch.float32
+    ids = tokens()
+    generate = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, model(ids).logits)
+        assert torch.equal(restored.generate(ids, **generate), model.generate(ids, **generate))
+    dtype_arg = {"dtype" if VERSION >= (4, 56) else "torch_dtype": torch.bfloat16}
+    layer, = peer_modules(from_pretrained(cls, tmp_path, **dtype_arg)).values()
+    assert layer.keys.dtype == torch.bfloat16 and layer.w_down.dtype == dtype
+    assert layer.w_down_scale.dtype == torch.float32
 
 
 def _llama(**options):

@@ -24,23 +24,25 @@ def product_key_topk(queries, keys, k, k_sub=None):
     return _library.product_key_topk("cpp", queries, keys, k, k_sub)
 
 
-def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", sparse_grad=False):
+def peer_experts(x, expert_ids, gates, w_down, w_up, activation="gelu", sparse_grad=False, *, w_down_scale=None,
+                 w_up_scale=None):
     """See peer_kernels.reference.peer_experts."""
-    return _library.peer_experts("cpp", x, expert_ids, gates, w_down, w_up, activation, True, sparse_grad)
+    return _library.peer_experts("cpp", x, expert_ids, gates, w_down, w_up, activation, True, sparse_grad,
+                                 w_down_scale, w_up_scale)
 
 
-def peer_down(x, expert_ids, w_down, sparse_grad=False):
+def peer_down(x, expert_ids, w_down, sparse_grad=False, *, w_down_scale=None):
     """See peer_kernels.reference.peer_down."""
-    return _library.peer_down("cpp", x, expert_ids, w_down, True, sparse_grad)
+    return _library.peer_down("cpp", x, expert_ids, w_down, True, sparse_grad, w_down_scale)
 
 
-def peer_mix(z, expert_ids, gates, w_up, activation="gelu", sparse_grad=False):
+def peer_mix(z, expert_ids, gates, w_up, activation="gelu", sparse_grad=False, *, w_up_scale=None):
     """See peer_kernels.reference.peer_mix."""
-    return _library.peer_mix("cpp", z, expert_ids, gates, w_up, activation, True, sparse_grad)
+    return _library.peer_mix("cpp", z, expert_ids, gates, w_up, activation, True, sparse_grad, w_up_scale)
 
 
 def peer_fused(x, queries, keys, w_down, w_up, k, k_sub=None, gating="softmax", activation="gelu",
-               separate_embed_per_head=False, sparse_grad=False):
+               separate_embed_per_head=False, sparse_grad=False, *, w_down_scale=None, w_up_scale=None):
     """See peer_kernels.reference.peer_fused."""
     return _library.peer_fused("cpp", x, queries, keys, w_down, w_up, k, k_sub, gating, activation,
-                               separate_embed_per_head, sparse_grad, "two_kernel", True)
+                               separate_embed_per_head, sparse_grad, "two_kernel", True, w_down_scale, w_up_scale)

@@ -39,9 +39,9 @@ def retrieve_backward(*, dscores, dgates, queries, keys, ids, scores, gates, gat
     return _call("retrieval_backward", sum(terms[1:], terms[0]), queries, keys, _product_key_ids(ids, id_head_offset))
 
 
-def experts(*, x, expert_ids, gates, w_down, w_up, activation):
+def experts(*, x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale):
     expert_ids = _checks.checked_expert_ids(expert_ids, w_down.shape[0])
-    return _call("experts_forward", x, expert_ids, gates, w_down, w_up, activation)
+    return _call("experts_forward", x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale)
 
 
 def experts_backward(*, dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic, sparse_grad):
@@ -49,29 +49,31 @@ def experts_backward(*, dy, x, expert_ids, gates, z, w_down, w_up, activation, d
     return _call("experts_backward", dy, x, expert_ids, gates, z, w_down, w_up, activation, sparse_grad)
 
 
-def down(*, x, expert_ids, w_down):
-    return _call("down_forward", x, _checks.checked_expert_ids(expert_ids, w_down.shape[0]), w_down)
+def down(*, x, expert_ids, w_down, w_down_scale):
+    return _call("down_forward", x, _checks.checked_expert_ids(expert_ids, w_down.shape[0]), w_down, w_down_scale)
 
 
 def down_backward(*, dz, x, expert_ids, w_down, deterministic, sparse_grad):
     return _call("down_backward", dz, x, expert_ids, w_down, sparse_grad)
 
 
-def mix(*, z, expert_ids, gates, w_up, activation):
-    return _call("mix_forward", z, _checks.checked_expert_ids(expert_ids, w_up.shape[0]), gates, w_up, activation)
+def mix(*, z, expert_ids, gates, w_up, activation, w_up_scale):
+    return _call("mix_forward", z, _checks.checked_expert_ids(expert_ids, w_up.shape[0]), gates, w_up, activation,
+                 w_up_scale)
 
 
 def mix_backward(*, dy, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
     return _call("mix_backward", dy, z, expert_ids, gates, w_up, activation, sparse_grad)
 
 
-def fused(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, schedule):
+def fused(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, schedule, w_down_scale,
+          w_up_scale):
     """Retrieval -> gating -> experts, each stage one call into the extension; only (T, h, k)
     tensors pass between them."""
     _checks.check_choice("schedule", schedule, ("two_kernel",))
     scores, ids, gates = retrieve(queries=queries, keys=keys, k=k, k_sub=k_sub, gating=gating,
                                   id_head_offset=id_head_offset)
-    y, z = _call("experts_forward", x, ids, gates, w_down, w_up, activation)
+    y, z = _call("experts_forward", x, ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale)
     return y, scores, ids, gates, z
 
 

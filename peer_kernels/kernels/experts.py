@@ -11,6 +11,13 @@ Layouts (all contiguous): x, dx (T, D_IN); y, dy (T, D_OUT); expert_ids, gates, 
 scalars (T, S), the (h, k) dims flattened; tables w_down (E, D_IN), w_up (E, D_OUT) and their
 gradients alike. Row offsets are int64: E * D reaches 2**31 for a 1024**2 x 4096 table. Accumulation is in fp32, or fp64 for fp64 inputs (the
 per-slot scalar buffers carry that accumulation dtype).
+
+Quantized tables (forward only; peer_kernels.quantize_): int8 or fp8 e4m3 rows with one fp32 scale
+per row (E,), a row being its values times its scale. The row loads of down_project and mix_up,
+which every forward shares, read them at 1 byte per value (half a bf16 row's bytes) and convert in
+registers; the row's scale is common to its terms, so it multiplies the row's dot product (down) or
+its coefficient (up), one multiply per row instead of one per value. A float table passes None
+for its scale pointer (a constexpr: the kernel compiles without the scale load).
 """
 import triton
 import triton.language as tl
@@ -96,26 +103,31 @@ def activate_with_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, expert_ids, gates, offs_t, slot_mask, T,
-                D_IN: tl.constexpr, D_OUT: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_D: tl.constexpr):
+def mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, w_down_scale_ptr, w_up_scale_ptr, expert_ids, gates, offs_t,
+                slot_mask, T, D_IN: tl.constexpr, D_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     """Writes y for a tile of tokens whose ids / gates are already in registers; returns z.
 
-    x_ptr (T, D_IN), y_ptr (T, D_OUT); w_down_ptr (E, D_IN), w_up_ptr (E, D_OUT); expert_ids
-    (BLOCK_T, BLOCK_S) any int; gates (BLOCK_T, BLOCK_S) in the accumulation dtype, 0 where
-    slot_mask is off; offs_t (BLOCK_T,) token indices. Returns z = w_down[e] . x[t], (BLOCK_T, BLOCK_S).
-    Shared with the one-pass fused kernel, which computes ids and gates itself.
+    x_ptr (T, D_IN), y_ptr (T, D_OUT); w_down_ptr (E, D_IN), w_up_ptr (E, D_OUT), and their scales
+    (E,) if quantized, else None; expert_ids (BLOCK_T, BLOCK_S) any int; gates (BLOCK_T, BLOCK_S)
+    in the accumulation dtype, 0 where slot_mask is off; offs_t (BLOCK_T,) token indices. Returns
+    z = w_down[e] . x[t], (BLOCK_T, BLOCK_S). Shared with the one-pass fused kernel, which computes
+    ids and gates itself.
     """
     # Two streaming passes: the activation needs the full down-dot before any up row is useful,
     # and holding all S rows of a token across D would not fit in registers.
-    z = down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, gates.dtype, D_IN, BLOCK_D)
-    mix_up(y_ptr, w_up_ptr, expert_ids, gates * activate(z, ACTIVATION), offs_t, slot_mask, T, D_OUT, BLOCK_D)
+    z = down_project(x_ptr, w_down_ptr, w_down_scale_ptr, expert_ids, offs_t, slot_mask, T, gates.dtype, D_IN,
+                     BLOCK_D)
+    mix_up(y_ptr, w_up_ptr, w_up_scale_ptr, expert_ids, gates * activate(z, ACTIVATION), offs_t, slot_mask, T,
+           D_OUT, BLOCK_D)
     return z
 
 
 @triton.jit
-def down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype: tl.constexpr,
+def down_project(x_ptr, w_down_ptr, w_down_scale_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype: tl.constexpr,
                  D_IN: tl.constexpr, BLOCK_D: tl.constexpr):
-    """z = w_down[e] . x[t] (BLOCK_T, BLOCK_S) for x_ptr (T, D_IN), w_down_ptr (E, D_IN)."""
+    """z = w_down[e] . x[t] (BLOCK_T, BLOCK_S) for x_ptr (T, D_IN), w_down_ptr (E, D_IN); times
+    w_down_scale[e] for a quantized table (w_down_scale_ptr (E,) fp32, else None)."""
     token_rows = offs_t.to(tl.int64)[:, None] * D_IN              # (BT, 1)
     expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_IN      # (BT, BS, 1)
     token_mask = (offs_t < T)[:, None]
@@ -128,12 +140,18 @@ def down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype:
         u = tl.load(w_down_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
                     other=0.0)
         z += tl.sum(u.to(acc_dtype) * x_chunk.to(acc_dtype)[:, None, :], axis=2)
+    if w_down_scale_ptr is not None:
+        z *= tl.load(w_down_scale_ptr + expert_ids, mask=slot_mask, other=0.0).to(acc_dtype)
     return z
 
 
 @triton.jit
-def mix_up(y_ptr, w_up_ptr, expert_ids, coef, offs_t, slot_mask, T, D_OUT: tl.constexpr, BLOCK_D: tl.constexpr):
-    """y[t] = sum_s coef[t, s] w_up[e] for y_ptr (T, D_OUT), w_up_ptr (E, D_OUT); coef (BLOCK_T, BLOCK_S)."""
+def mix_up(y_ptr, w_up_ptr, w_up_scale_ptr, expert_ids, coef, offs_t, slot_mask, T, D_OUT: tl.constexpr,
+           BLOCK_D: tl.constexpr):
+    """y[t] = sum_s coef[t, s] w_up[e] for y_ptr (T, D_OUT), w_up_ptr (E, D_OUT); coef (BLOCK_T, BLOCK_S);
+    w_up[e] times w_up_scale[e] for a quantized table (w_up_scale_ptr (E,) fp32, else None)."""
+    if w_up_scale_ptr is not None:
+        coef *= tl.load(w_up_scale_ptr + expert_ids, mask=slot_mask, other=0.0).to(coef.dtype)
     token_rows = offs_t.to(tl.int64)[:, None] * D_OUT
     expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_OUT
     token_mask = (offs_t < T)[:, None]
@@ -160,20 +178,22 @@ def _load_slots(expert_ids_ptr, tile, T, S: tl.constexpr, BLOCK_T: tl.constexpr,
 
 
 @triton.jit
-def _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, y_ptr, z_ptr, tile, T,
-                  D_IN: tl.constexpr, D_OUT: tl.constexpr, S: tl.constexpr, ACTIVATION: tl.constexpr,
+def _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, w_down_scale_ptr, w_up_scale_ptr, y_ptr,
+                  z_ptr, tile, T, D_IN: tl.constexpr, D_OUT: tl.constexpr, S: tl.constexpr, ACTIVATION: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOWN: tl.constexpr,
                   UP: tl.constexpr):
     acc_dtype: tl.constexpr = z_ptr.dtype.element_ty
     offs_t, slots, slot_mask, expert_ids = _load_slots(expert_ids_ptr, tile, T, S, BLOCK_T, BLOCK_S)
     if DOWN:
-        z = down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype, D_IN, BLOCK_D)
+        z = down_project(x_ptr, w_down_ptr, w_down_scale_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype, D_IN,
+                         BLOCK_D)
         tl.store(z_ptr + slots, z, mask=slot_mask)
     else:
         z = tl.load(z_ptr + slots, mask=slot_mask, other=0.0)
     if UP:
         gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0).to(acc_dtype)
-        mix_up(y_ptr, w_up_ptr, expert_ids, gates * activate(z, ACTIVATION), offs_t, slot_mask, T, D_OUT, BLOCK_D)
+        mix_up(y_ptr, w_up_ptr, w_up_scale_ptr, expert_ids, gates * activate(z, ACTIVATION), offs_t, slot_mask, T,
+               D_OUT, BLOCK_D)
 
 
 @triton.jit
@@ -181,8 +201,10 @@ def experts_fwd_kernel(
     x_ptr,            # (T, D_IN), read when DOWN
     expert_ids_ptr,   # (T, S) int32 | int64
     gates_ptr,        # (T, S) any float dtype, read when UP
-    w_down_ptr,       # (E, D_IN), read when DOWN
-    w_up_ptr,         # (E, D_OUT), read when UP
+    w_down_ptr,       # (E, D_IN), read when DOWN: float, or int8 | fp8e4nv with w_down_scale_ptr
+    w_up_ptr,         # (E, D_OUT), read when UP: float, or int8 | fp8e4nv with w_up_scale_ptr
+    w_down_scale_ptr,  # (E,) fp32 for a quantized w_down, else None
+    w_up_scale_ptr,    # (E,) fp32 for a quantized w_up, else None
     y_ptr,            # (T, D_OUT) out when UP, x's dtype
     z_ptr,            # (T, S) accumulation dtype: out when DOWN (saved for backward), in otherwise
     T,
@@ -199,11 +221,12 @@ def experts_fwd_kernel(
     loop costs the 4-warp tile a register spill on sm_90)."""
     if PERSISTENT:
         for tile in range(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.num_programs(0)):
-            _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, y_ptr, z_ptr, tile, T,
-                          D_IN, D_OUT, S, ACTIVATION, BLOCK_T, BLOCK_S, BLOCK_D, DOWN, UP)
+            _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, w_down_scale_ptr, w_up_scale_ptr,
+                          y_ptr, z_ptr, tile, T, D_IN, D_OUT, S, ACTIVATION, BLOCK_T, BLOCK_S, BLOCK_D, DOWN, UP)
     else:
-        _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, y_ptr, z_ptr, tl.program_id(0), T,
-                      D_IN, D_OUT, S, ACTIVATION, BLOCK_T, BLOCK_S, BLOCK_D, DOWN, UP)
+        _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, w_down_scale_ptr, w_up_scale_ptr,
+                      y_ptr, z_ptr, tl.program_id(0), T, D_IN, D_OUT, S, ACTIVATION, BLOCK_T, BLOCK_S, BLOCK_D, DOWN,
+                      UP)
 
 
 @triton.jit

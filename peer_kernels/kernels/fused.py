@@ -24,8 +24,10 @@ def peer_fused_kernel(
     queries_ptr,      # (T, heads, 2, dk), strides (stride_t, stride_h, stride_p, 1)
     keys_ptr,         # (heads or 1, n, 2, dk) contiguous; key_head_stride = 0 when shared
     pairs_ptr,        # (2, P_PAD) int32 admissible pair ranks (ops/retrieval.pair_table)
-    w_down_ptr,       # (E, D)
-    w_up_ptr,         # (E, D)
+    w_down_ptr,       # (E, D): float, or int8 | fp8e4nv with w_down_scale_ptr
+    w_up_ptr,         # (E, D): float, or int8 | fp8e4nv with w_up_scale_ptr
+    w_down_scale_ptr,  # (E,) fp32 for a quantized w_down, else None
+    w_up_scale_ptr,    # (E,) fp32 for a quantized w_up, else None
     y_ptr,            # (T, D) out, x's dtype
     scores_ptr,       # (T, heads, k) out, accumulation dtype
     ids_ptr,          # (T, heads, k) out int64, with the per-head offset of separate embeddings
@@ -64,6 +66,6 @@ def peer_fused_kernel(
         slot_mask = (offs_mix[:, None] < T) & (offs_s[None, :] < S)
         expert_ids = tl.load(ids_ptr + slots, mask=slot_mask, other=0)
         gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0)
-        z = mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, expert_ids, gates, offs_mix, slot_mask, T,
-                        D, D, ACTIVATION, BLOCK_D)
+        z = mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, w_down_scale_ptr, w_up_scale_ptr, expert_ids, gates,
+                        offs_mix, slot_mask, T, D, D, ACTIVATION, BLOCK_D)
         tl.store(z_ptr + slots, z.to(acc_dtype), mask=slot_mask)

@@ -49,10 +49,11 @@ def _tile(expert_ids, dim, acc_dtype, device, **options):
 # ---- forward ------------------------------------------------------------------------------------
 
 def _launch_forward(*, halves, expert_ids, z, activation="identity", x=None, gates=None, w_down=None, w_up=None,
-                    y=None, programs=None):
+                    w_down_scale=None, w_up_scale=None, y=None, programs=None):
     """One launch of experts_fwd_kernel over the token tiles, inputs contiguous; the tensors of a
-    half that is off may be None. programs: a persistent grid of that many 16-warp programs with
-    whole-SM tiles (tuning.gather_tile(whole_sm=True)) instead of one program per tile."""
+    half that is off may be None, and so are the scales of float tables. programs: a persistent
+    grid of that many 16-warp programs with whole-SM tiles (tuning.gather_tile(whole_sm=True))
+    instead of one program per tile."""
     down, up = HALVES[halves]
     T = expert_ids.shape[0]
     d_in = w_down.shape[1] if down else 1
@@ -64,51 +65,57 @@ def _launch_forward(*, halves, expert_ids, z, activation="identity", x=None, gat
     kernels.experts_fwd_kernel[(min(tiles, programs or tiles),)](
         x_ptr=z if x is None else x, expert_ids_ptr=expert_ids, gates_ptr=z if gates is None else gates,
         w_down_ptr=z if w_down is None else w_down, w_up_ptr=z if w_up is None else w_up,
-        y_ptr=z if y is None else y, z_ptr=z, T=T, D_IN=d_in, D_OUT=d_out, S=_slots(expert_ids),
+        w_down_scale_ptr=w_down_scale, w_up_scale_ptr=w_up_scale, y_ptr=z if y is None else y, z_ptr=z, T=T, D_IN=d_in, D_OUT=d_out, S=_slots(expert_ids),
         ACTIVATION=activation_id(activation), BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=down, UP=up,
         PERSISTENT=programs is not None, num_warps=num_warps)
 
 
-def launch_forward(*, x, expert_ids, gates, w_down, w_up, activation, out=None, programs=None):
-    """(y, z) of the whole stage, into `out` = (y, z) when given; inputs contiguous, ids in range.
-    programs: see _launch_forward."""
+def launch_forward(*, x, expert_ids, gates, w_down, w_up, activation, w_down_scale=None, w_up_scale=None, out=None,
+                   programs=None):
+    """(y, z) of the whole stage, into `out` = (y, z) when given; inputs contiguous, ids in range;
+    the scales of quantized tables, or None. programs: see _launch_forward."""
     y, z = out if out is not None else _library.experts_outputs(x, expert_ids, w_up.shape[1])
     if x.shape[0] and _slots(expert_ids):
-        _launch_forward(halves="both", x=x, expert_ids=expert_ids, gates=gates, w_down=w_down, w_up=w_up, z=z, y=y,
-                        activation=activation, programs=programs)
+        _launch_forward(halves="both", x=x, expert_ids=expert_ids, gates=gates, w_down=w_down, w_up=w_up,
+                        w_down_scale=w_down_scale, w_up_scale=w_up_scale, z=z, y=y, activation=activation,
+                        programs=programs)
     elif x.shape[0]:
         y.zero_()
     return y, z
 
 
 def _ready(t, expert_ids, table, *inputs):
-    """The inputs of a launch: launchable, contiguous, the ids checked against the table."""
+    """The inputs of a launch: launchable, contiguous (None stays None: a float table's scale), the
+    ids checked against the table."""
     _checks.check_launchable("x", t)
     return (_checks.checked_expert_ids(expert_ids.contiguous(), table.shape[0]),
-            *(i.contiguous() for i in inputs))
+            *(None if i is None else i.contiguous() for i in inputs))
 
 
-def experts(*, x, expert_ids, gates, w_down, w_up, activation):
+def experts(*, x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale):
     """The experts op's forward: (y, z)."""
-    expert_ids, x, gates, w_down, w_up = _ready(x, expert_ids, w_down, x, gates, w_down, w_up)
-    return launch_forward(x=x, expert_ids=expert_ids, gates=gates, w_down=w_down, w_up=w_up, activation=activation)
+    expert_ids, x, gates, w_down, w_up, w_down_scale, w_up_scale = _ready(x, expert_ids, w_down, x, gates, w_down,
+                                                                          w_up, w_down_scale, w_up_scale)
+    return launch_forward(x=x, expert_ids=expert_ids, gates=gates, w_down=w_down, w_up=w_up, activation=activation,
+                          w_down_scale=w_down_scale, w_up_scale=w_up_scale)
 
 
-def down(*, x, expert_ids, w_down):
+def down(*, x, expert_ids, w_down, w_down_scale):
     """z (T, h, k) = w_down[e] . x in the accumulation dtype."""
-    expert_ids, x, w_down = _ready(x, expert_ids, w_down, x, w_down)
+    expert_ids, x, w_down, w_down_scale = _ready(x, expert_ids, w_down, x, w_down, w_down_scale)
     z = _library.empty(expert_ids.shape, x, _library.acc(x))
     if z.numel():
-        _launch_forward(halves="down", x=x, expert_ids=expert_ids, w_down=w_down, z=z)
+        _launch_forward(halves="down", x=x, expert_ids=expert_ids, w_down=w_down, w_down_scale=w_down_scale, z=z)
     return z
 
 
-def mix(*, z, expert_ids, gates, w_up, activation):
+def mix(*, z, expert_ids, gates, w_up, activation, w_up_scale):
     """y (T, d_out) = sum g act(z) w_up[e] in z's dtype."""
-    expert_ids, z, gates, w_up = _ready(z, expert_ids, w_up, z, gates, w_up)
+    expert_ids, z, gates, w_up, w_up_scale = _ready(z, expert_ids, w_up, z, gates, w_up, w_up_scale)
     y = _library.empty((z.shape[0], w_up.shape[1]), z)
     if z.numel():
-        _launch_forward(halves="up", expert_ids=expert_ids, gates=gates, w_up=w_up, z=z, y=y, activation=activation)
+        _launch_forward(halves="up", expert_ids=expert_ids, gates=gates, w_up=w_up, w_up_scale=w_up_scale, z=z, y=y,
+                        activation=activation)
     elif z.shape[0]:
         y.zero_()
     return y

@@ -25,7 +25,8 @@ from ..kernels import fused as kernels
 from . import experts, retrieval
 
 
-def _one_pass(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
+def _one_pass(*, x, queries, keys, w_down, w_up, w_down_scale, w_up_scale, k, k_sub, gating, activation,
+              id_head_offset):
     T, h, _, dk = queries.shape
     n = keys.shape[1]
     y, scores, ids, gates, z = _library.fused_outputs(x, queries, k, gating)
@@ -37,17 +38,20 @@ def _one_pass(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, i
     config.update(D=x.shape[1], ACTIVATION=experts.activation_id(activation), GATING=retrieval.GATING_CODES[gating])
     pairs = retrieval.pair_table(k=k, k_sub=k_sub, p_pad=config["P_PAD"], device=x.device)
     kernels.peer_fused_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
-        x_ptr=x, queries_ptr=queries, keys_ptr=keys, pairs_ptr=pairs, w_down_ptr=w_down, w_up_ptr=w_up, y_ptr=y,
+        x_ptr=x, queries_ptr=queries, keys_ptr=keys, pairs_ptr=pairs, w_down_ptr=w_down, w_up_ptr=w_up,
+        w_down_scale_ptr=w_down_scale, w_up_scale_ptr=w_up_scale, y_ptr=y,
         scores_ptr=scores, ids_ptr=ids, gates_ptr=gates, z_ptr=z, T=T, heads=h, n=n, dk=dk, k=k, stride_t=stride_t,
         stride_h=stride_h, stride_p=stride_p, key_head_stride=retrieval.key_head_stride(keys),
         id_head_offset=id_head_offset, **launch, **config)
     return y, scores, ids, gates, z
 
 
-def _two_kernel(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
+def _two_kernel(*, x, queries, keys, w_down, w_up, w_down_scale, w_up_scale, k, k_sub, gating, activation,
+                id_head_offset):
     scores, ids, gates = retrieval.launch_retrieve(queries=queries, keys=keys, k=k, k_sub=k_sub, gating=gating,
                                                    id_head_offset=id_head_offset)
-    y, z = experts.launch_forward(x=x, expert_ids=ids, gates=gates, w_down=w_down, w_up=w_up, activation=activation)
+    y, z = experts.launch_forward(x=x, expert_ids=ids, gates=gates, w_down=w_down, w_up=w_up,
+                                  w_down_scale=w_down_scale, w_up_scale=w_up_scale, activation=activation)
     return y, scores, ids, gates, z
 
 
@@ -62,7 +66,8 @@ def _mixer_stream(device):
     return _MIXER_STREAMS[device.index]
 
 
-def _overlapped(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset):
+def _overlapped(*, x, queries, keys, w_down, w_up, w_down_scale, w_up_scale, k, k_sub, gating, activation,
+                id_head_offset):
     """The two kernels, chunk by chunk: the expert kernel of chunk c on the mixer stream after
     chunk c's retrieval, the retrieval of chunk c+1 on the caller's stream meanwhile. The last
     chunk's expert kernel, which nothing runs beside, takes the whole device (one program per
@@ -72,8 +77,9 @@ def _overlapped(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation,
     interpreter) the same chunks run in order on two "SMs": chunks of one token tile, one
     persistent expert program."""
     T, h, _, dk = queries.shape
-    arguments = dict(x=x, queries=queries, keys=keys, w_down=w_down, w_up=w_up, k=k, k_sub=k_sub, gating=gating,
-                     activation=activation, id_head_offset=id_head_offset)
+    arguments = dict(x=x, queries=queries, keys=keys, w_down=w_down, w_up=w_up, w_down_scale=w_down_scale,
+                     w_up_scale=w_up_scale, k=k, k_sub=k_sub, gating=gating, activation=activation,
+                     id_head_offset=id_head_offset)
     block_t = tuning.retrieval_config(n=keys.shape[1], dk=dk, k=k, k_sub=k_sub, dtype=queries.dtype,
                                       arch=_device.cuda_arch(x.device))[0]["BLOCK_T"]
     chunk, programs = tuning.overlap_schedule(heads=h, block_t=block_t,
@@ -93,7 +99,8 @@ def _overlapped(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation,
                 if mixer is not None:
                     mixer.wait_stream(caller)
                 experts.launch_forward(x=x[rows], expert_ids=ids[rows], gates=gates[rows], w_down=w_down, w_up=w_up,
-                                       activation=activation, out=(y[rows], z[rows]),
+                                       w_down_scale=w_down_scale, w_up_scale=w_up_scale, activation=activation,
+                                       out=(y[rows], z[rows]),
                                        programs=programs if t0 + chunk < T else None)
     finally:
         if mixer is not None:
@@ -105,12 +112,15 @@ _SCHEDULE_FORWARDS = {"two_kernel": _two_kernel, "overlap": _overlapped, "one_pa
 SCHEDULES = tuple(_SCHEDULE_FORWARDS)
 
 
-def fused(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, schedule):
+def fused(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset, schedule, w_down_scale,
+          w_up_scale):
     """The fused op's forward: (y, scores, ids, gates, z) by the named schedule."""
     _checks.check_choice("schedule", schedule, SCHEDULES)
     _checks.check_launchable("x", x)
     x, keys, w_down, w_up = (t.contiguous() for t in (x, keys, w_down, w_up))  # queries: read through strides
-    return _SCHEDULE_FORWARDS[schedule](x=x, queries=queries, keys=keys, w_down=w_down, w_up=w_up, k=k, k_sub=k_sub,
+    w_down_scale, w_up_scale = (None if s is None else s.contiguous() for s in (w_down_scale, w_up_scale))
+    return _SCHEDULE_FORWARDS[schedule](x=x, queries=queries, keys=keys, w_down=w_down, w_up=w_up,
+                                        w_down_scale=w_down_scale, w_up_scale=w_up_scale, k=k, k_sub=k_sub,
                                         gating=gating, activation=activation, id_head_offset=id_head_offset)
 
 
