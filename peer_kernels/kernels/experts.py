@@ -113,21 +113,43 @@ def mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, expert_ids, gates, offs_t, s
 
 
 @triton.jit
+def gather_rows(table_ptr, expert_ids, slot_mask, offs_d, D: tl.constexpr, acc_dtype: tl.constexpr):
+    """Columns offs_d (BLOCK_D,) of the rows expert_ids (BLOCK_T, BLOCK_S) of table_ptr (E, D):
+    (BLOCK_T, BLOCK_S, BLOCK_D) in acc_dtype, zero where slot_mask is off or past D. Every forward
+    kernel reads the tables through here (the token tiles and the one-pass kernel): the one place
+    where stored values become compute values."""
+    rows = table_ptr + expert_ids.to(tl.int64)[:, :, None] * D + offs_d[None, None, :]
+    values = tl.load(rows, mask=slot_mask[:, :, None] & (offs_d < D)[None, None, :], other=0.0)
+    return values.to(acc_dtype)
+
+
+@triton.jit
+def down_chunk(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, offs_d, T, acc_dtype: tl.constexpr,
+               D_IN: tl.constexpr):
+    """The columns offs_d's share of z = w_down[e] . x[t]: (BLOCK_T, BLOCK_S) for x_ptr (T, D_IN),
+    w_down_ptr (E, D_IN)."""
+    x_chunk = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * D_IN + offs_d[None, :],
+                      mask=(offs_t < T)[:, None] & (offs_d < D_IN)[None, :], other=0.0)
+    u = gather_rows(w_down_ptr, expert_ids, slot_mask, offs_d, D_IN, acc_dtype)
+    return tl.sum(u * x_chunk.to(acc_dtype)[:, None, :], axis=2)
+
+
+@triton.jit
+def up_chunk(w_up_ptr, expert_ids, coef, slot_mask, offs_d, D_OUT: tl.constexpr):
+    """Columns offs_d of sum_s coef[t, s] w_up[e]: (BLOCK_T, BLOCK_D) in coef's dtype, for w_up_ptr
+    (E, D_OUT) and coef (BLOCK_T, BLOCK_S)."""
+    v = gather_rows(w_up_ptr, expert_ids, slot_mask, offs_d, D_OUT, coef.dtype)
+    return tl.sum(coef[:, :, None] * v, axis=1)
+
+
+@triton.jit
 def down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype: tl.constexpr,
                  D_IN: tl.constexpr, BLOCK_D: tl.constexpr):
     """z = w_down[e] . x[t] (BLOCK_T, BLOCK_S) for x_ptr (T, D_IN), w_down_ptr (E, D_IN)."""
-    token_rows = offs_t.to(tl.int64)[:, None] * D_IN              # (BT, 1)
-    expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_IN      # (BT, BS, 1)
-    token_mask = (offs_t < T)[:, None]
-    row_mask = slot_mask[:, :, None]
     z = tl.zeros(expert_ids.shape, acc_dtype)
     for d0 in range(0, D_IN, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D_IN
-        x_chunk = tl.load(x_ptr + token_rows + offs_d[None, :], mask=token_mask & d_mask[None, :], other=0.0)
-        u = tl.load(w_down_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
-                    other=0.0)
-        z += tl.sum(u.to(acc_dtype) * x_chunk.to(acc_dtype)[:, None, :], axis=2)
+        z += down_chunk(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, d0 + tl.arange(0, BLOCK_D), T, acc_dtype,
+                        D_IN)
     return z
 
 
@@ -135,17 +157,12 @@ def down_project(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype:
 def mix_up(y_ptr, w_up_ptr, expert_ids, coef, offs_t, slot_mask, T, D_OUT: tl.constexpr, BLOCK_D: tl.constexpr):
     """y[t] = sum_s coef[t, s] w_up[e] for y_ptr (T, D_OUT), w_up_ptr (E, D_OUT); coef (BLOCK_T, BLOCK_S)."""
     token_rows = offs_t.to(tl.int64)[:, None] * D_OUT
-    expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_OUT
     token_mask = (offs_t < T)[:, None]
-    row_mask = slot_mask[:, :, None]
     for d0 in range(0, D_OUT, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D_OUT
-        v = tl.load(w_up_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
-                    other=0.0)
-        y = tl.sum(coef[:, :, None] * v.to(coef.dtype), axis=1)
+        y = up_chunk(w_up_ptr, expert_ids, coef, slot_mask, offs_d, D_OUT)
         tl.store(y_ptr + token_rows + offs_d[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=token_mask & d_mask[None, :])
+                 mask=token_mask & (offs_d < D_OUT)[None, :])
 
 
 @triton.jit
