@@ -116,8 +116,8 @@ def mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, expert_ids, gates, offs_t, s
 def gather_rows(table_ptr, expert_ids, slot_mask, offs_d, D: tl.constexpr, acc_dtype: tl.constexpr):
     """Columns offs_d (BLOCK_D,) of the rows expert_ids (BLOCK_T, BLOCK_S) of table_ptr (E, D):
     (BLOCK_T, BLOCK_S, BLOCK_D) in acc_dtype, zero where slot_mask is off or past D. Every forward
-    kernel reads the tables through here (the token tiles and the one-pass kernel): the one place
-    where stored values become compute values."""
+    kernel reads the tables through here (token tiles, the one-pass kernel, the decode kernels): the
+    one place where stored values become compute values."""
     rows = table_ptr + expert_ids.to(tl.int64)[:, :, None] * D + offs_d[None, None, :]
     values = tl.load(rows, mask=slot_mask[:, :, None] & (offs_d < D)[None, None, :], other=0.0)
     return values.to(acc_dtype)
@@ -221,6 +221,103 @@ def experts_fwd_kernel(
     else:
         _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, y_ptr, z_ptr, tl.program_id(0), T,
                       D_IN, D_OUT, S, ACTIVATION, BLOCK_T, BLOCK_S, BLOCK_D, DOWN, UP)
+
+
+# ---- decode: one token's rows spread over many programs -----------------------------------------------
+# For few tokens the token-tile grid above has a program per token, each walking its h*k rows column
+# block by column block, one dependent round trip after another. The decode kernels give every
+# (token, block of BLOCK_S slots, block of BLOCK_D columns) a program that loads its rows at once,
+# and combine the partial sums in a fixed order in later kernels (no atomics: bitwise reproducible):
+#   experts_decode_down_kernel  each column block's share of z (T, column blocks, S)
+#   experts_decode_up_kernel    z as the sum of those shares, then each slot block's share of y
+#                               (T, slot blocks, D_OUT)
+#   sum_parts_kernel            y as the sum of those shares (or z, for the down half alone)
+
+
+@triton.jit
+def _decode_slots(expert_ids_ptr, S: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (token * slot blocks + slot block, column block) of the decode grid: (offs_t (1,),
+    slot block, offs_s (BLOCK_S,), slot mask and expert ids (1, BLOCK_S))."""
+    SLOT_BLOCKS: tl.constexpr = (S + BLOCK_S - 1) // BLOCK_S
+    slot_block = tl.program_id(0) % SLOT_BLOCKS
+    offs_t = tl.program_id(0) // SLOT_BLOCKS + tl.arange(0, 1)
+    offs_s = slot_block * BLOCK_S + tl.arange(0, BLOCK_S)
+    slot_mask = (offs_s < S)[None, :]
+    expert_ids = tl.load(expert_ids_ptr + offs_t.to(tl.int64)[:, None] * S + offs_s[None, :], mask=slot_mask, other=0)
+    return offs_t, slot_block, offs_s, slot_mask, expert_ids
+
+
+@triton.jit
+def experts_decode_down_kernel(
+    x_ptr,            # (T, D_IN)
+    expert_ids_ptr,   # (T, S) int32 | int64
+    w_down_ptr,       # (E, D_IN)
+    z_parts_ptr,      # (T, cdiv(D_IN, BLOCK_D), S) accumulation dtype out: each column block's share of z
+    T,
+    D_IN: tl.constexpr, S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (T * cdiv(S, BLOCK_S), cdiv(D_IN, BLOCK_D)): the share of z = w_down[e] . x[t] that
+    columns [c * BLOCK_D, (c + 1) * BLOCK_D) give a block of one token's slots."""
+    acc_dtype: tl.constexpr = z_parts_ptr.dtype.element_ty
+    COLUMN_BLOCKS: tl.constexpr = (D_IN + BLOCK_D - 1) // BLOCK_D
+    offs_t, _, offs_s, slot_mask, expert_ids = _decode_slots(expert_ids_ptr, S, BLOCK_S)
+    column_block = tl.program_id(1)
+    z_part = down_chunk(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, column_block * BLOCK_D + tl.arange(0, BLOCK_D),
+                        T, acc_dtype, D_IN)
+    parts = (offs_t.to(tl.int64)[:, None] * COLUMN_BLOCKS + column_block) * S + offs_s[None, :]
+    tl.store(z_parts_ptr + parts, z_part, mask=slot_mask)
+
+
+@triton.jit
+def experts_decode_up_kernel(
+    z_parts_ptr,      # (T, Z_PARTS, S) accumulation dtype: z is their sum (Z_PARTS = 1: z itself);
+                      # PARTS_PAD: Z_PARTS rounded up to a power of two
+    expert_ids_ptr,   # (T, S) int32 | int64
+    gates_ptr,        # (T, S) any float dtype
+    w_up_ptr,         # (E, D_OUT)
+    z_ptr,            # (T, S) accumulation dtype out, when WRITE_Z
+    y_parts_ptr,      # (T, cdiv(S, BLOCK_S), D_OUT) accumulation dtype out: each slot block's share of y
+    T,
+    D_OUT: tl.constexpr, S: tl.constexpr, Z_PARTS: tl.constexpr, ACTIVATION: tl.constexpr,
+    PARTS_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_Z: tl.constexpr,
+):
+    """Grid (T * cdiv(S, BLOCK_S), cdiv(D_OUT, BLOCK_D)): columns [c * BLOCK_D, (c + 1) * BLOCK_D) of
+    sum over a block of one token's slots of g act(z) w_up[e]. Every column block sums the same z
+    shares in the same order; the first one writes z."""
+    acc_dtype: tl.constexpr = y_parts_ptr.dtype.element_ty
+    SLOT_BLOCKS: tl.constexpr = (S + BLOCK_S - 1) // BLOCK_S
+    offs_t, slot_block, offs_s, slot_mask, expert_ids = _decode_slots(expert_ids_ptr, S, BLOCK_S)
+    column_block = tl.program_id(1)
+    slots = offs_t.to(tl.int64)[:, None] * S + offs_s[None, :]
+    offs_p = tl.arange(0, PARTS_PAD)
+    parts = offs_t.to(tl.int64)[:, None] * (Z_PARTS * S) + offs_p[:, None] * S + offs_s[None, :]
+    shares = tl.load(z_parts_ptr + parts, mask=(offs_p < Z_PARTS)[:, None] & slot_mask, other=0.0)
+    z = tl.sum(shares, axis=0)[None, :]
+    if WRITE_Z:
+        if column_block == 0:
+            tl.store(z_ptr + slots, z, mask=slot_mask)
+    gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0).to(acc_dtype)
+    offs_d = column_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    y_part = up_chunk(w_up_ptr, expert_ids, gates * activate(z, ACTIVATION), slot_mask, offs_d, D_OUT)
+    parts = (offs_t.to(tl.int64)[:, None] * SLOT_BLOCKS + slot_block) * D_OUT + offs_d[None, :]
+    tl.store(y_parts_ptr + parts, y_part, mask=(offs_d < D_OUT)[None, :])
+
+
+@triton.jit
+def sum_parts_kernel(
+    parts_ptr,        # (R, PARTS, W) accumulation dtype
+    out_ptr,          # (R, W) out, in its own dtype
+    PARTS: tl.constexpr, W: tl.constexpr, PARTS_PAD: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Grid (R, cdiv(W, BLOCK_W)): out[r] = the sum over p of parts[r, p], in one fixed order
+    (PARTS_PAD: PARTS rounded up to a power of two)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_p = tl.arange(0, PARTS_PAD)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    w_mask = offs_w < W
+    shares = tl.load(parts_ptr + row * (PARTS * W) + offs_p[:, None] * W + offs_w[None, :],
+                     mask=(offs_p < PARTS)[:, None] & w_mask[None, :], other=0.0)
+    tl.store(out_ptr + row * W + offs_w, tl.sum(shares, axis=0).to(out_ptr.dtype.element_ty), mask=w_mask)
 
 
 @triton.jit
