@@ -38,7 +38,11 @@ std::pair<Tensor, cuda::QueryStrides> query_view(const Tensor& queries) {
   return {q, cuda::QueryStrides{q.stride(0), q.stride(1), q.stride(2)}};
 }
 
-std::vector<Tensor> retrieval_forward(const Tensor& queries, const Tensor& keys, int64_t k, int64_t k_sub) {
+// The forward functions take the schedule of the CPU extension's (peer_torch.h is_decode) and run one
+// block per token whatever it is: the baseline has one way.
+std::vector<Tensor> retrieval_forward(const Tensor& queries, const Tensor& keys, int64_t k, int64_t k_sub,
+                                      const std::string& schedule) {
+  is_decode(schedule);
   check_cuda(queries, "queries");
   check_cuda(keys, "keys");
   const int64_t n = check_retrieval(queries, keys, k, k_sub);
@@ -124,8 +128,10 @@ Tensor gates_backward(const Tensor& scores_in, const Tensor& gates_in, const Ten
               "stage): use backend='triton' for CUDA tensors");
 }
 
-Tensor down_forward(const Tensor&, const Tensor&, const Tensor&) { not_in_baseline("down_forward"); }
-Tensor mix_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::string&) {
+Tensor down_forward(const Tensor&, const Tensor&, const Tensor&, const std::string&) {
+  not_in_baseline("down_forward");
+}
+Tensor mix_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::string&, const std::string&) {
   not_in_baseline("mix_forward");
 }
 std::vector<Tensor> down_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool) {
@@ -137,7 +143,9 @@ std::vector<Tensor> mix_backward(const Tensor&, const Tensor&, const Tensor&, co
 }
 
 std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& gates_in,
-                                    const Tensor& w_down_in, const Tensor& w_up_in, const std::string& activation) {
+                                    const Tensor& w_down_in, const Tensor& w_up_in, const std::string& activation,
+                                    const std::string& schedule) {
+  is_decode(schedule);
   check_cuda(x_in, "x");
   if (w_up_in.dim() == 2 && w_up_in.size(1) != x_in.size(1)) not_in_baseline("d_out != d_in");
   TORCH_CHECK(x_in.dim() == 2 && expert_ids.dim() == 3 && expert_ids.size(0) == x_in.size(0) &&

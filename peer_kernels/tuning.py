@@ -63,7 +63,9 @@ SM80 = Tiles()
 # 128 under triton 3.6), and make level selection applicable; 132 SMs take 256 decode tokens at
 # two per SM (sm_80's 108, 192 at 1.8).
 SM90 = dataclasses.replace(SM80, key_tile_int32=128, decode_tokens=256)
-# Other GPUs and the interpreter: at most 8 tokens decode, which the interpreter's tests straddle.
+# Other GPUs, the interpreter and the C++ backend on a CPU (whose tensors have no CUDA arch): at
+# most 8 tokens decode, which the interpreter's tests straddle; on 2 CPU cores the C++ direct sub-key
+# scan ran as fast as its matmuls at about 8 tokens (1 thread, fp32, the paper's shapes).
 FALLBACK = dataclasses.replace(SM80, decode_tokens=8)
 TABLES = {"sm_90": SM90, "sm_80": SM80, "fallback": FALLBACK}
 

@@ -1,8 +1,9 @@
-"""The decode path (a few tokens per step) against the float64 oracle and against the path larger
-batches take: the Triton launchers' decode schedules (the retrieval's key rows split over programs,
-one token's expert rows split over programs; peer_kernels.tuning.token_schedule picks them by the
-token count); and what inference promises: nothing saved for a backward, no buffer the size of a
-table.
+"""The decode path (a few tokens per step) on every backend, against the float64 oracle and against
+the path larger batches take: the Triton launchers' decode schedules (the retrieval's key rows
+split over programs, one token's expert rows split over programs; peer_kernels.tuning
+.token_schedule picks them by the token count), the C++ backend's direct sub-key scan and its gather
+split over rows and columns; and what inference promises: nothing saved for a backward, no buffer
+the size of a table.
 
 The two Triton paths are forced with tuning.overrides(decode_tokens=...). Picks are compared
 bitwise on inputs clear of near-ties (utils.untie) and on exact ties; values against tests/bounds.py.
@@ -17,7 +18,7 @@ import aot
 import bounds
 import peer_kernels
 from conftest import DEVICE
-from peer_kernels import _device, _library, reference, tuning
+from peer_kernels import _device, _library, csrc, reference, tuning
 from peer_kernels.ops import experts as experts_ops
 from peer_kernels.ops import retrieval as retrieval_ops
 from utils import poison_empty, random_ids, untie
@@ -29,6 +30,8 @@ PATHS = {"decode": dict(decode_tokens=1 << 30), "token_tiles": dict(decode_token
 def _skip_unavailable(backend):
     if backend == "triton" and not TRITON:
         pytest.skip("the Triton ops need CUDA or TRITON_INTERPRET=1")
+    if backend == "cpp" and not csrc.available():
+        pytest.skip("the C++ extension did not build")
 
 
 def _device_of(backend):
@@ -111,6 +114,8 @@ def test_exact_ties_across_slices_break_by_index_on_every_path():
         assert torch.equal(ids, expected_ids)
     assert torch.equal(expected_ids[:, 0], expected_ids[:, 1])
     assert (expected_ids[..., :3] // n == torch.tensor([2, 20, 33], device=DEVICE)).any()
+    if csrc.available():
+        assert torch.equal(csrc.product_key_topk(queries.cpu(), keys.cpu(), k, k_sub)[1], expected_ids.cpu())
 
 
 def test_decode_retrieval_offsets_and_relu_gating():
@@ -181,10 +186,10 @@ def test_the_threshold_is_per_architecture():
     assert tuning.tiles(0).decode_tokens <= 8
 
 
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
 def test_fused_op_on_both_sides_of_the_threshold(backend):
-    """The layer's fused op at the last decode token count and one past it, on the table's own
-    threshold (the interpreter's, or the GPU's)."""
+    """The layer's fused op at the last decode token count and one past it, on the threshold of
+    the tensors' architecture (the GPU's; off a GPU, the interpreter's and the C++ backend's)."""
     device = _device_of(backend)
     ops = peer_kernels.backends.get(backend, device)
     last = tuning.tiles(_device.cuda_arch(device)).decode_tokens
@@ -217,7 +222,7 @@ def test_triton_fused_gradcheck_at_decode_size():
         assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
 def test_layer_at_one_token_matches_the_oracle(backend):
     """A layer with 3 heads and odd sizes at T = 1, against the float64 oracle's layer."""
     device = _device_of(backend)
@@ -238,7 +243,7 @@ def _small_layer(backend, device):
                              device=device).eval()
 
 
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
 def test_inference_saves_nothing_and_allocates_no_table_sized_buffer(backend):
     device = _device_of(backend)
     layer = _small_layer(backend, device)
