@@ -194,11 +194,12 @@ class PEER(nn.Module):
 
         return from_peer_pytorch(source, backend=backend, layer_class=cls, **peer_pytorch_kwargs)
 
-    def to_peer_pytorch(self):
-        """The equivalent `PEER_pytorch.PEER` (same weights): see peer_kernels.compat.to_peer_pytorch."""
+    def to_peer_pytorch(self, *, share_weights=False):
+        """The equivalent `PEER_pytorch.PEER` (same weights; with share_weights the same tensors): see
+        peer_kernels.compat.to_peer_pytorch."""
         from .compat import to_peer_pytorch
 
-        return to_peer_pytorch(self)
+        return to_peer_pytorch(self, share_weights=share_weights)
 
     # ---- the paper's instruments (peer_kernels.instruments) ---------------------------------------
 

@@ -325,6 +325,48 @@ def test_warmup_changes_no_state():
     assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
 
 
+# ---- the benchmark's decode op ---------------------------------------------------------------------------
+
+def test_bench_decode_op_on_the_cpu():
+    """bench's decode op (python -m bench --preset decode) at smoke sizes, on both sides of the C++
+    threshold: each provider of the layer's function is checked and timed, the dense feed-forward
+    timed unchecked, the quantized rows skipped with why until quantize_ exists, and every row's
+    bytes are the step's floor (its share of the copy bandwidth: its share of the floor)."""
+    import dataclasses
+
+    from bench import cases, run
+
+    smoke = cases.PRESETS["smoke"].shapes[0]
+    preset = cases.Preset(shapes=tuple(dataclasses.replace(smoke, T=T, dtype="bfloat16") for T in (1, 9)),
+                          ops=("decode",), modes=("forward",), cpu_dtype="float32")
+    names = ["reference", "decode", "token-tiles", "peer-pytorch", "dense-ffn", "int8"]
+    meta, rows, skipped = run.run(preset, "decode", torch.device("cpu"), preset.ops, preset.modes, names, {},
+                                  lambda *_: None, log=lambda *_: None)
+    timed = {(r["shape_T"], r["provider"]) for r in rows}
+    for T in (1, 9):
+        assert {name for t, name in timed if t == T} >= {"reference", "decode", "token-tiles", "dense-ffn"}
+    for row in rows:
+        assert row["shape_dtype"] == "float32" and row["mode"] == "forward"
+        assert row["gather_bytes"] == cases.decode_floor_bytes(dataclasses.replace(smoke, T=row["shape_T"]))
+        assert (row["error"] is None) == (row["provider"] == "dense-ffn"), row
+        assert row["error"] is None or row["error"] < 1e-5, row
+    if not hasattr(peer_kernels, "quantize_"):
+        assert any(s["provider"] == "int8" and "quantize_" in s["reason"] for s in skipped)
+
+
+def test_peer_pytorch_on_the_layers_own_tensors():
+    """What the decode op's peer-pytorch rows run (8 GB of fp32 tables at the paper's shapes): the
+    converted module on the layer's tensors, no copy, the same outputs."""
+    pytest.importorskip("PEER_pytorch")
+    layer = peer_kernels.PEER(32, heads=2, num_experts=64, num_experts_per_head=4, dim_key=16, query_norm=None,
+                              backend="reference").eval()
+    theirs = layer.to_peer_pytorch(share_weights=True).eval()
+    assert theirs.weight_down_embed.weight is layer.w_down and theirs.keys is layer.keys
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), layer(x))
+
+
 # ---- ahead-of-time compilation for real GPUs ------------------------------------------------------------
 
 # The SM counts the decode grids are sized for (H100 SXM; A100), and the paper's shapes.
