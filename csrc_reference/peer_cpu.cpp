@@ -502,7 +502,8 @@ Tensor mix_forward(const Tensor& z_in, const Tensor& expert_ids, const Tensor& g
     // blocks (multiples of 16 values) until every thread has several tasks, "token_tiles" takes
     // whole rows, kTokenGrain tokens per task. Each element of y is summed by one task in slot order.
     const int64_t threads = at::get_num_threads();
-    const int64_t blocks = decode ? std::max<int64_t>(1, std::min((d + 15) / 16, (4 * threads + T - 1) / T)) : 1;
+    const int64_t per_token = (4 * threads + T - 1) / std::max<int64_t>(T, 1);
+    const int64_t blocks = decode ? std::max<int64_t>(1, std::min((d + 15) / 16, per_token)) : 1;
     const int64_t columns = ((d + blocks - 1) / blocks + 15) / 16 * 16;
     parallel_chunks(0, T * blocks, decode ? 1 : kTokenGrain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
