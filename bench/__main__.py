@@ -18,7 +18,9 @@ def parse(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(cases.PRESETS),
                         help="paper (SPEC's headline shape), sweep (N, T, d, h*k around it), cpu (small), smoke "
-                             "(tiny: checks every provider's wiring). Default: paper on a GPU, cpu otherwise")
+                             "(tiny: checks every provider's wiring), decode (the paper's layer in inference at "
+                             "1, 8, 64 and 512 tokens per step, fp32 on a CPU). Default: paper on a GPU, cpu "
+                             "otherwise")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                         help="auto: cuda when available; without a GPU, paper and sweep fall back to cpu")
     parser.add_argument("--ops", nargs="+", choices=cases.OPS, help="default: the preset's")

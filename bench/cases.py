@@ -59,6 +59,13 @@ class Preset:
     modes: tuple = MODES
     left_out: tuple = ()         # (provider, why) pairs: run only when named with --providers
     check_tokens: int = None     # check on the first check_tokens tokens of an input set (None: all)
+    cpu_dtype: str = None        # the shapes' dtype on a CPU (None: as they say)
+
+    def shapes_on(self, device):
+        """The shapes as run on `device`."""
+        if device.type == "cuda" or self.cpu_dtype is None:
+            return self.shapes
+        return tuple(dataclasses.replace(shape, dtype=self.cpu_dtype) for shape in self.shapes)
 
 
 PAPER = Shape(T=8192, d=1024, n=1024, h=8, k=16, k_sub=16, dk=128)
@@ -105,7 +112,7 @@ class Workload:
             cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
             return t.detach().to(cast).requires_grad_(t.requires_grad)
 
-        token_dim = 1 if self.op in ("layer", "step") else 0
+        token_dim = 1 if self.op in ("layer", "step", "decode") else 0
         first = {name: leaf(t.narrow(token_dim, 0, min(tokens or t.shape[token_dim], t.shape[token_dim])))
                  for name, t in self.sets[0].items()}
         if dtype is None:
@@ -147,6 +154,8 @@ def make_workload(op, shape, device, num_sets):
     expert rows ~ N(0, 1/d), so sub-key scores, u.x and y all have unit-order variance. Seeded: the
     same preset draws the same inputs. Set 0, the one checked, has no near-tie in its routing."""
     torch.manual_seed(0)
+    if op == "decode":
+        return _decode_workload(shape, device, num_sets)
     dtype = shape.torch_dtype
     T, d, h, dk = shape.T, shape.d, shape.h, shape.dk
     if op in ("layer", "step"):
@@ -190,7 +199,7 @@ def num_input_sets(op, shape, device):
             "ids_gates": shape.h * shape.k * (8 + size), "scores_dy": shape.h * shape.k * 4}
     per_token = sum(rows[name] for name in {
         "retrieval": ("queries", "scores_dy"), "experts": ("x", "dy", "ids_gates"),
-        "fused": ("x", "dy", "queries"), "layer": ("x", "dy"), "step": ("x", "dy")}[op])
+        "fused": ("x", "dy", "queries"), "layer": ("x", "dy"), "step": ("x", "dy"), "decode": ("x",)}[op])
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     return max(2, min(8, math.ceil(4 * l2 / (per_token * shape.T))))
 
@@ -207,6 +216,9 @@ def call(op, runner, inputs, shape):
     if op == "fused":
         return (runner.fn(inputs["x"], inputs["queries"], inputs["keys"], inputs["w_down"], inputs["w_up"],
                           shape.k, shape.k_sub, shape.gating, shape.activation),)
+    if op == "decode":
+        with torch.no_grad():
+            return (runner.fn(inputs["x"]),)
     return (runner.fn(inputs["x"]),)
 
 
@@ -278,9 +290,13 @@ MODE_FACTOR = {"forward": 1, "backward": 2, "forward+backward": 3, "step": 3}
 
 def gather_bytes(op, shape, mode):
     """Expert-row bytes: T*h*k rows of w_down and of w_up (d elements each) read by the forward; the
-    backward reads them again and scatters as many row gradients. None for retrieval alone."""
+    backward reads them again and scatters as many row gradients. None for retrieval alone. For a
+    decode step, all it must read (decode_floor_bytes), so that its share of the copy bandwidth is
+    its share of the bytes floor."""
     if op == "retrieval":
         return None
+    if op == "decode":
+        return decode_floor_bytes(shape)
     size = shape.torch_dtype.itemsize
     return MODE_FACTOR[mode] * shape.T * shape.h * shape.k * 2 * shape.d * size
 
@@ -292,5 +308,41 @@ def flops(op, shape, mode):
     retrieval = 2 * T * shape.h * 2 * shape.n * shape.dk
     experts = 4 * T * shape.h * shape.k * shape.d
     forward = {"retrieval": retrieval, "experts": experts, "fused": retrieval + experts,
-               "layer": 2 * T * shape.d * 2 * shape.h * shape.dk + retrieval + experts}[op if op != "step" else "layer"]
+               "layer": 2 * T * shape.d * 2 * shape.h * shape.dk + retrieval + experts}[
+        op if op not in ("step", "decode") else "layer"]
     return MODE_FACTOR[mode] * forward
+
+
+# ---- decode: the layer's inference step at a few tokens per step ------------------------------------------
+
+DECODE_TOKENS = (1, 8, 64, 512)
+# The paper's layer at the token counts of a decode step (one token per running sequence): bf16 on a
+# GPU, fp32 on a CPU.
+PRESETS["decode"] = Preset(shapes=tuple(dataclasses.replace(PAPER, T=T) for T in DECODE_TOKENS), ops=("decode",),
+                           modes=("forward",), cpu_dtype="float32")
+_DECODE_LAYERS = {}
+
+
+def decode_floor_bytes(shape):
+    """What a decode step must read: the query projection (d x 2*h*dk), the per-head sub-keys
+    (h*n*2*dk) and the T*h*k rows of both expert tables (d each)."""
+    size = shape.torch_dtype.itemsize
+    return size * (shape.d * 2 * shape.h * shape.dk + shape.h * shape.n * 2 * shape.dk
+                   + shape.T * shape.h * shape.k * 2 * shape.d)
+
+
+def _decode_workload(shape, device, num_sets):
+    """The layer in eval mode (no query norm, as the layer op's) and `num_sets` inputs (1, T, d). The
+    layer is made once per shape but T, and kept: at the paper's shapes in fp32 its tables are
+    8 GB, drawn in a minute on 2 cores."""
+    key = (dataclasses.replace(shape, T=0), str(device))
+    if key not in _DECODE_LAYERS:
+        _DECODE_LAYERS.clear()
+        _DECODE_LAYERS[key] = PEER(shape.d, heads=shape.h, num_experts=shape.N, num_experts_per_head=shape.k,
+                                   dim_key=shape.dk, product_key_topk=shape.k_sub, activation=shape.activation,
+                                   gating=shape.gating, query_norm=None, backend="reference", device=device,
+                                   dtype=shape.torch_dtype).eval()
+    layer = _DECODE_LAYERS[key]
+    sets = [{"x": torch.randn(1, shape.T, shape.d, device=device, dtype=shape.torch_dtype)} for _ in range(num_sets)]
+    _separate_near_ties(sets[0]["x"][0], layer.queries, layer.keys, shape)
+    return Workload("decode", shape, device, {"layer": layer}, sets)

@@ -34,6 +34,9 @@ class Runner:
     # The relative RMS error allowed against the reference, where the provider's math differs from
     # it by design (quantized tables: bench/serving.py); None: the bench dtype's (cases.TOLERANCE).
     tolerance: float = None
+    # Another function than the op's, timed beside it for scale (e.g. a dense feed-forward): not
+    # checked against the reference.
+    unchecked: bool = False
 
 
 def _peer_params(layer):
@@ -66,7 +69,7 @@ def _triton_ops(device):
 # ---- providers -----------------------------------------------------------------------------------
 
 def build_reference(op, workload):
-    if op in ("layer", "step"):
+    if op in ("layer", "step", "decode"):
         return _layer_with_backend(workload.shared["layer"], "reference")
     return Runner(getattr(reference, OP_FUNCTIONS[op]))
 
@@ -141,11 +144,14 @@ def build_embedding_bag(op, workload):
 
 def build_peer_pytorch(op, workload):
     """PEER_pytorch.PEER with the same weights (non_competing_scores=False: softmax over the k); for
-    the step op with AdamW on all of its parameters."""
+    the step op with AdamW on all of its parameters. For the decode op, which only reads them, the
+    layer's own tensors (to_peer_pytorch(share_weights=True)): no second copy of 8 GB of tables."""
     _import("PEER_pytorch")
     layer = workload.shared["layer"]
     with torch.device(workload.device):  # its tables are initialised where they live, not on the host
-        other = layer.to_peer_pytorch()
+        other = layer.to_peer_pytorch(share_weights=op == "decode")
+    if op == "decode":
+        other.eval()
     theirs = {"to_queries.weight": other.to_queries[0].weight, "keys": other.keys,
               "w_down": other.weight_down_embed.weight, "w_up": other.weight_up_embed.weight}
     optimizers = (_adamw(other.parameters(), workload.device),) if op == "step" else ()
@@ -176,9 +182,50 @@ def _optim():
     return _import("peer_kernels.optim")
 
 
+# ---- decode ----------------------------------------------------------------------------------------
+
+def build_decode(op, workload, schedule=None):
+    """The layer's inference step on this package (backend "auto": Triton on a GPU, C++ on a CPU):
+    its default path, which takes the decode schedules up to the tuning table's decode_tokens
+    (peer_kernels.tuning.token_schedule), or with schedule="token_tiles" the path of larger batches
+    forced (tuning.overrides(decode_tokens=0))."""
+    runner = _layer_with_backend(workload.shared["layer"], "auto")
+    if schedule is None:
+        return runner
+    tuning = _import("peer_kernels.tuning")
+
+    def forced(x):
+        with tuning.overrides(decode_tokens=0):
+            return runner.fn(x)
+
+    return dataclasses.replace(runner, fn=forced)
+
+
+def build_dense_ffn(op, workload):
+    """A dense feed-forward with the layer's active parameters per token: d -> h*k -> d, GELU, no
+    bias (the h*k single-neuron experts a token mixes, as one dense hidden layer)."""
+    shape = workload.shape
+    hidden = shape.h * shape.k
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(shape.d, hidden, bias=False), torch.nn.GELU(),
+                                torch.nn.Linear(hidden, shape.d, bias=False))
+    return Runner(dense.to(device=workload.device, dtype=shape.torch_dtype).eval(), unchecked=True)
+
+
+def build_quantized(op, workload, dtype):
+    """The decode step with int8 / fp8 expert tables (peer_kernels.quantize_, issue 26): a copy of
+    the layer, quantized."""
+    quantize = getattr(_import("peer_kernels"), "quantize_", None)
+    if quantize is None:
+        raise Unavailable("peer_kernels.quantize_ is not in this version (quantized expert tables: issue 26)")
+    layer = copy.deepcopy(workload.shared["layer"])
+    layer.backend = "auto"
+    return Runner(quantize(layer, dtype=getattr(torch, dtype)), _peer_params(layer))
+
+
 # name -> (ops it implements, builder); the table's order
 PROVIDERS = {
-    "reference": (("retrieval", "experts", "fused", "layer"), build_reference),
+    "reference": (("retrieval", "experts", "fused", "layer", "decode"), build_reference),
     "compile": (("retrieval", "experts", "fused", "layer"), build_compile),
     "triton": (("retrieval", "experts", "layer"), build_triton),
     "triton-1pass": (("fused",), functools.partial(build_triton, one_pass=True)),
@@ -188,7 +235,12 @@ PROVIDERS = {
     "triton-network": (("retrieval", "fused"), build_triton_network),
     "csrc": (("retrieval", "experts", "fused", "layer"), build_csrc),
     "embedding_bag": (("experts",), build_embedding_bag),
-    "peer-pytorch": (("layer", "step"), build_peer_pytorch),
+    "peer-pytorch": (("layer", "step", "decode"), build_peer_pytorch),
+    "decode": (("decode",), build_decode),
+    "token-tiles": (("decode",), functools.partial(build_decode, schedule="token_tiles")),
+    "int8": (("decode",), functools.partial(build_quantized, dtype="int8")),
+    "fp8": (("decode",), functools.partial(build_quantized, dtype="float8_e4m3fn")),
+    "dense-ffn": (("decode",), build_dense_ffn),
     "adamw": (("step",), build_step),
     "sparse-adamw": (("step",), lambda op, w: build_step(op, w, lambda p: _optim().SparseAdamW(p, lr=1e-4))),
     "rowwise-adagrad": (("step",), lambda op, w: build_step(op, w, lambda p: _optim().RowwiseAdagrad(p))),

@@ -67,6 +67,11 @@ def table(meta, rows):
              "of the profiler's allocation records, per op), for a step plus the parameters and the optimizer "
              "state; rel err: relative RMS error against the reference, outputs and gradients (a step: its "
              "forward); (fp32): within tolerance only when run in float32."]
+    if any(r["op"] == "decode" for r in rows):
+        notes.append("decode: the layer's inference step (eval, no_grad); GB/s counts what a step must read (the "
+                     "query projection, the keys and the T*h*k rows of both tables), so % copy is the step's share "
+                     "of that bytes floor at the copy bandwidth (100 / % copy: how many times the floor it takes); "
+                     "dense-ffn: a dense d -> h*k -> d feed-forward (the same active parameters), not checked.")
     return "\n".join(out + notes)
 
 

@@ -131,7 +131,10 @@ def tolerance_of(runner, shape):
 
 
 def _verdicts(checker, name, runner, with_grads, shape):
-    """{with_grads: (error, dtype the check passed in, None) or (error, None, why it gets no row)}."""
+    """{with_grads: (error, dtype the check passed in, None) or (error, None, why it gets no row)};
+    (None, the bench dtype, None) for a provider of another function (Runner.unchecked)."""
+    if runner.unchecked:
+        return {key: (None, shape.dtype, None) for key in {False, with_grads}}
     try:
         checked = checker.check(name, runner, with_grads)
     except Exception as failure:  # e.g. an unsupported dtype or option, out of memory
@@ -221,7 +224,7 @@ def run(preset, preset_name, device, ops, modes, names, left_out, on_result, log
     for name, why in left_out.items():
         skipped.append({"shape": "*", "op": "*", "provider": name, "mode": None, "reason": f"left out: {why}"})
         log(f"  skip {name}: left out by the {preset_name} preset ({why}); add it with --providers")
-    for shape in preset.shapes:
+    for shape in preset.shapes_on(device):
         log(f"shape {shape.label()}")
         for op in ops:
             try:
@@ -268,7 +271,8 @@ def run(preset, preset_name, device, ops, modes, names, left_out, on_result, log
                     error, checked_dtype, _ = verdict(mode)
                     rows.append(make_row(op, mode, shape, name, times, peak, error, checked_dtype, meta["copy_gbps"]))
                     passed = "" if checked_dtype == shape.dtype else f" (passed in {checked_dtype})"
-                    log(f"  {op:9s} {mode:16s} {name:14s} {rows[-1]['median_ms']:10.3f} ms  err {error:.1e}{passed}"
+                    checked = "unchecked" if error is None else f"err {error:.1e}{passed}"
+                    log(f"  {op:9s} {mode:16s} {name:14s} {rows[-1]['median_ms']:10.3f} ms  {checked}"
                         f"  [{seconds:.1f} s]")
                 on_result(meta, rows, skipped)
                 del runner

@@ -1,11 +1,15 @@
 // CPU implementation of the PEER op after the query projection (SPEC section 1), forward and backward:
 // product-key retrieval, gating and single-neuron expert mixing, written from the spec's formulas.
 //
-// Parallel over tokens with OpenMP on torch's threads (torch.set_num_threads), in dynamically
-// scheduled chunks. float64 computes in float64; float32, bfloat16 and float16 compute in
-// float32 (at::opmath_type) and return outputs in the input dtype, retrieval scores in the compute
-// dtype. Only the dense sub-key scores q . keys go through a matmul (ATen's BLAS), in token chunks
-// so their memory stays bounded; everything after it is the per-token math of peer_math.h.
+// Parallel with OpenMP on torch's threads (torch.set_num_threads), in dynamically scheduled chunks:
+// over tokens, or for a few tokens (the "decode" schedule, which peer_kernels.tuning picks by the
+// token count) over heads, halves and key rows in the retrieval and over rows and columns in the
+// expert stage, so that one token's work still spreads over the threads. float64 computes in
+// float64; float32, bfloat16 and float16 compute in float32 (at::opmath_type) and return outputs in
+// the input dtype, retrieval scores in the compute dtype. Parameters are read where they are
+// stored, never re-laid out per call. Only the dense sub-key scores q . keys go through matmuls
+// (ATen's BLAS) for many tokens, in chunks of tokens so their scores stay in cache; everything after
+// them is the per-token math of peer_math.h.
 //
 // Gradients of the tables (w_down, w_up, keys) are dense and many tokens hit the same row: the
 // contributions are grouped by row with a stable counting sort and each row is then summed by one
@@ -37,10 +41,12 @@ using at::Tensor;
 // when the machine is busy), so small stages run serially: a token is microseconds of work, a
 // table row mostly a memset, and gating a few flops per score.
 constexpr int64_t kTokenGrain = 16;
+// Expert rows per task of the down projections: one token's h*k rows still spread over the threads.
+constexpr int64_t kSlotGrain = 32;
 constexpr int64_t kRowGrain = 256;
 constexpr int64_t kGateGrain = int64_t(1) << 14;
-// Sub-key scores per retrieval chunk (chunk tokens * heads * 2 * n): 16 MiB in float32.
-constexpr int64_t kSubScoresPerChunk = int64_t(1) << 22;
+// Tokens per matmul of the "token_tiles" sub-key scan: their (tokens, n) scores stay in cache.
+constexpr int64_t kMatmulTokens = 64;
 
 // A dense gradient table (E, d), about to be written once in full. Fresh large allocations are
 // mmap'ed pages that fault in 4 KiB at a time, which costs more than writing them: ask for
@@ -101,17 +107,43 @@ inline acc_t to_acc(src_t v) {
     return static_cast<acc_t>(v);
   }
 }
+// The vector loops below are compiled twice, for AVX2 with FMA (x86-64-v3) and for the build's
+// baseline, and the CPU picks one when the library loads (GCC's function multiversioning on
+// x86-64 Linux), so a build stays portable across the machines that share its cache.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PEER_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PEER_VECTOR_CLONES
+#endif
 
 template <typename acc_t, typename a_t, typename b_t>
-inline acc_t dot(const a_t* a, const b_t* b, int64_t d) {
+PEER_VECTOR_CLONES acc_t dot(const a_t* a, const b_t* b, int64_t d) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < d; ++i) sum += to_acc<acc_t>(a[i]) * to_acc<acc_t>(b[i]);
   return sum;
 }
 
+// q . rows[r * stride, r * stride + d) for the rows r = 0..3, into out[r]: four rows per pass over q.
+template <typename acc_t, typename row_t>
+PEER_VECTOR_CLONES void dot4(const acc_t* q, const row_t* rows, int64_t stride, int64_t d, acc_t* out) {
+  const row_t *r0 = rows, *r1 = rows + stride, *r2 = rows + 2 * stride, *r3 = rows + 3 * stride;
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < d; ++i) {
+    s0 += q[i] * static_cast<acc_t>(r0[i]);
+    s1 += q[i] * static_cast<acc_t>(r1[i]);
+    s2 += q[i] * static_cast<acc_t>(r2[i]);
+    s3 += q[i] * static_cast<acc_t>(r3[i]);
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
 template <typename acc_t, typename src_t>
-inline void axpy(acc_t alpha, const src_t* src, acc_t* dst, int64_t d) {
+PEER_VECTOR_CLONES void axpy(acc_t alpha, const src_t* src, acc_t* dst, int64_t d) {
 #pragma omp simd
   for (int64_t i = 0; i < d; ++i) dst[i] += alpha * to_acc<acc_t>(src[i]);
 }
@@ -171,39 +203,146 @@ TableGrad table_grad_outputs(const RowGroups& groups, const Tensor& table, bool 
 
 // ---- retrieval -----------------------------------------------------------------------------------
 
+// Sub-key scores are scanned in one of two ways, by the schedule (peer_kernels.tuning.token_schedule
+// picks it by the number of tokens); both read the keys in their stored layout, (h or 1, n, 2, dk),
+// never re-laid out:
+// - "decode" (a few tokens), directly: each parallel task takes one (head,
+//   half, slice of key rows), reads each key row once for all the tokens and keeps every token's
+//   best k_sub of its slice; the slices' lists are then merged per (token, head, half). The work is
+//   spread over heads, halves and key rows however few the tokens.
+// - "token_tiles", by matmuls: each parallel task takes one (head, half, chunk of tokens), scores it
+//   by one matmul with the half's keys and selects its tokens' best k_sub (16-bit keys are
+//   converted to the compute dtype for the matmuls).
+// The picks are the same either way (the tie rule orders equal scores by index whatever the order of
+// the offers), up to the rounding of the two ways' sums.
+// Key rows of a direct-scan task, at least: a task is a few microseconds of setup.
+constexpr int64_t kMinSliceRows = 64;
+
+// The direct scan into best (T, h, 2, k_sub) scores and sub-key indices; queries q (T, h, 2, dk) in
+// the compute dtype with unit stride in dk, keys as stored.
+template <typename acc_t, typename key_t>
+void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int64_t n, int64_t k_sub, acc_t* best_score,
+                   int64_t* best_index) {
+  const int64_t T = q.size(0), heads = q.size(1), dk = q.size(3);
+  const acc_t* q_p = q.data_ptr<acc_t>();
+  const int64_t q_token = q.stride(0), q_head = q.stride(1), q_half = q.stride(2);
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices =
+      std::max<int64_t>(1, std::min(n / kMinSliceRows, (4 * threads + 2 * heads - 1) / (2 * heads)));
+  const int64_t slice_rows = (n + slices - 1) / slices;
+  // Each slice's lists: (T, h, 2, slices, k_sub).
+  std::vector<acc_t> slice_score(T * heads * 2 * slices * k_sub);
+  std::vector<int64_t> slice_index(slice_score.size());
+  const auto list = [&](int64_t t, int64_t h, int64_t half, int64_t slice) {
+    return ((t * heads + h) * 2 + half) * slices * k_sub + slice * k_sub;
+  };
+  parallel_chunks(0, heads * 2 * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<TopList<acc_t>> lists(T);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / (2 * slices), half = task / slices % 2, slice = task % slices;
+      const int64_t row_end = std::min(n, (slice + 1) * slice_rows);
+      const key_t* rows = keys_p + ((key_heads == 1 ? 0 : h) * n * 2 + half) * dk;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t at = list(t, h, half, slice);
+        lists[t] = TopList<acc_t>{slice_score.data() + at, slice_index.data() + at, int(k_sub), 0};
+      }
+      // Four key rows at a time (the last group may be shorter), each scored for every token.
+      for (int64_t i = slice * slice_rows; i < row_end; i += 4) {
+        const int64_t group = std::min<int64_t>(4, row_end - i);
+        for (int64_t next = i + 4; next < std::min(row_end, i + 8); ++next) prefetch_row(rows + next * 2 * dk, dk);
+        for (int64_t t = 0; t < T; ++t) {
+          const acc_t* q_row = q_p + t * q_token + h * q_head + half * q_half;
+          acc_t score[4];
+          if (group == 4) {
+            dot4(q_row, rows + i * 2 * dk, 2 * dk, dk, score);
+          } else {
+            for (int64_t r = 0; r < group; ++r) score[r] = dot<acc_t>(q_row, rows + (i + r) * 2 * dk, dk);
+          }
+          for (int64_t r = 0; r < group; ++r) lists[t].offer(score[r], i + r);
+        }
+      }
+    }
+  });
+  // A slice shorter than k_sub leaves its list short: those slots hold no offer, so merge by sizes.
+  parallel_chunks(0, T * heads * 2, kTokenGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      TopList<acc_t> best{best_score + m * k_sub, best_index + m * k_sub, int(k_sub), 0};
+      for (int64_t slice = 0; slice < slices; ++slice) {
+        const int64_t at = m * slices * k_sub + slice * k_sub;
+        const int64_t rows = std::min(n, (slice + 1) * slice_rows) - slice * slice_rows;
+        const int64_t offered = std::min(k_sub, std::max<int64_t>(0, rows));
+        for (int64_t j = 0; j < offered; ++j) best.offer(slice_score[at + j], slice_index[at + j]);
+      }
+    }
+  });
+}
+
+// The "token_tiles" scan into best (T, h, 2, k_sub): tasks of (head, half, kMatmulTokens tokens),
+// each one matmul (BLAS, single-threaded inside the task) of the tokens' half-queries with the half's
+// key rows, read in place as the matmul's strided operand, into a task-local (tokens, n) block of
+// scores that then gives each token its best k_sub.
+template <typename acc_t>
+void matmul_sub_keys(const Tensor& q, const Tensor& keys, int64_t n, int64_t k_sub, acc_t* best_score,
+                     int64_t* best_index) {
+  const int64_t T = q.size(0), heads = q.size(1), key_heads = keys.size(0);
+  const int64_t chunks = (T + kMatmulTokens - 1) / kMatmulTokens;
+  parallel_chunks(0, heads * 2 * chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::NoGradGuard no_grad;
+    Tensor block = at::empty({std::min(T, kMatmulTokens), n}, q.options());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / (2 * chunks), half = task / chunks % 2, t0 = task % chunks * kMatmulTokens;
+      const int64_t t1 = std::min(T, t0 + kMatmulTokens);
+      Tensor sub = block.narrow(0, 0, t1 - t0);
+      at::mm_out(sub, q.slice(0, t0, t1).select(1, h).select(1, half),
+                 keys.select(0, key_heads == 1 ? 0 : h).select(1, half).t());
+      const acc_t* sub_p = sub.data_ptr<acc_t>();
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t m = (t * heads + h) * 2 + half;
+        TopList<acc_t> best{best_score + m * k_sub, best_index + m * k_sub, int(k_sub), 0};
+        top_sub_keys(sub_p + (t - t0) * n, int(n), best);
+      }
+    }
+  });
+}
+
 // queries (T, h, 2, dk), keys (h or 1, n, 2, dk) -> scores (T, h, k) in the compute dtype, sorted
 // descending, and expert ids (T, h, k) int64 = a*n + b.
-std::vector<Tensor> retrieval_forward(const Tensor& queries, const Tensor& keys, int64_t k, int64_t k_sub) {
-  const int64_t n = check_retrieval(queries, keys, k, k_sub);
-  const int64_t T = queries.size(0), heads = queries.size(1);
+std::vector<Tensor> retrieval_forward(const Tensor& queries, const Tensor& keys_in, int64_t k, int64_t k_sub,
+                                      const std::string& schedule) {
+  const bool decode = is_decode(schedule);
+  const int64_t n = check_retrieval(queries, keys_in, k, k_sub);
+  const int64_t T = queries.size(0), heads = queries.size(1), key_heads = keys_in.size(0);
   const auto acc = compute_type(queries.scalar_type());
-  const Tensor q = queries.to(acc);
-  const Tensor keys_t = keys.to(acc).permute({0, 2, 3, 1});  // (h or 1, 2, dk, n)
+  // The queries are activations (small): converted, and made unit-stride in dk if they are not. The
+  // keys are a parameter: read as stored (a layer's are contiguous; others are made so). Detached:
+  // the matmuls below run on OpenMP threads, where autograd's thread-local state is not set.
+  Tensor q = queries.to(acc).detach();
+  if (q.stride(3) != 1) q = q.contiguous();
+  const Tensor keys = keys_in.contiguous().detach();
   Tensor scores = at::empty({T, heads, k}, queries.options().dtype(acc));
   Tensor ids = at::empty({T, heads, k}, queries.options().dtype(at::kLong));
-  const int64_t chunk = std::max<int64_t>(1, kSubScoresPerChunk / (heads * 2 * n));
-
-  AT_DISPATCH_FLOATING_TYPES(acc, "peer_retrieval_forward", [&] {
-    scalar_t* scores_p = scores.data_ptr<scalar_t>();
-    int64_t* ids_p = ids.data_ptr<int64_t>();
-    for (int64_t t0 = 0; t0 < T; t0 += chunk) {
-      const int64_t t1 = std::min(T, t0 + chunk);
-      // (h, 2, rows, dk) @ (h or 1, 2, dk, n) -> (h, 2, rows, n): one batched BLAS call per chunk.
-      const Tensor sub = at::matmul(q.slice(0, t0, t1).permute({1, 2, 0, 3}), keys_t).contiguous();
-      const scalar_t* sub_p = sub.data_ptr<scalar_t>();
-      const int64_t block = sub.stride(1);  // between the (head, half) blocks of the chunk
-      parallel_chunks(t0, t1, kTokenGrain, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> scratch_scores(2 * k_sub);
-        std::vector<int64_t> scratch_ids(2 * k_sub);
-        for (int64_t t = begin; t < end; ++t)
-          for (int64_t h = 0; h < heads; ++h) {
-            const scalar_t* sub1 = sub_p + (h * 2 + 0) * block + (t - t0) * n;
-            const scalar_t* sub2 = sub_p + (h * 2 + 1) * block + (t - t0) * n;
-            product_key_topk_one<scalar_t>(sub1, sub2, n, k_sub, k, scratch_scores.data(), scratch_ids.data(),
-                                           scores_p + (t * heads + h) * k, ids_p + (t * heads + h) * k);
-          }
-      });
+  if (T == 0) return {scores, ids};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, keys.scalar_type(), "peer_retrieval_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Each (token, head, half)'s best k_sub sub-keys, then each (token, head)'s best k pairs.
+    std::vector<acc_t> best_score(T * heads * 2 * k_sub);
+    std::vector<int64_t> best_index(best_score.size());
+    if (decode) {
+      scan_sub_keys<acc_t>(q, keys.data_ptr<scalar_t>(), key_heads, n, k_sub, best_score.data(), best_index.data());
+    } else {
+      // 16-bit keys meet the matmuls in the compute dtype: a copy, but only for many tokens.
+      matmul_sub_keys<acc_t>(q, keys.to(acc), n, k_sub, best_score.data(), best_index.data());
     }
+    acc_t* scores_p = scores.data_ptr<acc_t>();
+    int64_t* ids_p = ids.data_ptr<int64_t>();
+    parallel_chunks(0, T * heads, kTokenGrain * heads, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const TopList<acc_t> best1{best_score.data() + 2 * m * k_sub, best_index.data() + 2 * m * k_sub, int(k_sub),
+                                   int(k_sub)};
+        const TopList<acc_t> best2{best1.score + k_sub, best1.index + k_sub, int(k_sub), int(k_sub)};
+        combine_halves(best1, best2, int(n), int(k), scores_p + m * k, ids_p + m * k);
+      }
+    });
   });
   return {scores, ids};
 }
@@ -345,9 +484,11 @@ Tensor checked_ids(const Tensor& expert_ids, const Tensor& table) {
   return ids;
 }
 
-// z (T, h, k) in the compute dtype of x.
+// z (T, h, k) in the compute dtype of x. A parallel task takes kSlotGrain slots ("decode": one
+// token's rows spread over the threads) or kTokenGrain tokens ("token_tiles").
 Tensor down_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& w_down_in,
-                    const std::optional<Tensor>& w_down_scale) {
+                    const std::optional<Tensor>& w_down_scale, const std::string& schedule) {
+  const bool decode = is_decode(schedule);
   TORCH_CHECK(x_in.dim() == 2 && expert_ids.size(0) == x_in.size(0) && w_down_in.size(1) == x_in.size(1) &&
                   (x_in.scalar_type() == at::kDouble) == (w_down_in.scalar_type() == at::kDouble),
               "down_forward: expected x (T, d), expert_ids (T, h, k), w_down (E, d), float64 only together; got ",
@@ -365,8 +506,8 @@ Tensor down_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& 
     const float* scale_p = scales.defined() ? scales.data_ptr<float>() : nullptr;
     const int64_t* id = ids.data_ptr<int64_t>();
     acc_t* z_p = z.data_ptr<acc_t>();
-    parallel_chunks(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t slot = begin * slots; slot < end * slots; ++slot) {
+    parallel_chunks(0, T * slots, decode ? kSlotGrain : kTokenGrain * slots, [&](int64_t begin, int64_t end) {
+      for (int64_t slot = begin; slot < end; ++slot) {
         if (slot + 1 < T * slots) prefetch_row(down_p + id[slot + 1] * d, d);
         z_p[slot] = dot<acc_t>(down_p + id[slot] * d, x_p + slot / slots * d, d) * row_scale(scale_p, id[slot]);
       }
@@ -377,7 +518,9 @@ Tensor down_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& 
 
 // y (T, d_out) in the compute dtype (z's).
 Tensor mix_forward(const Tensor& z_in, const Tensor& expert_ids, const Tensor& gates_in, const Tensor& w_up_in,
-                   const std::string& activation, const std::optional<Tensor>& w_up_scale) {
+                   const std::string& activation, const std::optional<Tensor>& w_up_scale,
+                   const std::string& schedule) {
+  const bool decode = is_decode(schedule);
   const int act = activation_code(activation);
   TORCH_CHECK(z_in.sizes() == expert_ids.sizes() && gates_in.sizes() == expert_ids.sizes(),
               "mix_forward: expected z, expert_ids and gates of one shape (T, h, k), got ", z_in.sizes(), ", ",
@@ -398,15 +541,31 @@ Tensor mix_forward(const Tensor& z_in, const Tensor& expert_ids, const Tensor& g
     const acc_t* z_p = z.data_ptr<acc_t>();
     const acc_t* g = gates.data_ptr<acc_t>();
     acc_t* y_p = y.data_ptr<acc_t>();
-    parallel_chunks(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        acc_t* y_row = y_p + t * d;
-        std::fill(y_row, y_row + d, acc_t(0));
+    // Each slot's coefficient g act(z), once (a column block below would recompute it).
+    std::vector<acc_t> coef(T * slots);
+    parallel_chunks(0, T * slots, kGateGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t slot = begin; slot < end; ++slot) {
+        acc_t a, slope;
+        activate<acc_t>(act, z_p[slot], &a, &slope);
+        coef[slot] = g[slot] * a * row_scale(scale_p, id[slot]);
+      }
+    });
+    // A task sums one token's slots over a block of columns: "decode" splits the rows into column
+    // blocks (multiples of 16 values) until every thread has several tasks, "token_tiles" takes
+    // whole rows, kTokenGrain tokens per task. Each element of y is summed by one task in slot order.
+    const int64_t threads = at::get_num_threads();
+    const int64_t per_token = (4 * threads + T - 1) / std::max<int64_t>(T, 1);
+    const int64_t blocks = decode ? std::max<int64_t>(1, std::min((d + 15) / 16, per_token)) : 1;
+    const int64_t columns = ((d + blocks - 1) / blocks + 15) / 16 * 16;
+    parallel_chunks(0, T * blocks, decode ? 1 : kTokenGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t t = task / blocks, c0 = std::min(d, task % blocks * columns);
+        const int64_t width = std::min(d, c0 + columns) - c0;
+        acc_t* y_part = y_p + t * d + c0;
+        std::fill(y_part, y_part + width, acc_t(0));
         for (int64_t slot = t * slots; slot < (t + 1) * slots; ++slot) {
-          if (slot + 1 < T * slots) prefetch_row(up_p + id[slot + 1] * d, d);
-          acc_t a, slope;
-          activate<acc_t>(act, z_p[slot], &a, &slope);
-          axpy(g[slot] * a * row_scale(scale_p, id[slot]), up_p + id[slot] * d, y_row, d);
+          if (slot + 1 < T * slots) prefetch_row(up_p + id[slot + 1] * d + c0, width);
+          axpy(coef[slot], up_p + id[slot] * d + c0, y_part, width);
         }
       }
     });
@@ -497,10 +656,11 @@ std::vector<Tensor> down_backward(const Tensor& dz_in, const Tensor& x_in, const
 // {y (T, d_out) in x's dtype, z (T, h, k) in the compute dtype, saved for the backward}.
 std::vector<Tensor> experts_forward(const Tensor& x, const Tensor& expert_ids, const Tensor& gates,
                                     const Tensor& w_down, const Tensor& w_up, const std::string& activation,
-                                    const std::optional<Tensor>& w_down_scale, const std::optional<Tensor>& w_up_scale) {
+                                    const std::optional<Tensor>& w_down_scale, const std::optional<Tensor>& w_up_scale,
+                                    const std::string& schedule) {
   check_tables(x, w_down, w_up);
-  const Tensor z = down_forward(x, expert_ids, w_down, w_down_scale);
-  return {mix_forward(z, expert_ids, gates, w_up, activation, w_up_scale).to(x.scalar_type()), z};
+  const Tensor z = down_forward(x, expert_ids, w_down, w_down_scale, schedule);
+  return {mix_forward(z, expert_ids, gates, w_up, activation, w_up_scale, schedule).to(x.scalar_type()), z};
 }
 
 // {dx, dgates, dw_down, dw_up, rows}: rows (the touched rows of both tables, ascending) when

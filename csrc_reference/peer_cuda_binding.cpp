@@ -39,7 +39,11 @@ std::pair<Tensor, cuda::QueryStrides> query_view(const Tensor& queries) {
   return {q, cuda::QueryStrides{q.stride(0), q.stride(1), q.stride(2)}};
 }
 
-std::vector<Tensor> retrieval_forward(const Tensor& queries, const Tensor& keys, int64_t k, int64_t k_sub) {
+// The forward functions take the schedule of the CPU extension's (peer_torch.h is_decode) and run one
+// block per token whatever it is: the baseline has one way.
+std::vector<Tensor> retrieval_forward(const Tensor& queries, const Tensor& keys, int64_t k, int64_t k_sub,
+                                      const std::string& schedule) {
+  is_decode(schedule);
   check_cuda(queries, "queries");
   check_cuda(keys, "keys");
   const int64_t n = check_retrieval(queries, keys, k, k_sub);
@@ -125,11 +129,11 @@ Tensor gates_backward(const Tensor& scores_in, const Tensor& gates_in, const Ten
               "stage): use backend='triton' for CUDA tensors");
 }
 
-Tensor down_forward(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&) {
+Tensor down_forward(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::string&) {
   not_in_baseline("down_forward");
 }
 Tensor mix_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::string&,
-                   const std::optional<Tensor>&) {
+                   const std::optional<Tensor>&, const std::string&) {
   not_in_baseline("mix_forward");
 }
 std::vector<Tensor> down_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool) {
@@ -142,7 +146,9 @@ std::vector<Tensor> mix_backward(const Tensor&, const Tensor&, const Tensor&, co
 
 std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& gates_in,
                                     const Tensor& w_down_in, const Tensor& w_up_in, const std::string& activation,
-                                    const std::optional<Tensor>& w_down_scale, const std::optional<Tensor>& w_up_scale) {
+                                    const std::optional<Tensor>& w_down_scale, const std::optional<Tensor>& w_up_scale,
+                                    const std::string& schedule) {
+  is_decode(schedule);
   check_cuda(x_in, "x");
   if (w_down_scale.has_value() || w_up_scale.has_value()) not_in_baseline("quantized tables (int8 / float8_e4m3fn)");
   if (w_up_in.dim() == 2 && w_up_in.size(1) != x_in.size(1)) not_in_baseline("d_out != d_in");

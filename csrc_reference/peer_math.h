@@ -134,6 +134,20 @@ PEER_HD void top_sub_keys(const acc_t* scores, int n, TopList<acc_t>& best) {
     }
 }
 
+// The best k of the k_sub**2 sums of two halves' full top lists (k_sub entries each, sorted by the tie
+// rule), ties going to the candidate whose (rank in the first half, rank in the second) comes first.
+// Writes scores[0..k) (descending) and expert ids a*n + b.
+template <typename acc_t>
+PEER_HD void combine_halves(const TopList<acc_t>& best1, const TopList<acc_t>& best2, int n, int k, acc_t* scores,
+                            int64_t* ids) {
+  const int k_sub = best1.capacity;
+  // The list's index is the pair's rank i * k_sub + j (the tie-breaker), turned into an id after.
+  TopList<acc_t> picks{scores, ids, k, 0};
+  for (int i = 0; i < k_sub; ++i)
+    for (int j = 0; j < k_sub; ++j) picks.offer(best1.score[i] + best2.score[j], int64_t(i) * k_sub + j);
+  for (int p = 0; p < k; ++p) ids[p] = best1.index[ids[p] / k_sub] * n + best2.index[ids[p] % k_sub];
+}
+
 // Product-key top-k of one (token, head), given its two halves' sub-key scores sub1, sub2 (n each):
 // the k_sub best sub-keys per half, then the best k of their k_sub**2 sums, ties going to the
 // candidate whose (rank in the first half, rank in the second) comes first. Writes scores[0..k)
@@ -145,11 +159,7 @@ PEER_HD void product_key_topk_one(const acc_t* sub1, const acc_t* sub2, int n, i
   TopList<acc_t> best2{scratch_scores + k_sub, scratch_ids + k_sub, k_sub, 0};
   top_sub_keys(sub1, n, best1);
   top_sub_keys(sub2, n, best2);
-  // The list's index is the pair's rank i * k_sub + j (the tie-breaker), turned into an id after.
-  TopList<acc_t> picks{scores, ids, k, 0};
-  for (int i = 0; i < k_sub; ++i)
-    for (int j = 0; j < k_sub; ++j) picks.offer(best1.score[i] + best2.score[j], int64_t(i) * k_sub + j);
-  for (int p = 0; p < k; ++p) ids[p] = best1.index[ids[p] / k_sub] * n + best2.index[ids[p] % k_sub];
+  combine_halves(best1, best2, n, k, scores, ids);
 }
 
 }  // namespace peer

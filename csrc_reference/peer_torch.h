@@ -31,6 +31,14 @@ inline int gating_code(const std::string& name) {
   TORCH_CHECK(false, "gating: expected one of softmax, sigmoid, relu, got '", name, "'");
 }
 
+// A schedule name of peer_kernels.tuning.token_schedule: true for "decode" (few tokens: one token's
+// work spread over the threads), false for "token_tiles" (the tokens spread over the threads).
+inline bool is_decode(const std::string& schedule) {
+  if (schedule == "decode") return true;
+  if (schedule == "token_tiles") return false;
+  TORCH_CHECK(false, "schedule: expected one of decode, token_tiles, got '", schedule, "'");
+}
+
 // The retrieval arguments, for callers that bypass peer_kernels._checks; returns n.
 inline int64_t check_retrieval(const at::Tensor& queries, const at::Tensor& keys, int64_t k, int64_t k_sub) {
   TORCH_CHECK(queries.dim() == 4 && queries.size(2) == 2, "queries: expected shape (T, h, 2, dk), got ",
@@ -66,22 +74,24 @@ inline void check_tables(const at::Tensor& x, const at::Tensor& w_down, const at
 #define PEER_BIND_EXTENSION(DOC)                                                                         \
   PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {                                                           \
     m.doc() = DOC;                                                                                     \
-    m.def("retrieval_forward", &peer::retrieval_forward, "queries, keys, k, k_sub -> scores, expert_ids"); \
+    m.def("retrieval_forward", &peer::retrieval_forward, "queries, keys, k, k_sub, schedule -> scores, expert_ids"); \
     m.def("retrieval_backward", &peer::retrieval_backward,                                             \
           "dscores, queries, keys, expert_ids -> dqueries, dkeys");                                    \
     m.def("experts_forward", &peer::experts_forward,                                                   \
-          "x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale -> y, z",            \
+          "x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale, schedule -> y, z",  \
           pybind11::arg("x"), pybind11::arg("expert_ids"), pybind11::arg("gates"), pybind11::arg("w_down"), \
           pybind11::arg("w_up"), pybind11::arg("activation"), pybind11::arg("w_down_scale") = pybind11::none(), \
-          pybind11::arg("w_up_scale") = pybind11::none());                                             \
+          pybind11::arg("w_up_scale") = pybind11::none(), pybind11::arg("schedule") = "token_tiles");  \
     m.def("experts_backward", &peer::experts_backward,                                                 \
           "dy, x, expert_ids, gates, z, w_down, w_up, activation, sparse -> dx, dgates, dw_down, dw_up, rows"); \
-    m.def("down_forward", &peer::down_forward, "x, expert_ids, w_down, w_down_scale -> z", pybind11::arg("x"), \
-          pybind11::arg("expert_ids"), pybind11::arg("w_down"), pybind11::arg("w_down_scale") = pybind11::none()); \
+    m.def("down_forward", &peer::down_forward, "x, expert_ids, w_down, w_down_scale, schedule -> z",   \
+          pybind11::arg("x"), pybind11::arg("expert_ids"), pybind11::arg("w_down"),                      \
+          pybind11::arg("w_down_scale") = pybind11::none(), pybind11::arg("schedule") = "token_tiles"); \
     m.def("down_backward", &peer::down_backward, "dz, x, expert_ids, w_down, sparse -> dx, dw_down, rows"); \
-    m.def("mix_forward", &peer::mix_forward, "z, expert_ids, gates, w_up, activation, w_up_scale -> y",  \
+    m.def("mix_forward", &peer::mix_forward, "z, expert_ids, gates, w_up, activation, w_up_scale, schedule -> y", \
           pybind11::arg("z"), pybind11::arg("expert_ids"), pybind11::arg("gates"), pybind11::arg("w_up"),    \
-          pybind11::arg("activation"), pybind11::arg("w_up_scale") = pybind11::none());                 \
+          pybind11::arg("activation"), pybind11::arg("w_up_scale") = pybind11::none(),                   \
+          pybind11::arg("schedule") = "token_tiles");                                                   \
     m.def("mix_backward", &peer::mix_backward,                                                         \
           "dy, z, expert_ids, gates, w_up, activation, sparse -> dz, dgates, dw_up, rows");            \
     m.def("gates_forward", &peer::gates_forward, "scores (..., k), gating -> gates");                  \

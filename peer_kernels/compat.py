@@ -28,6 +28,7 @@ expert kernel, so it must be `nn.GELU` (either approximation), `nn.ReLU` or `nn.
 `ValueError` names anything else); `train_mem_mask` also works with `separate_embed_per_head`
 (a mask over all `heads * num_experts` rows); `ChunkedPEER` runs the whole sequence at once.
 """
+import contextlib
 import functools
 import math
 
@@ -300,9 +301,10 @@ def from_peer_pytorch(source, *, backend="auto", layer_class=None, **peer_pytorc
     return layer
 
 
-def to_peer_pytorch(layer):
+def to_peer_pytorch(layer, *, share_weights=False):
     """The `PEER_pytorch.PEER` equivalent to a peer_kernels.PEER layer (same weights), where peer-pytorch
-    has its options."""
+    has its options. share_weights=True: its parameters are the layer's own tensors, not copies (no
+    second copy of the tables; a change to one is a change to the other)."""
     from PEER_pytorch import PEER as PeerPytorch
 
     unsupported = {"query_norm": (layer.query_norm_kind, None), "shared_keys": (layer.shared_keys, False)}
@@ -316,15 +318,19 @@ def to_peer_pytorch(layer):
         raise ValueError(f"to_peer_pytorch: peer-pytorch needs an even dim, got {layer.dim}")
     activation = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
                   "gelu_tanh": functools.partial(nn.GELU, approximate="tanh")}[layer.activation]
-    other = PeerPytorch(
-        layer.dim, heads=layer.heads, num_experts=layer.num_experts, activation=activation,
-        num_experts_per_head=layer.num_experts_per_head if layer.gating == "softmax" else layer.product_key_topk,
-        dim_key=layer.dim_key, product_key_topk=layer.product_key_topk,
-        separate_embed_per_head=layer.separate_embed_per_head, pre_rmsnorm=layer.pre_rmsnorm,
-        non_competing_scores=layer.gating == "relu", dropout=layer.dropout,
-    ).to(device=layer.w_down.device, dtype=layer.w_down.dtype)
-    ours = layer.state_dict()
-    other.load_state_dict({theirs: ours[mine] for mine, theirs in _PEER_PYTORCH_KEYS.items() if mine in ours})
+    with torch.device("meta") if share_weights else contextlib.nullcontext():
+        other = PeerPytorch(
+            layer.dim, heads=layer.heads, num_experts=layer.num_experts, activation=activation,
+            num_experts_per_head=layer.num_experts_per_head if layer.gating == "softmax" else layer.product_key_topk,
+            dim_key=layer.dim_key, product_key_topk=layer.product_key_topk,
+            separate_embed_per_head=layer.separate_embed_per_head, pre_rmsnorm=layer.pre_rmsnorm,
+            non_competing_scores=layer.gating == "relu", dropout=layer.dropout,
+        )
+    if not share_weights:
+        other = other.to(device=layer.w_down.device, dtype=layer.w_down.dtype)
+    ours = layer.state_dict(keep_vars=share_weights)
+    other.load_state_dict({theirs: ours[mine] for mine, theirs in _PEER_PYTORCH_KEYS.items() if mine in ours},
+                          assign=share_weights)
     return other
 
 

@@ -233,11 +233,12 @@ class PEER(nn.Module):
 
         return from_peer_pytorch(source, backend=backend, layer_class=cls, **peer_pytorch_kwargs)
 
-    def to_peer_pytorch(self):
-        """The equivalent `PEER_pytorch.PEER` (same weights): see peer_kernels.compat.to_peer_pytorch."""
+    def to_peer_pytorch(self, *, share_weights=False):
+        """The equivalent `PEER_pytorch.PEER` (same weights; with share_weights the same tensors): see
+        peer_kernels.compat.to_peer_pytorch."""
         from .compat import to_peer_pytorch
 
-        return to_peer_pytorch(self)
+        return to_peer_pytorch(self, share_weights=share_weights)
 
     # ---- the paper's instruments (peer_kernels.instruments) ---------------------------------------
 
@@ -261,6 +262,31 @@ class PEER(nn.Module):
         """Grows the pool to `num_experts`, keeping every expert's function: see
         peer_kernels.instruments.grow. Returns the layer."""
         return instruments.grow(self, num_experts, optimizer=optimizer)
+
+
+def warmup(module, *, tokens=1, dtype=None):
+    """Runs every PEER layer in `module` (a layer or a whole model) once for each token count in
+    `tokens` (an int or a sequence of them) on random input of `dtype` (default: the layer's
+    parameters'), in inference: under torch.no_grad and in eval mode, each layer's mode restored
+    after, so no parameter or running statistic changes. It does what a layer's first call does for
+    those shapes: Triton compiles and loads the kernels, the retrieval's pair table is copied to
+    the device, the C++ extension is built or loaded. After it a decode step with those token
+    counts can be captured in a CUDA graph (torch.cuda.graph), which none of that may happen in;
+    it runs in the caller's context, so warm up under the autocast a step will run under. Returns
+    `module`."""
+    counts = (tokens,) if isinstance(tokens, int) else tuple(tokens)
+    for layer in module.modules():
+        if not isinstance(layer, PEER):
+            continue
+        training = layer.training
+        layer.eval()
+        try:
+            with torch.no_grad():
+                for count in counts:
+                    layer(torch.randn(count, layer.dim, device=layer.w_down.device, dtype=dtype or layer.w_down.dtype))
+        finally:
+            layer.train(training)
+    return module
 
 
 def backend_expert_stage(ops, x, expert_ids, gates, w_down, w_up, activation, sparse_grad, w_down_scale=None,

@@ -45,17 +45,36 @@ class Tiles:
     retrieval_backward_tokens: int = 16
     # row-sparse optimizers: columns per program
     optim_columns: int = 1024
+    # decode (few tokens per step): up to this many tokens the retrieval splits the key rows over
+    # programs and the expert stage one token's rows (token_schedule). The estimate, not yet timed:
+    # the token-tile expert grid has one program per token at h*k >= 64 slots, each walking its rows
+    # one column block after another; with fewer than about two such programs per SM the SMs keep
+    # too few row loads in flight (issue 15: >= 32 KB per SM), while the decode grid has them all
+    # in flight at once and pays for it with its partial sums (at the paper's shapes in bf16, 32 KB
+    # written and read per token beside 512 KB of rows).
+    # The token-tile retrieval leaves SMs idle longer still (a program per 64 tokens and head).
+    decode_tokens: int = 192
+    # decode expert kernels: the largest (slots, columns) row tile of a program, in values
+    decode_gather_values: int = 4096
 
 
 SM80 = Tiles()
 # sm_90: 128-key tiles with int32 keys spend fewer instructions per score than 64 (sm_80 spills at
-# 128 under triton 3.6), and make level selection applicable.
-SM90 = dataclasses.replace(SM80, key_tile_int32=128)
-TABLES = {"sm_90": SM90, "sm_80": SM80, "fallback": SM80}
+# 128 under triton 3.6), and make level selection applicable; 132 SMs take 256 decode tokens at
+# two per SM (sm_80's 108, 192 at 1.8).
+SM90 = dataclasses.replace(SM80, key_tile_int32=128, decode_tokens=256)
+# Other GPUs, the interpreter and the C++ backend on a CPU (whose tensors have no CUDA arch): at
+# most 8 tokens decode, which the interpreter's tests straddle; on 2 CPU cores the C++ direct sub-key
+# scan ran as fast as its matmuls at about 8 tokens (1 thread, fp32, the paper's shapes).
+FALLBACK = dataclasses.replace(SM80, decode_tokens=8)
+TABLES = {"sm_90": SM90, "sm_80": SM80, "fallback": FALLBACK}
 
 # The interpreter (whose sorts cost Python time per element) and float64 get small tiles whatever
 # the architecture: 16 tokens and 16 keys, tl.dot's minimum.
 SMALL_TILE = 16
+# The interpreter sizes its decode grids as for a GPU with this many SMs: enough that the tests'
+# small shapes split into several key slices and row blocks, as large ones do on a GPU.
+INTERPRETED_SMS = 8
 
 _OVERRIDES = {}
 
@@ -92,6 +111,10 @@ def next_power_of_2(x):
 
 def cdiv(a, b):
     return -(-a // b)
+
+
+def previous_power_of_2(x):
+    return 1 << max(0, int(x).bit_length() - 1)
 
 
 def _pow2(x, minimum):
@@ -246,6 +269,53 @@ def overlap_schedule(*, heads, block_t, sms):
     the device whichever the block scheduler starts first."""
     programs = max(1, sms // 2)
     return block_t * max(1, (sms - programs) // heads), programs
+
+
+# ---- decode --------------------------------------------------------------------------------------------
+
+def token_schedule(*, num_tokens, arch):
+    """The grids the retrieval and expert launchers use for `num_tokens` tokens: "decode" (key rows,
+    or one token's rows, split over programs) for at most the table's decode_tokens, else
+    "token_tiles" (programs over tiles of tokens)."""
+    return "decode" if num_tokens <= tiles(arch).decode_tokens else "token_tiles"
+
+
+def decode_sms(device):
+    """The SMs the decode grids are sized for: the device's, or INTERPRETED_SMS off a GPU."""
+    return _device.sm_count(device) if device.type == "cuda" else INTERPRETED_SMS
+
+
+def key_slices(*, num_tokens, heads, n, block_t, block_n, ks_pad, sms):
+    """(BLOCK_N, rows per slice, slices) of kernels/retrieval.key_slice_topk_kernel, whose grid is
+    token tiles (block_t tokens) x heads x 2 halves x slices: the fewest slices of a half's n key
+    rows that give the grid >= `sms` programs, each slice whole key tiles of BLOCK_N rows, the
+    token-tile kernel's block_n or, where slices are shorter, a smaller power of two (no less than
+    the list's ks_pad and tl.dot's 16)."""
+    rows = max(1, n // cdiv(sms, cdiv(num_tokens, block_t) * heads * 2))
+    block_n = max(ks_pad, 16, min(block_n, previous_power_of_2(rows)))
+    slice_rows = max(block_n, rows // block_n * block_n)
+    return block_n, slice_rows, cdiv(n, slice_rows)
+
+
+def decode_gather_tile(*, num_tokens, slots, dim, itemsize, arch, sms):
+    """(BLOCK_S, BLOCK_D, num_warps) of the decode expert kernels (kernels/experts.py), whose grid
+    has a program per (token, BLOCK_S slots, BLOCK_D columns) and which load their whole row tile at
+    once. BLOCK_D spans 128 bytes of a row (a whole line: four 32-byte sectors); BLOCK_S is the
+    largest power of two (the tile at most decode_gather_values) that leaves >= `sms` programs, so
+    that at one token every SM has rows to load; the warps are as many as give each thread one
+    16-byte load per table (1 to 4; at 4 a thread loads more)."""
+    block_d = min(next_power_of_2(dim), max(1, 128 // itemsize))
+    block_s = min(next_power_of_2(slots), max(1, tiles(arch).decode_gather_values // block_d))
+    while block_s > 1 and num_tokens * cdiv(slots, block_s) * cdiv(dim, block_d) < sms:
+        block_s //= 2
+    return block_s, block_d, min(4, max(1, block_s * block_d * itemsize // (16 * 32)))
+
+
+def sum_parts_tile(*, parts, width):
+    """(PARTS_PAD, BLOCK_W, num_warps) of kernels/experts.sum_parts_kernel: all `parts` shares of
+    BLOCK_W columns per 4-warp program, about 2048 values."""
+    parts_pad = next_power_of_2(parts)
+    return parts_pad, min(next_power_of_2(width), max(16, 2048 // parts_pad)), 4
 
 
 # ---- optimizers ------------------------------------------------------------------------------------------

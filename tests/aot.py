@@ -3,7 +3,7 @@
 The interpreter (TRITON_INTERPRET=1) proves the math but accepts code that would never compile;
 these helpers prove the kernels are real: each one is compiled for sm_80 / sm_90 and its cubin is
 disassembled with the cuobjdump shipped inside the triton wheel, so tests can assert on register
-use, local-memory spills (STL/LDL) and global load widths (LDG.E.128).
+use, local-memory spills (STL/LDL) and global load widths (LDG.E.128, LDGSTS.E.128).
 
 Under the interpreter `@triton.jit` returns interpreter objects that cannot be compiled, so tests
 call `compile_report(jobs)`, which runs the compiles in a fresh Python process with the
@@ -133,6 +133,7 @@ def sass_stats(compiled, disassemble=True):
             "ldl": count(r"LDL(\..*)?"),
             "ldg128": count(LDG128),
             "ldg64": count(r"LDG(\.\w+)*\.64(\.\w+)*"),
+            "ldgsts128": count(r"LDGSTS(\.\w+)*\.128(\.\w+)*"),   # cp.async of 16 bytes into shared memory
             "ldg": count(r"LDG(\..*)?"),
             "stg": count(r"STG(\..*)?"),
             "sass_atomics": count(r"(RED|REDG|ATOM|ATOMG)(\..*)?"),

@@ -228,7 +228,7 @@ def test_out_of_range_ids_raise(ext):
             csrc.peer_experts(x, ids, gates, w_down, w_up)
         # The extension itself checks too, for callers that bypass peer_kernels._checks.
         with pytest.raises(RuntimeError, match=rf"expert_ids: expected values in \[0, 5\).*got {bad}"):
-            ext.experts_forward(x, ids, gates, w_down, w_up, "gelu")
+            ext.experts_forward(x, ids, gates, w_down, w_up, "gelu", "decode")
         with pytest.raises(RuntimeError, match=r"expert_ids: expected values in \[0, 5\)"):
             ext.experts_backward(x, x, ids, gates, gates, w_down, w_up, "gelu", False)
     queries, keys = torch.randn(T, h, 2, 4), torch.randn(h, 3, 2, 4)
@@ -237,7 +237,7 @@ def test_out_of_range_ids_raise(ext):
     with pytest.raises(RuntimeError, match=r"expert_ids: expected values in \[0, 9\)"):
         ext.retrieval_backward(torch.randn(T, h, k), queries, keys, sub_key_ids)
     with pytest.raises(RuntimeError, match="k_sub: expected in"):
-        ext.retrieval_forward(queries, keys, 2, 4)
+        ext.retrieval_forward(queries, keys, 2, 4, "decode")
 
 
 def test_build_failure_warns_once_and_falls_back_to_the_reference(monkeypatch):
@@ -367,4 +367,4 @@ def test_cuda_fused_matches_reference(dtype):
 def test_zero_heads_is_an_error_not_a_crash(ext):
     """The extension's own check (for callers that bypass peer_kernels._checks): once a SIGFPE."""
     with pytest.raises(RuntimeError, match="queries: expected at least one head"):
-        ext.retrieval_forward(torch.randn(5, 0, 2, 8), torch.randn(1, 6, 2, 8), 4, 3)
+        ext.retrieval_forward(torch.randn(5, 0, 2, 8), torch.randn(1, 6, 2, 8), 4, 3, "token_tiles")

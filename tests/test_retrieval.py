@@ -176,7 +176,7 @@ def _half_select_kernel(queries_ptr, keys_ptr, best_ptr, certified_ptr, T, n, dk
                                              "ieee", True, INDEX_BITS)
         tl.store(certified_ptr + tl.program_id(0), certified.to(tl.int32))
     else:
-        best = kernels.streaming_topk(q, keys_ptr, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, "ieee", True,
+        best = kernels.streaming_topk(q, keys_ptr, 0, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, "ieee", True,
                                       INDEX_BITS)
     offs_k = tl.arange(0, KS_PAD)
     tl.store(best_ptr + offs_t[:, None] * KS_PAD + offs_k[None, :], best, mask=offs_t[:, None] < T)

@@ -5,7 +5,7 @@ expert stage with its two halves, each with its backward; the retrieve and fused
 composed from them here."""
 import torch
 
-from .. import _checks, _library, _math
+from .. import _checks, _device, _library, _math, tuning
 from . import build
 
 
@@ -16,13 +16,19 @@ def _call(name, first, *args):
         return getattr(build.extension(first.device), name)(first, *args)
 
 
+def _schedule(tokens):
+    """The extension's schedule for a tensor of `tokens` (T, ...): "decode" (one token's work spread
+    over the threads) or "token_tiles", by tuning.token_schedule (the CPU's, on the fallback table)."""
+    return tuning.token_schedule(num_tokens=tokens.shape[0], arch=_device.cuda_arch(tokens.device))
+
+
 def _product_key_ids(ids, id_head_offset):
     """Table rows -> the retrieval's product-key ids a*n + b (head h owns rows from h * offset)."""
     return _math.head_offsets(ids, -id_head_offset) if id_head_offset else ids
 
 
 def retrieve(*, queries, keys, k, k_sub, gating, id_head_offset):
-    scores, ids = _call("retrieval_forward", queries, keys, k, k_sub)
+    scores, ids = _call("retrieval_forward", queries, keys, k, k_sub, _schedule(queries))
     if id_head_offset:
         ids = _math.head_offsets(ids, id_head_offset)
     if gating == "none":
@@ -41,7 +47,8 @@ def retrieve_backward(*, dscores, dgates, queries, keys, ids, scores, gates, gat
 
 def experts(*, x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale):
     expert_ids = _checks.checked_expert_ids(expert_ids, w_down.shape[0])
-    return _call("experts_forward", x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale)
+    return _call("experts_forward", x, expert_ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale,
+                 _schedule(x))
 
 
 def experts_backward(*, dy, x, expert_ids, gates, z, w_down, w_up, activation, deterministic, sparse_grad):
@@ -50,7 +57,8 @@ def experts_backward(*, dy, x, expert_ids, gates, z, w_down, w_up, activation, d
 
 
 def down(*, x, expert_ids, w_down, w_down_scale):
-    return _call("down_forward", x, _checks.checked_expert_ids(expert_ids, w_down.shape[0]), w_down, w_down_scale)
+    return _call("down_forward", x, _checks.checked_expert_ids(expert_ids, w_down.shape[0]), w_down, w_down_scale,
+                 _schedule(x))
 
 
 def down_backward(*, dz, x, expert_ids, w_down, deterministic, sparse_grad):
@@ -59,7 +67,7 @@ def down_backward(*, dz, x, expert_ids, w_down, deterministic, sparse_grad):
 
 def mix(*, z, expert_ids, gates, w_up, activation, w_up_scale):
     return _call("mix_forward", z, _checks.checked_expert_ids(expert_ids, w_up.shape[0]), gates, w_up, activation,
-                 w_up_scale)
+                 w_up_scale, _schedule(z))
 
 
 def mix_backward(*, dy, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
@@ -73,7 +81,7 @@ def fused(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_he
     _checks.check_choice("schedule", schedule, ("two_kernel",))
     scores, ids, gates = retrieve(queries=queries, keys=keys, k=k, k_sub=k_sub, gating=gating,
                                   id_head_offset=id_head_offset)
-    y, z = _call("experts_forward", x, ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale)
+    y, z = _call("experts_forward", x, ids, gates, w_down, w_up, activation, w_down_scale, w_up_scale, _schedule(x))
     return y, scores, ids, gates, z
 
 

@@ -13,9 +13,9 @@ gradients alike. Row offsets are int64: E * D reaches 2**31 for a 1024**2 x 4096
 per-slot scalar buffers carry that accumulation dtype).
 
 Quantized tables (forward only; peer_kernels.quantize_): int8 or fp8 e4m3 rows with one fp32 scale
-per row (E,), a row being its values times its scale. The row loads of down_project and mix_up,
-which every forward shares, read them at 1 byte per value (half a bf16 row's bytes) and convert in
-registers; the row's scale is common to its terms, so it multiplies the row's dot product (down) or
+per row (E,), a row being its values times its scale. gather_rows, through which every forward
+kernel reads rows (token tiles, the one-pass kernel, the decode kernels), reads them at 1 byte
+per value (half a bf16 row's bytes) and converts in registers; the row's scale is common to its terms, so it multiplies the row's dot product (down) or
 its coefficient (up), one multiply per row instead of one per value. A float table passes None
 for its scale pointer (a constexpr: the kernel compiles without the scale load).
 """
@@ -124,24 +124,53 @@ def mix_experts(x_ptr, y_ptr, w_down_ptr, w_up_ptr, w_down_scale_ptr, w_up_scale
 
 
 @triton.jit
+def gather_rows(table_ptr, expert_ids, slot_mask, offs_d, D: tl.constexpr, acc_dtype: tl.constexpr):
+    """Columns offs_d (BLOCK_D,) of the rows expert_ids (BLOCK_T, BLOCK_S) of table_ptr (E, D):
+    (BLOCK_T, BLOCK_S, BLOCK_D) in acc_dtype, zero where slot_mask is off or past D. Every forward
+    kernel reads the tables through here (token tiles, the one-pass kernel, the decode kernels): the
+    one place where stored values become compute values (a quantized row's scale is applied by the
+    caller, once per row: row_scales)."""
+    rows = table_ptr + expert_ids.to(tl.int64)[:, :, None] * D + offs_d[None, None, :]
+    values = tl.load(rows, mask=slot_mask[:, :, None] & (offs_d < D)[None, None, :], other=0.0)
+    return values.to(acc_dtype)
+
+
+@triton.jit
+def down_chunk(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, offs_d, T, acc_dtype: tl.constexpr,
+               D_IN: tl.constexpr):
+    """The columns offs_d's share of z = w_down[e] . x[t]: (BLOCK_T, BLOCK_S) for x_ptr (T, D_IN),
+    w_down_ptr (E, D_IN)."""
+    x_chunk = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * D_IN + offs_d[None, :],
+                      mask=(offs_t < T)[:, None] & (offs_d < D_IN)[None, :], other=0.0)
+    u = gather_rows(w_down_ptr, expert_ids, slot_mask, offs_d, D_IN, acc_dtype)
+    return tl.sum(u * x_chunk.to(acc_dtype)[:, None, :], axis=2)
+
+
+@triton.jit
+def up_chunk(w_up_ptr, expert_ids, coef, slot_mask, offs_d, D_OUT: tl.constexpr):
+    """Columns offs_d of sum_s coef[t, s] w_up[e]: (BLOCK_T, BLOCK_D) in coef's dtype, for w_up_ptr
+    (E, D_OUT) and coef (BLOCK_T, BLOCK_S)."""
+    v = gather_rows(w_up_ptr, expert_ids, slot_mask, offs_d, D_OUT, coef.dtype)
+    return tl.sum(coef[:, :, None] * v, axis=1)
+
+
+@triton.jit
+def row_scales(scale_ptr, expert_ids, slot_mask, acc_dtype: tl.constexpr):
+    """The scales (BLOCK_T, BLOCK_S) of the rows expert_ids of a quantized table (scale_ptr (E,) fp32)."""
+    return tl.load(scale_ptr + expert_ids, mask=slot_mask, other=0.0).to(acc_dtype)
+
+
+@triton.jit
 def down_project(x_ptr, w_down_ptr, w_down_scale_ptr, expert_ids, offs_t, slot_mask, T, acc_dtype: tl.constexpr,
                  D_IN: tl.constexpr, BLOCK_D: tl.constexpr):
     """z = w_down[e] . x[t] (BLOCK_T, BLOCK_S) for x_ptr (T, D_IN), w_down_ptr (E, D_IN); times
     w_down_scale[e] for a quantized table (w_down_scale_ptr (E,) fp32, else None)."""
-    token_rows = offs_t.to(tl.int64)[:, None] * D_IN              # (BT, 1)
-    expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_IN      # (BT, BS, 1)
-    token_mask = (offs_t < T)[:, None]
-    row_mask = slot_mask[:, :, None]
     z = tl.zeros(expert_ids.shape, acc_dtype)
     for d0 in range(0, D_IN, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D_IN
-        x_chunk = tl.load(x_ptr + token_rows + offs_d[None, :], mask=token_mask & d_mask[None, :], other=0.0)
-        u = tl.load(w_down_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
-                    other=0.0)
-        z += tl.sum(u.to(acc_dtype) * x_chunk.to(acc_dtype)[:, None, :], axis=2)
+        z += down_chunk(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, d0 + tl.arange(0, BLOCK_D), T, acc_dtype,
+                        D_IN)
     if w_down_scale_ptr is not None:
-        z *= tl.load(w_down_scale_ptr + expert_ids, mask=slot_mask, other=0.0).to(acc_dtype)
+        z *= row_scales(w_down_scale_ptr, expert_ids, slot_mask, acc_dtype)
     return z
 
 
@@ -151,19 +180,14 @@ def mix_up(y_ptr, w_up_ptr, w_up_scale_ptr, expert_ids, coef, offs_t, slot_mask,
     """y[t] = sum_s coef[t, s] w_up[e] for y_ptr (T, D_OUT), w_up_ptr (E, D_OUT); coef (BLOCK_T, BLOCK_S);
     w_up[e] times w_up_scale[e] for a quantized table (w_up_scale_ptr (E,) fp32, else None)."""
     if w_up_scale_ptr is not None:
-        coef *= tl.load(w_up_scale_ptr + expert_ids, mask=slot_mask, other=0.0).to(coef.dtype)
+        coef *= row_scales(w_up_scale_ptr, expert_ids, slot_mask, coef.dtype)
     token_rows = offs_t.to(tl.int64)[:, None] * D_OUT
-    expert_rows = expert_ids.to(tl.int64)[:, :, None] * D_OUT
     token_mask = (offs_t < T)[:, None]
-    row_mask = slot_mask[:, :, None]
     for d0 in range(0, D_OUT, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D_OUT
-        v = tl.load(w_up_ptr + expert_rows + offs_d[None, None, :], mask=row_mask & d_mask[None, None, :],
-                    other=0.0)
-        y = tl.sum(coef[:, :, None] * v.to(coef.dtype), axis=1)
+        y = up_chunk(w_up_ptr, expert_ids, coef, slot_mask, offs_d, D_OUT)
         tl.store(y_ptr + token_rows + offs_d[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=token_mask & d_mask[None, :])
+                 mask=token_mask & (offs_d < D_OUT)[None, :])
 
 
 @triton.jit
@@ -227,6 +251,110 @@ def experts_fwd_kernel(
         _forward_tile(x_ptr, expert_ids_ptr, gates_ptr, w_down_ptr, w_up_ptr, w_down_scale_ptr, w_up_scale_ptr,
                       y_ptr, z_ptr, tl.program_id(0), T, D_IN, D_OUT, S, ACTIVATION, BLOCK_T, BLOCK_S, BLOCK_D, DOWN,
                       UP)
+
+
+# ---- decode: one token's rows spread over many programs -----------------------------------------------
+# For few tokens the token-tile grid above has a program per token, each walking its h*k rows column
+# block by column block, one dependent round trip after another. The decode kernels give every
+# (token, block of BLOCK_S slots, block of BLOCK_D columns) a program that loads its rows at once,
+# and combine the partial sums in a fixed order in later kernels (no atomics: bitwise reproducible):
+#   experts_decode_down_kernel  each column block's share of z (T, column blocks, S)
+#   experts_decode_up_kernel    z as the sum of those shares, then each slot block's share of y
+#                               (T, slot blocks, D_OUT)
+#   sum_parts_kernel            y as the sum of those shares (or z, for the down half alone)
+
+
+@triton.jit
+def _decode_slots(expert_ids_ptr, S: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (token * slot blocks + slot block, column block) of the decode grid: (offs_t (1,),
+    slot block, offs_s (BLOCK_S,), slot mask and expert ids (1, BLOCK_S))."""
+    SLOT_BLOCKS: tl.constexpr = (S + BLOCK_S - 1) // BLOCK_S
+    slot_block = tl.program_id(0) % SLOT_BLOCKS
+    offs_t = tl.program_id(0) // SLOT_BLOCKS + tl.arange(0, 1)
+    offs_s = slot_block * BLOCK_S + tl.arange(0, BLOCK_S)
+    slot_mask = (offs_s < S)[None, :]
+    expert_ids = tl.load(expert_ids_ptr + offs_t.to(tl.int64)[:, None] * S + offs_s[None, :], mask=slot_mask, other=0)
+    return offs_t, slot_block, offs_s, slot_mask, expert_ids
+
+
+@triton.jit
+def experts_decode_down_kernel(
+    x_ptr,            # (T, D_IN)
+    expert_ids_ptr,   # (T, S) int32 | int64
+    w_down_ptr,       # (E, D_IN)
+    w_down_scale_ptr, # (E,) fp32 for a quantized table, else None
+    z_parts_ptr,      # (T, cdiv(D_IN, BLOCK_D), S) accumulation dtype out: each column block's share of z
+    T,
+    D_IN: tl.constexpr, S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (T * cdiv(S, BLOCK_S), cdiv(D_IN, BLOCK_D)): the share of z = w_down[e] . x[t] that
+    columns [c * BLOCK_D, (c + 1) * BLOCK_D) give a block of one token's slots."""
+    acc_dtype: tl.constexpr = z_parts_ptr.dtype.element_ty
+    COLUMN_BLOCKS: tl.constexpr = (D_IN + BLOCK_D - 1) // BLOCK_D
+    offs_t, _, offs_s, slot_mask, expert_ids = _decode_slots(expert_ids_ptr, S, BLOCK_S)
+    column_block = tl.program_id(1)
+    z_part = down_chunk(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, column_block * BLOCK_D + tl.arange(0, BLOCK_D),
+                        T, acc_dtype, D_IN)
+    if w_down_scale_ptr is not None:
+        z_part *= row_scales(w_down_scale_ptr, expert_ids, slot_mask, acc_dtype)
+    parts = (offs_t.to(tl.int64)[:, None] * COLUMN_BLOCKS + column_block) * S + offs_s[None, :]
+    tl.store(z_parts_ptr + parts, z_part, mask=slot_mask)
+
+
+@triton.jit
+def experts_decode_up_kernel(
+    z_parts_ptr,      # (T, Z_PARTS, S) accumulation dtype: z is their sum (Z_PARTS = 1: z itself);
+                      # PARTS_PAD: Z_PARTS rounded up to a power of two
+    expert_ids_ptr,   # (T, S) int32 | int64
+    gates_ptr,        # (T, S) any float dtype
+    w_up_ptr,         # (E, D_OUT)
+    w_up_scale_ptr,   # (E,) fp32 for a quantized table, else None
+    z_ptr,            # (T, S) accumulation dtype out, when WRITE_Z
+    y_parts_ptr,      # (T, cdiv(S, BLOCK_S), D_OUT) accumulation dtype out: each slot block's share of y
+    T,
+    D_OUT: tl.constexpr, S: tl.constexpr, Z_PARTS: tl.constexpr, ACTIVATION: tl.constexpr,
+    PARTS_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_Z: tl.constexpr,
+):
+    """Grid (T * cdiv(S, BLOCK_S), cdiv(D_OUT, BLOCK_D)): columns [c * BLOCK_D, (c + 1) * BLOCK_D) of
+    sum over a block of one token's slots of g act(z) w_up[e]. Every column block sums the same z
+    shares in the same order; the first one writes z."""
+    acc_dtype: tl.constexpr = y_parts_ptr.dtype.element_ty
+    SLOT_BLOCKS: tl.constexpr = (S + BLOCK_S - 1) // BLOCK_S
+    offs_t, slot_block, offs_s, slot_mask, expert_ids = _decode_slots(expert_ids_ptr, S, BLOCK_S)
+    column_block = tl.program_id(1)
+    slots = offs_t.to(tl.int64)[:, None] * S + offs_s[None, :]
+    offs_p = tl.arange(0, PARTS_PAD)
+    parts = offs_t.to(tl.int64)[:, None] * (Z_PARTS * S) + offs_p[:, None] * S + offs_s[None, :]
+    shares = tl.load(z_parts_ptr + parts, mask=(offs_p < Z_PARTS)[:, None] & slot_mask, other=0.0)
+    z = tl.sum(shares, axis=0)[None, :]
+    if WRITE_Z:
+        if column_block == 0:
+            tl.store(z_ptr + slots, z, mask=slot_mask)
+    gates = tl.load(gates_ptr + slots, mask=slot_mask, other=0.0).to(acc_dtype)
+    offs_d = column_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    coef = gates * activate(z, ACTIVATION)
+    if w_up_scale_ptr is not None:
+        coef *= row_scales(w_up_scale_ptr, expert_ids, slot_mask, acc_dtype)
+    y_part = up_chunk(w_up_ptr, expert_ids, coef, slot_mask, offs_d, D_OUT)
+    parts = (offs_t.to(tl.int64)[:, None] * SLOT_BLOCKS + slot_block) * D_OUT + offs_d[None, :]
+    tl.store(y_parts_ptr + parts, y_part, mask=(offs_d < D_OUT)[None, :])
+
+
+@triton.jit
+def sum_parts_kernel(
+    parts_ptr,        # (R, PARTS, W) accumulation dtype
+    out_ptr,          # (R, W) out, in its own dtype
+    PARTS: tl.constexpr, W: tl.constexpr, PARTS_PAD: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Grid (R, cdiv(W, BLOCK_W)): out[r] = the sum over p of parts[r, p], in one fixed order
+    (PARTS_PAD: PARTS rounded up to a power of two)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_p = tl.arange(0, PARTS_PAD)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    w_mask = offs_w < W
+    shares = tl.load(parts_ptr + row * (PARTS * W) + offs_p[:, None] * W + offs_w[None, :],
+                     mask=(offs_p < PARTS)[:, None] & w_mask[None, :], other=0.0)
+    tl.store(out_ptr + row * W + offs_w, tl.sum(shares, axis=0).to(out_ptr.dtype.element_ty), mask=w_mask)
 
 
 @triton.jit

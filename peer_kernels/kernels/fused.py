@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .experts import mix_experts
-from .retrieval import apply_gating, retrieve_tile
+from .retrieval import retrieve_tile, store_picks
 
 
 @triton.jit
@@ -43,18 +43,13 @@ def peer_fused_kernel(
     acc_dtype: tl.constexpr = z_ptr.dtype.element_ty
     tile_start = tl.program_id(0) * BLOCK_T
     offs_t = tile_start + tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, K_PAD)
-    out_mask = (offs_t[:, None] < T) & (offs_k[None, :] < k)
     for head in range(heads):
         scores, index_a, index_b = retrieve_tile(
             queries_ptr, keys_ptr, pairs_ptr, offs_t, head, T, n, dk,
             stride_t, stride_h, stride_p, key_head_stride,
             BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, P_PAD, K_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, LEVEL_SELECT, EXACT)
-        out = (offs_t[:, None].to(tl.int64) * heads + head) * k + offs_k[None, :]
-        ids = index_a.to(tl.int64) * n + index_b + (head * id_head_offset).to(tl.int64)
-        tl.store(scores_ptr + out, scores, mask=out_mask)
-        tl.store(ids_ptr + out, ids, mask=out_mask)
-        tl.store(gates_ptr + out, apply_gating(scores, offs_k[None, :] < k, GATING), mask=out_mask)
+        store_picks(scores, index_a, index_b, scores_ptr, ids_ptr, gates_ptr, offs_t, head, T, heads, n, k,
+                    id_head_offset, K_PAD, GATING)
     # The mixing below reads ids / gates written by other threads of this CTA.
     tl.debug_barrier()
 

@@ -26,6 +26,9 @@ Tie rule (deterministic, documented in ops/retrieval.py): each half ranks its su
 (score desc, sub-key index asc), on the floored scores when INDEX_BITS > 0; the combine ranks
 candidate pairs by (s1 + s2 desc, rank in the first half asc, rank in the second half asc).
 
+The decode kernels at the end split each half's key rows over programs for a few tokens (see
+there); product_key_topk_kernel takes tiles of tokens.
+
 Candidate pruning: with both halves sorted, pair (i, j) (ranks) is beaten by every (i', j') with
 i' <= i, j' <= j under the tie rule above, i.e. by (i+1)(j+1) - 1 others, so only pairs with
 (i+1)(j+1) <= k can be picked. The launcher passes that list of pairs (e.g. 50 instead of 256 for
@@ -137,21 +140,27 @@ def key_tile_keys(q, keys_ptr, start, n, dk, BLOCK_N: tl.constexpr, DK_PAD: tl.c
 
 
 @triton.jit
-def streaming_topk(q, keys_ptr, n, dk, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr,
+def merge_lists(best, other):
+    """The top KS_PAD of two (BLOCK_T, KS_PAD) lists sorted descending, descending. The elementwise
+    max of one and the other reversed holds the top KS_PAD of their union and is a bitonic sequence,
+    which a bitonic merge (log2 KS_PAD compare-exchange rounds, not a full sort's log2 KS_PAD *
+    (log2 KS_PAD + 1) / 2) sorts."""
+    return tl.bitonic_merge(tl.maximum(best, tl.flip(other, 1)), 1, descending=True)
+
+
+@triton.jit
+def streaming_topk(q, keys_ptr, first, end, dk, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr,
                    KS_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                    INDEX_BITS: tl.constexpr):
-    """The top KS_PAD keys of one half by a sorting network over every score: each key tile's top
-    KS_PAD (tl.topk) is merged into the running list. (BLOCK_T, KS_PAD) descending."""
+    """The top KS_PAD keys of the sub-key rows [first, end) of one half by a sorting network over
+    every score: each key tile's top KS_PAD (tl.topk) is merged into the running list. (BLOCK_T,
+    KS_PAD) descending; the keys carry the rows' indices in the whole half."""
     ranks = tl.arange(0, KS_PAD)
     no_score = tl.full((BLOCK_T, KS_PAD), float("-inf"), tl.float32)
     best = pack_select(no_score, ranks[None, :], ranks[None, :] < 0, INDEX_BITS)
-    for start in range(0, n, BLOCK_N):
-        keys = key_tile_keys(q, keys_ptr, start, n, dk, BLOCK_N, DK_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
-        tile_best = tl.topk(keys, KS_PAD, dim=1)
-        # best is descending and tile_best reversed is ascending: their elementwise max holds the
-        # top KS_PAD of the union and is a bitonic sequence, which a bitonic merge (log2 KS_PAD
-        # compare-exchange rounds, not a full sort's log2 KS_PAD * (log2 KS_PAD + 1) / 2) sorts.
-        best = tl.bitonic_merge(tl.maximum(best, tl.flip(tile_best, 1)), 1, descending=True)
+    for start in range(first, end, BLOCK_N):
+        keys = key_tile_keys(q, keys_ptr, start, end, dk, BLOCK_N, DK_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
+        best = merge_lists(best, tl.topk(keys, KS_PAD, dim=1))
     return best
 
 
@@ -259,11 +268,21 @@ def half_topk(queries_ptr, keys_ptr, offs_t, half, head, T, n, dk, stride_t, str
         best, exact = level_topk(q, keys_ptr, offs_t, T, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD,
                                  INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
         if not exact:
-            best = streaming_topk(q, keys_ptr, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION,
+            best = streaming_topk(q, keys_ptr, 0, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION,
                                   UPCAST_DOT, INDEX_BITS)
     else:
-        best = streaming_topk(q, keys_ptr, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION,
+        best = streaming_topk(q, keys_ptr, 0, n, dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION,
                               UPCAST_DOT, INDEX_BITS)
+    return exact_list(best, queries_ptr, keys_ptr, offs_t, half, head, T, n, dk, stride_t, stride_h, stride_p,
+                      DK_PAD, KS_PAD, INDEX_BITS)
+
+
+@triton.jit
+def exact_list(best, queries_ptr, keys_ptr, offs_t, half, head, T, n, dk, stride_t, stride_h, stride_p,
+               DK_PAD: tl.constexpr, KS_PAD: tl.constexpr, INDEX_BITS: tl.constexpr):
+    """A half's selected list (BLOCK_T, KS_PAD) as exact int64 keys, descending: int32 keys
+    (INDEX_BITS > 0) are re-scored exactly in fp32 from their key rows and re-ranked; int64 keys
+    are exact already."""
     if INDEX_BITS != 0:
         # Past rank n - 1 (n < KS_PAD) the list holds padding, which must stay below every score.
         ranks = tl.arange(0, KS_PAD)
@@ -368,13 +387,23 @@ def retrieve_tile(queries_ptr, keys_ptr, pairs_ptr, offs_t, head, T, n, dk,
                   INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr,
                   LEVEL_SELECT: tl.constexpr, EXACT: tl.constexpr):
     """Retrieval for a tile of tokens and one head: scores (BLOCK_T, K_PAD) descending (in the
-    queries' dtype when EXACT, else fp32) and sub-key indices a, b (BLOCK_T, K_PAD) int32.
-    EXACT (float64) re-scores the picks in float64: selection and combine ran on fp32 scores."""
+    queries' dtype when EXACT, else fp32) and sub-key indices a, b (BLOCK_T, K_PAD) int32."""
     keys_head = keys_ptr + head * key_head_stride
     best_a = half_topk(queries_ptr, keys_head, offs_t, 0, head, T, n, dk, stride_t, stride_h, stride_p,
                        BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, LEVEL_SELECT)
     best_b = half_topk(queries_ptr, keys_head + dk, offs_t, 1, head, T, n, dk, stride_t, stride_h, stride_p,
                        BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, LEVEL_SELECT)
+    return picks_of_halves(best_a, best_b, queries_ptr, keys_head, pairs_ptr, offs_t, head, T, n, dk, stride_t,
+                           stride_h, stride_p, BLOCK_T, DK_PAD, P_PAD, K_PAD, EXACT)
+
+
+@triton.jit
+def picks_of_halves(best_a, best_b, queries_ptr, keys_head, pairs_ptr, offs_t, head, T, n, dk, stride_t, stride_h,
+                    stride_p, BLOCK_T: tl.constexpr, DK_PAD: tl.constexpr, P_PAD: tl.constexpr,
+                    K_PAD: tl.constexpr, EXACT: tl.constexpr):
+    """The top K_PAD pairs of one head's two exact half lists (exact_list): scores (BLOCK_T, K_PAD)
+    descending and sub-key indices a, b. EXACT (float64) re-scores the picks in float64: selection
+    and combine ran on fp32 scores."""
     scores, index_a, index_b = combine_topk(best_a, best_b, pairs_ptr, BLOCK_T, P_PAD, K_PAD)
     if EXACT:
         scores = (rescore(queries_ptr, keys_head, index_a, offs_t, 0, head, T, n, dk, stride_t, stride_h,
@@ -382,6 +411,21 @@ def retrieve_tile(queries_ptr, keys_ptr, pairs_ptr, offs_t, head, T, n, dk,
                   + rescore(queries_ptr, keys_head + dk, index_b, offs_t, 1, head, T, n, dk, stride_t,
                             stride_h, stride_p, DK_PAD, True))
     return scores, index_a, index_b
+
+
+@triton.jit
+def store_picks(scores, index_a, index_b, scores_ptr, ids_ptr, gates_ptr, offs_t, head, T, heads, n, k,
+                id_head_offset, K_PAD: tl.constexpr, GATING: tl.constexpr):
+    """Writes one head's picks of a token tile into (T, heads, k): scores, ids a*n + b +
+    head*id_head_offset, and gates (unless GATING_NONE)."""
+    offs_k = tl.arange(0, K_PAD)
+    out = (offs_t[:, None].to(tl.int64) * heads + head) * k + offs_k[None, :]
+    mask = (offs_t[:, None] < T) & (offs_k[None, :] < k)
+    tl.store(scores_ptr + out, scores, mask=mask)
+    ids = index_a.to(tl.int64) * n + index_b + (head * id_head_offset).to(tl.int64)
+    tl.store(ids_ptr + out, ids, mask=mask)
+    if GATING != GATING_NONE:
+        tl.store(gates_ptr + out, apply_gating(scores, offs_k[None, :] < k, GATING), mask=mask)
 
 
 @triton.jit
@@ -404,14 +448,85 @@ def product_key_topk_kernel(
         queries_ptr, keys_ptr, pairs_ptr, offs_t, head, T, n, dk,
         stride_t, stride_h, stride_p, key_head_stride,
         BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, P_PAD, K_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS, LEVEL_SELECT, EXACT)
-    offs_k = tl.arange(0, K_PAD)
-    out = (offs_t[:, None].to(tl.int64) * heads + head) * k + offs_k[None, :]
-    mask = (offs_t[:, None] < T) & (offs_k[None, :] < k)
-    tl.store(scores_ptr + out, scores, mask=mask)
-    ids = index_a.to(tl.int64) * n + index_b + (head * id_head_offset).to(tl.int64)
-    tl.store(ids_ptr + out, ids, mask=mask)
-    if GATING != GATING_NONE:
-        tl.store(gates_ptr + out, apply_gating(scores, offs_k[None, :] < k, GATING), mask=mask)
+    store_picks(scores, index_a, index_b, scores_ptr, ids_ptr, gates_ptr, offs_t, head, T, heads, n, k,
+                id_head_offset, K_PAD, GATING)
+
+
+# ---- decode: the key rows split over programs ----------------------------------------------------------
+# For few tokens the token-tile grid above has one program per head, each streaming all n key rows of
+# both halves alone. Split instead, as flash-decoding splits a KV cache: key_slice_topk_kernel gives
+# each (token tile, head, half, slice of key rows) a program that writes its slice's top KS_PAD
+# selection keys, and merge_key_slices_kernel merges a head's slice lists per half into the top
+# KS_PAD of the whole half, then finishes as the token-tile kernel does (exact re-scoring of int32
+# keys, combine, gating). The keys are distinct and totally ordered (score image, then index), so
+# the top KS_PAD of the slices' top KS_PAD lists is the whole half's, whatever the split: the picks
+# are the token-tile kernel's.
+
+@triton.jit
+def key_slice_topk_kernel(
+    queries_ptr,      # (T, heads, 2, dk), strides (stride_t, stride_h, stride_p, 1)
+    keys_ptr,         # (heads or 1, n, 2, dk) contiguous; key_head_stride = 0 when shared
+    lists_ptr,        # (T, heads, 2, slices, KS_PAD) out: int32 selection keys when INDEX_BITS, else int64
+    T, n, dk, stride_t, stride_h, stride_p, key_head_stride, slice_rows, slices,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, KS_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, INDEX_BITS: tl.constexpr,
+):
+    """Grid (token tiles, heads * 2, slices): the top KS_PAD selection keys (streaming_topk) of key
+    rows [slice * slice_rows, (slice + 1) * slice_rows) of one head's half, descending."""
+    head_half = tl.program_id(1)
+    head = head_half // 2
+    half = head_half % 2
+    key_slice = tl.program_id(2)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    q = query_half(queries_ptr, offs_t, half, head, T, dk, stride_t, stride_h, stride_p, DK_PAD, UPCAST_DOT)
+    first = key_slice * slice_rows
+    best = streaming_topk(q, keys_ptr + head * key_head_stride + half * dk, first, tl.minimum(first + slice_rows, n),
+                          dk, BLOCK_T, BLOCK_N, DK_PAD, KS_PAD, INPUT_PRECISION, UPCAST_DOT, INDEX_BITS)
+    lists = ((offs_t.to(tl.int64) * tl.num_programs(1) + head_half) * slices + key_slice) * KS_PAD
+    tl.store(lists_ptr + lists[:, None] + tl.arange(0, KS_PAD)[None, :], best, mask=(offs_t < T)[:, None])
+
+
+@triton.jit
+def _merged_half(lists_ptr, offs_t, head_half, heads, slices, T, KS_PAD: tl.constexpr):
+    """The top KS_PAD of a head's half over its slices' lists (key_slice_topk_kernel), descending,
+    merged slice by slice in registers. Rows past T hold the first list's load padding."""
+    lists = (offs_t.to(tl.int64) * (2 * heads) + head_half) * slices * KS_PAD
+    offs = lists[:, None] + tl.arange(0, KS_PAD)[None, :]
+    mask = (offs_t < T)[:, None]
+    best = tl.load(lists_ptr + offs, mask=mask, other=0)
+    for key_slice in range(1, slices):
+        best = merge_lists(best, tl.load(lists_ptr + offs + key_slice * KS_PAD, mask=mask, other=0))
+    return best
+
+
+@triton.jit
+def merge_key_slices_kernel(
+    queries_ptr,      # (T, heads, 2, dk), strides (stride_t, stride_h, stride_p, 1)
+    keys_ptr,         # (heads or 1, n, 2, dk) contiguous; key_head_stride = 0 when shared
+    lists_ptr,        # (T, heads, 2, slices, KS_PAD): key_slice_topk_kernel's lists
+    pairs_ptr,        # (2, P_PAD) int32: ranks (a, b) of the admissible pairs, -1 = padding
+    scores_ptr,       # (T, heads, k) fp32, or fp64 when EXACT
+    ids_ptr,          # (T, heads, k) int64: a*n + b + head*id_head_offset
+    gates_ptr,        # (T, heads, k) like scores; untouched when GATING == 0
+    T, heads, n, dk, k, stride_t, stride_h, stride_p, key_head_stride, id_head_offset, slices,
+    BLOCK_T: tl.constexpr, DK_PAD: tl.constexpr, KS_PAD: tl.constexpr, P_PAD: tl.constexpr,
+    K_PAD: tl.constexpr, GATING: tl.constexpr, INDEX_BITS: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Grid (token tiles, heads): each half's slice lists merged (_merged_half) and made exact
+    (exact_list), then the combine, gating and stores of product_key_topk_kernel."""
+    head = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    keys_head = keys_ptr + head * key_head_stride
+    best_a = exact_list(_merged_half(lists_ptr, offs_t, 2 * head, heads, slices, T, KS_PAD), queries_ptr,
+                        keys_head, offs_t, 0, head, T, n, dk, stride_t, stride_h, stride_p, DK_PAD, KS_PAD,
+                        INDEX_BITS)
+    best_b = exact_list(_merged_half(lists_ptr, offs_t, 2 * head + 1, heads, slices, T, KS_PAD), queries_ptr,
+                        keys_head + dk, offs_t, 1, head, T, n, dk, stride_t, stride_h, stride_p, DK_PAD, KS_PAD,
+                        INDEX_BITS)
+    scores, index_a, index_b = picks_of_halves(best_a, best_b, queries_ptr, keys_head, pairs_ptr, offs_t, head, T, n,
+                                               dk, stride_t, stride_h, stride_p, BLOCK_T, DK_PAD, P_PAD, K_PAD, EXACT)
+    store_picks(scores, index_a, index_b, scores_ptr, ids_ptr, gates_ptr, offs_t, head, T, heads, n, k,
+                id_head_offset, K_PAD, GATING)
 
 
 @triton.jit

@@ -6,6 +6,13 @@ peer_experts(x, ids, gates, w_down, w_up) = peer_mix(peer_down(x, ids, w_down), 
 one launch does both halves; the halves apart are for tables sharded by columns, whose partial
 down-dots z must be summed across shards before the activation (peer_kernels.distributed).
 
+The forward runs by one of two schedules, by the token count (tuning.token_schedule): "token_tiles",
+a program per tile of tokens walking its rows column block by column block; or for a few tokens
+(a decode step) "decode", whose programs each take one (token, block of slots, block of columns)
+and load that whole row tile at once, so that every row of the step is in flight together; their
+partial sums are added in a fixed order by the next kernel (no atomics). The two give the same z
+and y up to the order of the sums.
+
 Forward saves x, expert_ids, gates and z = w_down[e] . x (T, h, k): O(T*(d + h*k)), never the
 gathered (T, h, k, d) rows. Backward re-reads the rows token-major for dx and dgates; the table
 gradients are dense like nn.Embedding's and come from one of two modes:
@@ -50,12 +57,17 @@ def _tile(expert_ids, dim, acc_dtype, device, **options):
 
 def _launch_forward(*, halves, expert_ids, z, activation="identity", x=None, gates=None, w_down=None, w_up=None,
                     w_down_scale=None, w_up_scale=None, y=None, programs=None):
-    """One launch of experts_fwd_kernel over the token tiles, inputs contiguous; the tensors of a
-    half that is off may be None, and so are the scales of float tables. programs: a persistent
-    grid of that many 16-warp programs with whole-SM tiles (tuning.gather_tile(whole_sm=True))
-    instead of one program per tile."""
-    down, up = HALVES[halves]
+    """The forward of `halves` into z and y, inputs contiguous; the tensors of a half that is off
+    may be None, and so are the scales of float tables. For few tokens (tuning.token_schedule) the
+    decode kernels; else one launch of experts_fwd_kernel over the token tiles, or with `programs`
+    a persistent grid of that many 16-warp programs with whole-SM tiles
+    (tuning.gather_tile(whole_sm=True))."""
     T = expert_ids.shape[0]
+    if programs is None and tuning.token_schedule(num_tokens=T, arch=_device.cuda_arch(z.device)) == "decode":
+        _launch_decode(halves=halves, expert_ids=expert_ids, z=z, activation=activation, x=x, gates=gates,
+                       w_down=w_down, w_up=w_up, w_down_scale=w_down_scale, w_up_scale=w_up_scale, y=y)
+        return
+    down, up = HALVES[halves]
     d_in = w_down.shape[1] if down else 1
     d_out = w_up.shape[1] if up else 1
     block_t, block_s, block_d, num_warps = _tile(expert_ids, max(d_in, d_out), z.dtype, z.device,
@@ -68,6 +80,50 @@ def _launch_forward(*, halves, expert_ids, z, activation="identity", x=None, gat
         w_down_scale_ptr=w_down_scale, w_up_scale_ptr=w_up_scale, y_ptr=z if y is None else y, z_ptr=z, T=T, D_IN=d_in, D_OUT=d_out, S=_slots(expert_ids),
         ACTIVATION=activation_id(activation), BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=down, UP=up,
         PERSISTENT=programs is not None, num_warps=num_warps)
+
+
+def _decode_tile(expert_ids, table):
+    return tuning.decode_gather_tile(num_tokens=expert_ids.shape[0], slots=_slots(expert_ids), dim=table.shape[1],
+                                     itemsize=table.element_size(), arch=_device.cuda_arch(table.device),
+                                     sms=tuning.decode_sms(table.device))
+
+
+def sum_parts(parts, *, out):
+    """out (R, W) = parts (R, P, W) summed over P in a fixed order (kernels/experts.sum_parts_kernel)."""
+    rows, count, width = parts.shape
+    parts_pad, block_w, num_warps = tuning.sum_parts_tile(parts=count, width=width)
+    kernels.sum_parts_kernel[(rows, triton.cdiv(width, block_w))](
+        parts_ptr=parts, out_ptr=out, PARTS=count, W=width, PARTS_PAD=parts_pad, BLOCK_W=block_w, num_warps=num_warps)
+
+
+def _launch_decode(*, halves, expert_ids, z, activation, x, gates, w_down, w_up, w_down_scale, w_up_scale, y):
+    """The decode schedule of _launch_forward (kernels/experts.py): z as the sum of its column
+    blocks' shares ("down": written by sum_parts; "both": summed by the up kernel, which writes
+    it), then y as the sum of its slot blocks' shares; every share has its own program."""
+    down, up = HALVES[halves]
+    T, S = expert_ids.shape[0], _slots(expert_ids)
+    if down:
+        d_in = w_down.shape[1]
+        block_s, block_d, num_warps = _decode_tile(expert_ids, w_down)
+        z_parts = _library.empty((T, triton.cdiv(d_in, block_d), S), z)
+        kernels.experts_decode_down_kernel[(T * triton.cdiv(S, block_s), triton.cdiv(d_in, block_d))](
+            x_ptr=x, expert_ids_ptr=expert_ids, w_down_ptr=w_down, w_down_scale_ptr=w_down_scale, z_parts_ptr=z_parts, T=T, D_IN=d_in, S=S,
+            BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps)
+    else:
+        z_parts = z.view(T, 1, S)
+    if not up:
+        sum_parts(z_parts, out=z.view(T, S))
+        return
+    d_out = w_up.shape[1]
+    block_s, block_d, num_warps = _decode_tile(expert_ids, w_up)
+    slot_blocks = triton.cdiv(S, block_s)
+    y_parts = _library.empty((T, slot_blocks, d_out), z)
+    kernels.experts_decode_up_kernel[(T * slot_blocks, triton.cdiv(d_out, block_d))](
+        z_parts_ptr=z_parts, expert_ids_ptr=expert_ids, gates_ptr=gates, w_up_ptr=w_up, w_up_scale_ptr=w_up_scale, z_ptr=z, y_parts_ptr=y_parts,
+        T=T, D_OUT=d_out, S=S, Z_PARTS=z_parts.shape[1], ACTIVATION=activation_id(activation),
+        PARTS_PAD=tuning.next_power_of_2(z_parts.shape[1]), BLOCK_S=block_s, BLOCK_D=block_d, WRITE_Z=down,
+        num_warps=num_warps)
+    sum_parts(y_parts, out=y)
 
 
 def launch_forward(*, x, expert_ids, gates, w_down, w_up, activation, w_down_scale=None, w_up_scale=None, out=None,

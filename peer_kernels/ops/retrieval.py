@@ -12,6 +12,11 @@ bits of their fp32 image (kernels/retrieval.py), then re-rank the k' survivors o
 scores: a half's pick can differ from the exact one only among scores within that floor (2**-13
 relative at n = 1024), and the scores returned are always the exact scores of the ids returned.
 
+Forward schedules, by the token count (tuning.token_schedule): "token_tiles", a program per (token
+tile, head) streaming all n key rows of both halves; or for a few tokens (a decode step) "decode",
+a program per (token tile, head, half, slice of key rows) and a merge of the slices' lists per
+(token tile, head): the same selection keys and merges, hence the same picks and scores.
+
 Backward: one program per (token tile, head). dqueries is token-major and written once; dkeys is
 accumulated with fp32 (fp64) atomics: the n sub-keys of a half receive T*h*k updates in all (2M at
 the paper's shapes, for 1024 rows per head), and a sort-based reduction would cost more than the
@@ -56,7 +61,9 @@ def query_strides(queries):
 
 def launch_retrieve(*, queries, keys, k, k_sub, gating, id_head_offset, out=None):
     """scores (T, h, k) fp32/fp64 descending, ids (T, h, k) int64, gates (T, h, k) or (0,); into
-    `out` = (scores, ids, gates), contiguous, when given."""
+    `out` = (scores, ids, gates), contiguous, when given. For few tokens (tuning.token_schedule) the
+    key rows are split over programs (_launch_key_slices), else a program per token tile and head;
+    the picks are the same."""
     _checks.check_launchable("queries", queries)
     T, h, _, dk = queries.shape
     n = keys.shape[1]
@@ -65,15 +72,44 @@ def launch_retrieve(*, queries, keys, k, k_sub, gating, id_head_offset, out=None
         return scores, ids, gates
     queries, (stride_t, stride_h, stride_p) = query_strides(queries)
     keys = keys.contiguous()
-    config, launch = tuning.retrieval_config(n=n, dk=dk, k=k, k_sub=k_sub, dtype=queries.dtype,
-                                             arch=_device.cuda_arch(queries.device))
+    arch = _device.cuda_arch(queries.device)
+    config, launch = tuning.retrieval_config(n=n, dk=dk, k=k, k_sub=k_sub, dtype=queries.dtype, arch=arch)
     pairs = pair_table(k=k, k_sub=k_sub, p_pad=config["P_PAD"], device=queries.device)
-    kernels.product_key_topk_kernel[(triton.cdiv(T, config["BLOCK_T"]), h)](
-        queries_ptr=queries, keys_ptr=keys, pairs_ptr=pairs, scores_ptr=scores, ids_ptr=ids,
-        gates_ptr=gates if gating != "none" else scores, T=T, heads=h, n=n, dk=dk, k=k, stride_t=stride_t,
-        stride_h=stride_h, stride_p=stride_p, key_head_stride=key_head_stride(keys), id_head_offset=id_head_offset,
-        GATING=GATING_CODES[gating], **launch, **config)
+    arguments = dict(queries_ptr=queries, keys_ptr=keys, pairs_ptr=pairs, scores_ptr=scores, ids_ptr=ids,
+                     gates_ptr=gates if gating != "none" else scores, T=T, heads=h, n=n, dk=dk, k=k,
+                     stride_t=stride_t, stride_h=stride_h, stride_p=stride_p, key_head_stride=key_head_stride(keys),
+                     id_head_offset=id_head_offset, GATING=GATING_CODES[gating])
+    if tuning.token_schedule(num_tokens=T, arch=arch) == "decode":
+        _launch_key_slices(config=config, num_warps=launch["num_warps"], **arguments)
+    else:
+        kernels.product_key_topk_kernel[(triton.cdiv(T, config["BLOCK_T"]), h)](**arguments, **launch, **config)
     return scores, ids, gates
+
+
+def _launch_key_slices(*, config, num_warps, queries_ptr, keys_ptr, pairs_ptr, scores_ptr, ids_ptr, gates_ptr, T,
+                       heads, n, dk, k, stride_t, stride_h, stride_p, key_head_stride, id_head_offset, GATING):
+    """The decode retrieval (kernels/retrieval.py): each slice of a half's key rows selects its top
+    k' on its own program, then one program per token tile and head merges the slices' lists and
+    finishes. Token tiles and selection keys as the token-tile kernel's (`config`, without level
+    selection), key tiles and slices from tuning.key_slices."""
+    block_t, ks_pad = config["BLOCK_T"], config["KS_PAD"]
+    block_n, slice_rows, slices = tuning.key_slices(num_tokens=T, heads=heads, n=n, block_t=block_t,
+                                                    block_n=config["BLOCK_N"], ks_pad=ks_pad,
+                                                    sms=tuning.decode_sms(queries_ptr.device))
+    lists = torch.empty((T, heads, 2, slices, ks_pad), device=queries_ptr.device,
+                        dtype=torch.int32 if config["INDEX_BITS"] else torch.int64)
+    tiles = triton.cdiv(T, block_t)
+    shared = dict(queries_ptr=queries_ptr, keys_ptr=keys_ptr, lists_ptr=lists, T=T, n=n, dk=dk, stride_t=stride_t,
+                  stride_h=stride_h, stride_p=stride_p, key_head_stride=key_head_stride, slices=slices,
+                  BLOCK_T=block_t, DK_PAD=config["DK_PAD"], KS_PAD=ks_pad, INDEX_BITS=config["INDEX_BITS"],
+                  num_warps=num_warps)
+    kernels.key_slice_topk_kernel[(tiles, 2 * heads, slices)](
+        slice_rows=slice_rows, BLOCK_N=block_n, INPUT_PRECISION=config["INPUT_PRECISION"],
+        UPCAST_DOT=config["UPCAST_DOT"], **shared)
+    kernels.merge_key_slices_kernel[(tiles, heads)](
+        pairs_ptr=pairs_ptr, scores_ptr=scores_ptr, ids_ptr=ids_ptr, gates_ptr=gates_ptr, heads=heads, k=k,
+        id_head_offset=id_head_offset, P_PAD=config["P_PAD"], K_PAD=config["K_PAD"], GATING=GATING,
+        EXACT=config["EXACT"], **shared)
 
 
 def launch_retrieve_backward(*, dscores, dgates, queries, keys, ids, scores, gates, gating, id_head_offset):
