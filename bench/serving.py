@@ -1,69 +1,16 @@
-"""Serving measurements: the layer with quantized expert tables (peer_kernels.quantize_) as bench
-providers, and tokens per second of transformers' generate() on a small model with PEER
-(peer_kernels.transformers.apply_peer) against the same model with its dense feed-forward.
+"""Serving measurements: tokens per second of transformers' generate() on a small model with PEER
+(peer_kernels.transformers.apply_peer), its tables float or quantized, against the same model with
+its dense feed-forward. (The layer's int8 / fp8 rows are bench providers: bench/providers.py.)
 
     python -m bench.serving [--device cpu|cuda] [--compile none|default|reduce-overhead] [--threads N]
-
-How it plugs into `python -m bench`: QUANTIZED_PROVIDERS holds the "int8" and "fp8" providers (op
-"layer", forward only: inference); providers.PROVIDERS takes them in (`PROVIDERS.update(...)`)
-and the decode preset lists them; generate_rows() gives the preset its generate() rows.
-
-A quantized provider runs the workload's layer with its tables quantized, under torch.no_grad(),
-on backend "auto" (Triton on a GPU, C++ on a CPU). It is checked against the float reference like
-every provider, within a tolerance of its dtype's quantization error (TOLERANCE), and its row's
-error is that quantization error, measured.
 """
 import argparse
-import copy
 import dataclasses
-import functools
 import statistics
 import sys
 import time
 
 import torch
-
-from .providers import Runner, Unavailable
-
-# The relative RMS error of y the check allows a quantized provider: about 3x what unit-variance
-# rows give. int8 rounds each value to half its row's step, absmax / 127 (~3.3 sigma / 127 for
-# d = 1024 Gaussian rows): 0.75% RMS per value, ~1% on y from the two tables; float8_e4m3fn keeps
-# 3 mantissa bits, 2.5% RMS per value, ~3.5% on y.
-TOLERANCE = {torch.int8: 3e-2, torch.float8_e4m3fn: 1e-1}
-
-
-def quantized_view(layer, dtype):
-    """A PEER layer sharing `layer`'s modules and small parameters, with its own quantized tables
-    (no float copy of a table is made): a shallow copy with its own parameter and buffer dicts,
-    which peer_kernels.quantize_ then fills."""
-    from peer_kernels import quantize_
-
-    view = copy.copy(layer)
-    view._parameters, view._buffers = dict(layer._parameters), dict(layer._buffers)
-    return quantize_(view, dtype)
-
-
-def build_quantized(op, workload, dtype):
-    """The "int8" / "fp8" providers: the workload's layer with `dtype` tables, inference only."""
-    if op != "layer":
-        raise Unavailable(f"quantized tables are measured on the layer, not on {op}")
-    if dtype == torch.float8_e4m3fn and workload.device.type == "cuda" and \
-            torch.cuda.get_device_capability(workload.device) < (8, 9):
-        raise Unavailable("float8_e4m3fn tables need sm_89 or newer")
-    layer = quantized_view(workload.shared["layer"], dtype)
-    layer.backend = "auto"
-
-    @torch.no_grad()
-    def inference(x):
-        return layer(x)
-
-    return Runner(inference, tolerance=TOLERANCE[dtype])
-
-
-QUANTIZED_PROVIDERS = {
-    "int8": (("layer",), functools.partial(build_quantized, dtype=torch.int8)),
-    "fp8": (("layer",), functools.partial(build_quantized, dtype=torch.float8_e4m3fn)),
-}
 
 
 # ---- generate() ---------------------------------------------------------------------------------

@@ -232,6 +232,19 @@ def check_launchable(name, t):
                          f"import), got device {t.device}")
 
 
+# The first CUDA architecture whose Triton has float8_e4m3fn (fp8e4nv): sm_89 (Ada), sm_90 (Hopper).
+FLOAT8_ARCH = 89
+
+
+def check_table_arch(name, table, arch):
+    """A table the Triton kernels can read on CUDA architecture `arch` (_device.cuda_arch; 0 off
+    CUDA, where the interpreter reads any dtype): float8_e4m3fn needs sm_89 or newer."""
+    if table.dtype == torch.float8_e4m3fn and 0 < arch < FLOAT8_ARCH:
+        raise TypeError(f"{name}: float8_e4m3fn tables need a GPU of sm_{FLOAT8_ARCH} or newer for the Triton "
+                        f"kernels, and this one is sm_{arch}; quantize to torch.int8 instead "
+                        f"(peer_kernels.quantize_(module, torch.int8))")
+
+
 def check_layer_input(x, dim):
     """x (..., dim) of a float dtype, with data: a PEER layer's input."""
     if not isinstance(x, torch.Tensor):

@@ -266,7 +266,7 @@ class PEER(nn.Module):
 
 def warmup(module, *, tokens=1, dtype=None):
     """Runs every PEER layer in `module` (a layer or a whole model) once for each token count in
-    `tokens` (an int or a sequence of them) on random input of `dtype` (default: the layer's
+    `tokens` (an int or a sequence of them) on random input of `dtype` (default: the layer's float
     parameters'), in inference: under torch.no_grad and in eval mode, each layer's mode restored
     after, so no parameter or running statistic changes. It does what a layer's first call does for
     those shapes: Triton compiles and loads the kernels, the retrieval's pair table is copied to
@@ -283,7 +283,8 @@ def warmup(module, *, tokens=1, dtype=None):
         try:
             with torch.no_grad():
                 for count in counts:
-                    layer(torch.randn(count, layer.dim, device=layer.w_down.device, dtype=dtype or layer.w_down.dtype))
+                    # the keys' dtype: the layer's float parameters (its tables may be quantized)
+                    layer(torch.randn(count, layer.dim, device=layer.keys.device, dtype=dtype or layer.keys.dtype))
         finally:
             layer.train(training)
     return module

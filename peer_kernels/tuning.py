@@ -22,14 +22,21 @@ from . import _device
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """One architecture's tile choices (see the pickers below for what each one sizes)."""
-    # retrieval (kernels/retrieval.py): tokens per program share each key tile read; 8 warps hold
-    # the packed (64, key tile) selection keys in registers, 16 tokens take 4 warps
+    # retrieval (kernels/retrieval.py): tokens per program share each key tile read. With int32
+    # selection keys (16-bit inputs) 64 tokens; with int64 keys (fp32 inputs) 32, since 64 tokens
+    # x 64 keys of int64 spill on sm_90 (thousands of STL under triton 3.6 and 3.9, 120 with 32-key
+    # tiles), while 32 x 64 at 8 warps compiles without spills on sm_80 and sm_90 under both
     retrieval_tokens: int = 64
-    # key rows per tile: with int32 selection keys (16-bit inputs), with int64 keys (fp32)
+    retrieval_tokens_int64: int = 32
+    # key rows per tile: with int32 selection keys, with int64 keys
     key_tile_int32: int = 64
     key_tile_int64: int = 64
-    # elements of one key tile, so that the pipelined key tiles and the queries fit shared memory
-    key_tile_elements: int = 16384
+    # shared memory one program may use, in bytes (the device's opt-in maximum per block); the
+    # key tile shrinks, then the pipeline, then the token tile, until the retrieval fits it
+    shared_bytes: int = 166912
+    # sm_90's 16-bit tl.dot (wgmma) reads its operands from shared memory: the compiled retrieval
+    # keeps num_stages key tiles there (at least 2), where sm_80 and fp32 keep num_stages - 1
+    shared_dot_operands: bool = False
     # level selection (kernels/retrieval.level_topk) where it applies (use_level_select)
     level_select: bool = True
     # one-pass kernel (kernels/fused.py): tokens per program, warps, key tile
@@ -62,12 +69,23 @@ SM80 = Tiles()
 # sm_90: 128-key tiles with int32 keys spend fewer instructions per score than 64 (sm_80 spills at
 # 128 under triton 3.6), and make level selection applicable; 132 SMs take 256 decode tokens at
 # two per SM (sm_80's 108, 192 at 1.8).
-SM90 = dataclasses.replace(SM80, key_tile_int32=128, decode_tokens=256)
+SM90 = dataclasses.replace(SM80, key_tile_int32=128, decode_tokens=256, shared_bytes=232448,
+                           shared_dot_operands=True)
 # Other GPUs, the interpreter and the C++ backend on a CPU (whose tensors have no CUDA arch): at
 # most 8 tokens decode, which the interpreter's tests straddle; on 2 CPU cores the C++ direct sub-key
 # scan ran as fast as its matmuls at about 8 tokens (1 thread, fp32, the paper's shapes).
-FALLBACK = dataclasses.replace(SM80, decode_tokens=8)
+# Their shared memory: sm_86 / sm_89's 99 KB.
+FALLBACK = dataclasses.replace(SM80, decode_tokens=8, shared_bytes=101376)
 TABLES = {"sm_90": SM90, "sm_80": SM80, "fallback": FALLBACK}
+
+# The retrieval's shared memory beside its key and query tiles (the selection's layout conversions):
+# at most 8 KB in the compiled kernels (triton 3.6 and 3.9; tests/test_retrieval.py compiles them).
+SELECTION_SCRATCH_BYTES = 8192
+
+# The (tokens, keys, dk) terms of an fp32 key tile's scores one retrieval program may hold: 32 x 64
+# x 128 (1024 a thread at 8 warps) compiles without spills on sm_80 and sm_90 under triton 3.6 and
+# 3.9, while 32 x 32 x 512 spills on sm_90 under 3.6 (tests/test_retrieval.py compiles both widths).
+FMA_DOT_VALUES = 1 << 18
 
 # The interpreter (whose sorts cost Python time per element) and float64 get small tiles whatever
 # the architecture: 16 tokens and 16 keys, tl.dot's minimum.
@@ -173,14 +191,44 @@ def retrieval_config(*, n, dk, k, k_sub, dtype, arch, interpreted=_device.INTERP
     dk_pad = _pow2(dk, 16)
     index_bits = select_index_bits(n, dtype)
     small = interpreted or dtype == torch.float64
-    block_t = SMALL_TILE if small else table.one_pass_tokens if one_pass else table.retrieval_tokens
-    if one_pass:
-        wide = table.one_pass_key_tile
+    if small:
+        block_t, block_n = SMALL_TILE, max(ks_pad, SMALL_TILE)
     else:
-        wide = table.key_tile_int32 if index_bits else table.key_tile_int64
-    block_n = max(ks_pad, 16, SMALL_TILE if small else min(wide, _pow2(n, 16), table.key_tile_elements // dk_pad))
+        if one_pass:
+            block_t, wide = table.one_pass_tokens, table.one_pass_key_tile
+        elif index_bits:
+            block_t, wide = table.retrieval_tokens, table.key_tile_int32
+        else:
+            block_t, wide = table.retrieval_tokens_int64, table.key_tile_int64
+        block_n = max(ks_pad, 16, min(wide, _pow2(n, 16)))
+    if dtype == torch.float32 and not small:
+        # fp32 scores are FMA dot products (ieee, not tf32) whose (tokens, keys, dk) terms are live
+        # in registers: past FMA_DOT_VALUES sm_90 spills thousands of values under triton 3.6
+        while block_t * block_n * dk_pad > FMA_DOT_VALUES and block_n > max(ks_pad, 16):
+            block_n //= 2
+        while block_t * block_n * dk_pad > FMA_DOT_VALUES and block_t > SMALL_TILE:
+            block_t //= 2
+    row_bytes, key_bytes = dk_pad * dtype.itemsize, 4 if index_bits else 8
+
+    # the bytes of the key tiles in flight, the query tile and the selection's scratch
+    def shared_bytes(block_t, block_n, num_stages):
+        if table.shared_dot_operands and dtype.itemsize == 2:
+            key_buffers = max(2, num_stages)
+        else:
+            key_buffers = max(1, num_stages - 1)
+        return (key_buffers * block_n + block_t) * row_bytes + SELECTION_SCRATCH_BYTES
+
+    # level selection holds 3 levels of key tiles and pipelines 2 key tiles, not 3 (at 3 it spills);
+    # a key tile that shrinks for shared memory below level selection's goes back to the network
     level_select = (table.level_select and not one_pass
                     and use_level_select(n=n, ks_pad=ks_pad, block_n=block_n, index_bits=index_bits))
+    block_t, block_n, num_stages = fit_shared_memory(
+        shared_bytes, block_t=block_t, block_n=block_n, num_stages=2 if level_select else 3,
+        minimum_block_n=max(ks_pad, 16), budget=table.shared_bytes)
+    if level_select and not use_level_select(n=n, ks_pad=ks_pad, block_n=block_n, index_bits=index_bits):
+        level_select = False
+        if shared_bytes(block_t, block_n, 3) <= table.shared_bytes:
+            num_stages = 3
     constexprs = dict(
         BLOCK_T=block_t,
         BLOCK_N=block_n,
@@ -195,9 +243,25 @@ def retrieval_config(*, n, dk, k, k_sub, dtype, arch, interpreted=_device.INTERP
         LEVEL_SELECT=level_select,
         EXACT=dtype == torch.float64,
     )
-    # level selection holds 3 levels of key tiles and pipelines 2 key tiles, not 3 (at 3 it spills)
-    launch = dict(num_warps=8 if block_t >= 64 else 4, num_stages=2 if level_select else 3)
+    # 8 warps where the (tokens, keys) selection keys take 16 KB or more (64 x 64 int32, 32 x 64
+    # int64), or the query tile 32 KB (wide keys: at 4 warps it alone takes 64 registers a thread)
+    wide_state = block_t * block_n * key_bytes >= 16384 or block_t * row_bytes >= 32768
+    launch = dict(num_warps=8 if wide_state else 4, num_stages=num_stages)
     return constexprs, launch
+
+
+def fit_shared_memory(shared_bytes, *, block_t, block_n, num_stages, minimum_block_n, budget):
+    """(block_t, block_n, num_stages) whose shared_bytes(block_t, block_n, num_stages) is within
+    `budget`: the key tile halves first (down to minimum_block_n), then the pipeline drops to one
+    tile in flight, then the token tile halves (down to 16, tl.dot's minimum). Wide fp32 keys (dk
+    of 256 and more) need it."""
+    while shared_bytes(block_t, block_n, num_stages) > budget and block_n > minimum_block_n:
+        block_n //= 2
+    if shared_bytes(block_t, block_n, num_stages) > budget:
+        num_stages = 2
+    while shared_bytes(block_t, block_n, num_stages) > budget and block_t > SMALL_TILE:
+        block_t //= 2
+    return block_t, block_n, num_stages
 
 
 def retrieval_backward_config(*, dk, k, arch):

@@ -90,19 +90,18 @@ def test_distributed_mode(tmp_path):
     assert "MB sent" in done.stdout
 
 
-def test_quantized_providers_and_generate_rows(monkeypatch):
+def test_quantized_providers_and_generate_rows():
     """bench/serving.py: the int8 and fp8 providers time the layer's forward (inference only) and
     report their quantization error, within its tolerance; generate() rows for each model variant."""
     import torch
 
     from bench import cases, providers, run, serving
 
-    monkeypatch.setattr(providers, "PROVIDERS", {**providers.PROVIDERS, **serving.QUANTIZED_PROVIDERS})
     _, rows, skipped = run.run(cases.PRESETS["smoke"], "smoke", torch.device("cpu"), ("layer",), ("forward",),
                                ["int8", "fp8"], {}, lambda *_: None, log=lambda *_: None)
     assert {(r["provider"], r["mode"]) for r in rows} == {("int8", "forward"), ("fp8", "forward")} and not skipped
     for row in rows:
-        assert 0 < row["error"] < serving.TOLERANCE[{"int8": torch.int8, "fp8": torch.float8_e4m3fn}[row["provider"]]]
+        assert 0 < row["error"] < providers.QUANTIZED_TOLERANCE[{"int8": torch.int8, "fp8": torch.float8_e4m3fn}[row["provider"]]]
 
     case = serving.GenerateCase(hidden=32, intermediate=64, layers=2, vocab=64, prompt=4, new_tokens=3,
                                 num_experts=8 ** 2, peer_heads=2, experts_per_head=2, dim_key=8)

@@ -18,7 +18,7 @@ from torch import nn
 import aot
 import bounds
 from conftest import DEVICE
-from peer_kernels import PEER, _device, _library, backends, quantize, quantize_, reference, tuning
+from peer_kernels import PEER, _checks, _device, _library, backends, quantize, quantize_, reference, tuning, warmup
 from peer_kernels.ops import experts as experts_ops
 from peer_kernels.ops import retrieval as retrieval_ops
 from peer_kernels.quantize import LARGEST, quantize_rows
@@ -91,6 +91,20 @@ def test_large_tables_are_quantized_in_chunks_alike(monkeypatch):
     monkeypatch.setattr(quantize, "_VALUES_PER_CHUNK", 7 * 16)
     chunked = quantize_rows(table, torch.int8)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
+@pytest.mark.parametrize("arch", [0, 80, 86, 89, 90])
+def test_float8_tables_need_sm_89_for_triton(arch):
+    """Triton before sm_89 has no float8_e4m3fn (compiling for sm_80 raises "type fp8e4nv not
+    supported in this architecture"): the launchers say so and name the way out; int8 runs
+    everywhere, and off CUDA (arch 0: the interpreter) so does fp8."""
+    fp8, int8 = torch.zeros(2, 4, dtype=torch.float8_e4m3fn), torch.zeros(2, 4, dtype=torch.int8)
+    _checks.check_table_arch("w_up", int8, arch)
+    if 0 < arch < 89:
+        with pytest.raises(TypeError, match=rf"w_up: float8_e4m3fn tables need .* sm_89 .* this one is sm_{arch}.*int8"):
+            _checks.check_table_arch("w_up", fp8, arch)
+    else:
+        _checks.check_table_arch("w_up", fp8, arch)
 
 
 def test_non_finite_rows_and_other_dtypes_raise():
@@ -166,6 +180,13 @@ def test_custom_expert_stage_refuses_quantized_tables():
         layer(torch.randn(3, 24, device=DEVICE))
 
 
+def test_warmup_runs_quantized_layers():
+    """peer_kernels.warmup feeds a layer input of its float parameters' dtype, not its tables'."""
+    layer = quantize_(PEER(24, heads=2, num_experts=8 ** 2, num_experts_per_head=4, dim_key=8,
+                           backend="reference").eval())
+    assert warmup(layer, tokens=(1, 3)) is layer
+
+
 def test_grow_refuses_quantized_tables():
     with pytest.raises(ValueError, match="layer: its tables are quantized"):
         quantize_(_layer()).grow(49)
@@ -224,18 +245,23 @@ def _expert_inputs(dtype, x_dtype, device, T=6, h=3, k=5, d=40, rows=23):
     return x, ids, gates, (w_down, down_scale), (w_up, up_scale)
 
 
+@pytest.mark.parametrize("schedule", ["decode", "token_tiles"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["x32", "xbf16"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_expert_stage_reads_rows_times_their_scales(backend, dtype, x_dtype):
+def test_expert_stage_reads_rows_times_their_scales(backend, dtype, x_dtype, schedule):
     """peer_experts, peer_down and peer_mix on quantized tables equal the float64 oracle on the
-    tables they stand for, within the rounding of what is summed (the scale's multiply included)."""
+    tables they stand for, within the rounding of what is summed (the scale's multiply included),
+    on both schedules of the expert stage (tuning.token_schedule: few tokens, or token tiles)."""
+    if backend == "reference" and schedule == "token_tiles":
+        pytest.skip("the reference has one schedule")
     ops, device = backends.get(backend, device_of(backend)), device_of(backend)
     x, ids, gates, (w_down, down_scale), (w_up, up_scale) = _expert_inputs(dtype, x_dtype, device)
     down64, up64 = dequantized(w_down, down_scale), dequantized(w_up, up_scale)
     dy = torch.randn(x.shape, dtype=torch.float64)
     exact = bounds.experts(x.double().cpu(), ids.cpu(), gates.double().cpu(), down64.cpu(), up64.cpu(), dy, "silu")
-    with torch.no_grad():
+    decode_tokens = x.shape[0] if schedule == "decode" else 0
+    with torch.no_grad(), tuning.overrides(decode_tokens=decode_tokens):
         y = ops.peer_experts(x, ids, gates, w_down, w_up, "silu", w_down_scale=down_scale, w_up_scale=up_scale)
         z = ops.peer_down(x, ids, w_down, w_down_scale=down_scale)
         mixed = ops.peer_mix(z, ids, gates, w_up, "silu", w_up_scale=up_scale)

@@ -293,8 +293,8 @@ def experts_decode_down_kernel(
     COLUMN_BLOCKS: tl.constexpr = (D_IN + BLOCK_D - 1) // BLOCK_D
     offs_t, _, offs_s, slot_mask, expert_ids = _decode_slots(expert_ids_ptr, S, BLOCK_S)
     column_block = tl.program_id(1)
-    z_part = down_chunk(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, column_block * BLOCK_D + tl.arange(0, BLOCK_D),
-                        T, acc_dtype, D_IN)
+    offs_d = column_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    z_part = down_chunk(x_ptr, w_down_ptr, expert_ids, offs_t, slot_mask, offs_d, T, acc_dtype, D_IN)
     if w_down_scale_ptr is not None:
         z_part *= row_scales(w_down_scale_ptr, expert_ids, slot_mask, acc_dtype)
     parts = (offs_t.to(tl.int64)[:, None] * COLUMN_BLOCKS + column_block) * S + offs_s[None, :]

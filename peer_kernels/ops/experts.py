@@ -77,7 +77,8 @@ def _launch_forward(*, halves, expert_ids, z, activation="identity", x=None, gat
     kernels.experts_fwd_kernel[(min(tiles, programs or tiles),)](
         x_ptr=z if x is None else x, expert_ids_ptr=expert_ids, gates_ptr=z if gates is None else gates,
         w_down_ptr=z if w_down is None else w_down, w_up_ptr=z if w_up is None else w_up,
-        w_down_scale_ptr=w_down_scale, w_up_scale_ptr=w_up_scale, y_ptr=z if y is None else y, z_ptr=z, T=T, D_IN=d_in, D_OUT=d_out, S=_slots(expert_ids),
+        w_down_scale_ptr=w_down_scale, w_up_scale_ptr=w_up_scale, y_ptr=z if y is None else y, z_ptr=z, T=T,
+        D_IN=d_in, D_OUT=d_out, S=_slots(expert_ids),
         ACTIVATION=activation_id(activation), BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=down, UP=up,
         PERSISTENT=programs is not None, num_warps=num_warps)
 
@@ -107,7 +108,8 @@ def _launch_decode(*, halves, expert_ids, z, activation, x, gates, w_down, w_up,
         block_s, block_d, num_warps = _decode_tile(expert_ids, w_down)
         z_parts = _library.empty((T, triton.cdiv(d_in, block_d), S), z)
         kernels.experts_decode_down_kernel[(T * triton.cdiv(S, block_s), triton.cdiv(d_in, block_d))](
-            x_ptr=x, expert_ids_ptr=expert_ids, w_down_ptr=w_down, w_down_scale_ptr=w_down_scale, z_parts_ptr=z_parts, T=T, D_IN=d_in, S=S,
+            x_ptr=x, expert_ids_ptr=expert_ids, w_down_ptr=w_down, w_down_scale_ptr=w_down_scale, z_parts_ptr=z_parts,
+            T=T, D_IN=d_in, S=S,
             BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps)
     else:
         z_parts = z.view(T, 1, S)
@@ -119,7 +121,8 @@ def _launch_decode(*, halves, expert_ids, z, activation, x, gates, w_down, w_up,
     slot_blocks = triton.cdiv(S, block_s)
     y_parts = _library.empty((T, slot_blocks, d_out), z)
     kernels.experts_decode_up_kernel[(T * slot_blocks, triton.cdiv(d_out, block_d))](
-        z_parts_ptr=z_parts, expert_ids_ptr=expert_ids, gates_ptr=gates, w_up_ptr=w_up, w_up_scale_ptr=w_up_scale, z_ptr=z, y_parts_ptr=y_parts,
+        z_parts_ptr=z_parts, expert_ids_ptr=expert_ids, gates_ptr=gates, w_up_ptr=w_up, w_up_scale_ptr=w_up_scale,
+        z_ptr=z, y_parts_ptr=y_parts,
         T=T, D_OUT=d_out, S=S, Z_PARTS=z_parts.shape[1], ACTIVATION=activation_id(activation),
         PARTS_PAD=tuning.next_power_of_2(z_parts.shape[1]), BLOCK_S=block_s, BLOCK_D=block_d, WRITE_Z=down,
         num_warps=num_warps)
@@ -140,10 +143,11 @@ def launch_forward(*, x, expert_ids, gates, w_down, w_up, activation, w_down_sca
     return y, z
 
 
-def _ready(t, expert_ids, table, *inputs):
+def _ready(t, expert_ids, table, *inputs, table_name="w_down"):
     """The inputs of a launch: launchable, contiguous (None stays None: a float table's scale), the
-    ids checked against the table."""
+    ids checked against the table `table_name`, whose dtype this GPU's Triton reads."""
     _checks.check_launchable("x", t)
+    _checks.check_table_arch(table_name, table, _device.cuda_arch(t.device))
     return (_checks.checked_expert_ids(expert_ids.contiguous(), table.shape[0]),
             *(None if i is None else i.contiguous() for i in inputs))
 
@@ -167,7 +171,8 @@ def down(*, x, expert_ids, w_down, w_down_scale):
 
 def mix(*, z, expert_ids, gates, w_up, activation, w_up_scale):
     """y (T, d_out) = sum g act(z) w_up[e] in z's dtype."""
-    expert_ids, z, gates, w_up, w_up_scale = _ready(z, expert_ids, w_up, z, gates, w_up, w_up_scale)
+    expert_ids, z, gates, w_up, w_up_scale = _ready(z, expert_ids, w_up, z, gates, w_up, w_up_scale,
+                                                    table_name="w_up")
     y = _library.empty((z.shape[0], w_up.shape[1]), z)
     if z.numel():
         _launch_forward(halves="up", expert_ids=expert_ids, gates=gates, w_up=w_up, w_up_scale=w_up_scale, z=z, y=y,
@@ -313,7 +318,7 @@ def down_backward(*, dz, x, expert_ids, w_down, deterministic, sparse_grad):
 
 def mix_backward(*, dy, z, expert_ids, gates, w_up, activation, deterministic, sparse_grad):
     """(dz, dgates, dw_up, rows) of y = sum g act(z) w_up[e]."""
-    expert_ids, dy, z, gates, w_up = _ready(z, expert_ids, w_up, dy, z, gates, w_up)
+    expert_ids, dy, z, gates, w_up = _ready(z, expert_ids, w_up, dy, z, gates, w_up, table_name="w_up")
     dz, dgates = _library.empty(z.shape, z), _library.empty(gates.shape, gates)
     if z.numel() == 0:
         return (dz, dgates, *_no_slots_grads(sparse_grad, w_up))

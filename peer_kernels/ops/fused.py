@@ -117,6 +117,7 @@ def fused(*, x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_he
     """The fused op's forward: (y, scores, ids, gates, z) by the named schedule."""
     _checks.check_choice("schedule", schedule, SCHEDULES)
     _checks.check_launchable("x", x)
+    _checks.check_table_arch("w_down", w_down, _device.cuda_arch(x.device))
     x, keys, w_down, w_up = (t.contiguous() for t in (x, keys, w_down, w_up))  # queries: read through strides
     w_down_scale, w_up_scale = (None if s is None else s.contiguous() for s in (w_down_scale, w_up_scale))
     return _SCHEDULE_FORWARDS[schedule](x=x, queries=queries, keys=keys, w_down=w_down, w_up=w_up,
