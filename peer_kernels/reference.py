@@ -1,4 +1,4 @@
-"""The naive PyTorch oracle: SPEC section 1 written as plainly as possible.
+"""The naive PyTorch oracle: the PEER layer's math (arXiv 2407.04153) written as plainly as possible.
 
 Every backend (Triton, C++, CUDA) is tested against these functions. They favour clarity over
 speed and memory: the gathered `(T, h, k, d)` expert rows are materialized, all sub-key scores are

@@ -1,23 +1,25 @@
-"""Triton kernels of the expert stage: SPEC section 1 steps 5-6 and their backward.
+"""Triton kernels of the expert stage (the mix of the retrieved experts) and its backward.
 
-Token t mixes S = h*k single-neuron experts ("slots"): y[t] = sum_s g[t,s] act(w_down[e] . x[t]) w_up[e]
-with e = expert_ids[t, s]; x and w_down have D_IN columns, y and w_up D_OUT (equal in the PEER layer;
-rank-1 adapters, peer_kernels.compat.PEERLora, have two widths and the identity activation). Ids are spread over ~1M rows, so no table row is reused across the tokens of
-a tile: this is a pure gather, bound by memory bandwidth. The kernels therefore use no tensor cores;
-what matters is many 128-bit row loads in flight per thread (D chunks of 8+ contiguous half-precision
+Token t mixes S = h*k single-neuron experts ("slots"): y[t] = sum_s g[t,s] act(w_down[e] . x[t])
+w_up[e] with e = expert_ids[t, s]; x and w_down have D_IN columns, y and w_up D_OUT (equal in the
+PEER layer; rank-1 adapters, peer_kernels.compat.PEERLora, have two widths and the identity
+activation). Ids are spread over ~1M rows, so no table row is reused across the tokens of a tile:
+this is a pure gather, bound by memory bandwidth. The kernels therefore use no tensor cores; what
+matters is many 128-bit row loads in flight per thread (D chunks of 8+ contiguous half-precision
 elements, alignment known from the constexpr widths) and registers that never spill.
 
 Layouts (all contiguous): x, dx (T, D_IN); y, dy (T, D_OUT); expert_ids, gates, dgates and per-slot
 scalars (T, S), the (h, k) dims flattened; tables w_down (E, D_IN), w_up (E, D_OUT) and their
-gradients alike. Row offsets are int64: E * D reaches 2**31 for a 1024**2 x 4096 table. Accumulation is in fp32, or fp64 for fp64 inputs (the
-per-slot scalar buffers carry that accumulation dtype).
+gradients alike. Row offsets are int64: E * D reaches 2**31 for a 1024**2 x 4096 table. Accumulation
+is in fp32, or fp64 for fp64 inputs (the per-slot scalar buffers carry that accumulation dtype).
 
 Quantized tables (forward only; peer_kernels.quantize_): int8 or fp8 e4m3 rows with one fp32 scale
 per row (E,), a row being its values times its scale. gather_rows, through which every forward
-kernel reads rows (token tiles, the one-pass kernel, the decode kernels), reads them at 1 byte
-per value (half a bf16 row's bytes) and converts in registers; the row's scale is common to its terms, so it multiplies the row's dot product (down) or
-its coefficient (up), one multiply per row instead of one per value. A float table passes None
-for its scale pointer (a constexpr: the kernel compiles without the scale load).
+kernel reads rows (token tiles, the one-pass kernel, the decode kernels), reads them at 1 byte per
+value (half a bf16 row's bytes) and converts in registers; the row's scale is common to its terms,
+so it multiplies the row's dot product (down) or its coefficient (up), one multiply per row instead
+of one per value. A float table passes None for its scale pointer (a constexpr: the kernel compiles
+without the scale load).
 """
 import triton
 import triton.language as tl

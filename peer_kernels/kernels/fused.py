@@ -1,4 +1,4 @@
-"""The one-pass PEER kernel: retrieval, gating and expert mixing in one launch (SPEC section 3).
+"""The one-pass PEER kernel: retrieval, gating and expert mixing in one launch (docs/design.md).
 
 One program owns a tile of BLOCK_T tokens. For each head it runs the retrieval of
 kernels/retrieval.py in registers (sub-key scores by tl.dot, streaming top-k' per half, pruned
