@@ -48,6 +48,9 @@ class Tiles:
     # table-gradient segmented reduction: fp32 values per window, programs per SM per column block
     table_grad_values: int = 2048
     table_grad_programs_per_sm: int = 4
+    # its combine of the parts of runs that span chunks: columns per program (narrow, so that the
+    # few chunk-order scans of a paper-shape gradient, d / columns of them, spread over the SMs)
+    table_grad_combine_columns: int = 32
     # retrieval backward: tokens per program
     retrieval_backward_tokens: int = 16
     # row-sparse optimizers: columns per program
@@ -305,6 +308,16 @@ def table_grad_tile(*, dim, slots, device):
     programs = table.table_grad_programs_per_sm * sms
     chunk = max(block_n, cdiv(cdiv(slots, programs), block_n) * block_n)
     return block_n, block_d, chunk, 4
+
+
+def table_grad_combine_tile(*, dim, device):
+    """(BLOCK_C, BLOCK_D, num_warps) of kernels/experts.table_grad_combine_kernel: windows of BLOCK_C
+    chunks x BLOCK_D columns, table_grad_values of them (16 per thread at 4 warps, as the main
+    kernel's): at the paper's shapes (about 4 programs per SM, so a few hundred chunks) a handful of
+    windows per program."""
+    table = tiles(_device.cuda_arch(device))
+    block_d = min(next_power_of_2(dim), table.table_grad_combine_columns)
+    return max(2, table.table_grad_values // block_d), block_d, 4
 
 
 # ---- the fused op --------------------------------------------------------------------------------------

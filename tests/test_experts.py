@@ -3,6 +3,9 @@
 Without a GPU the kernels run under the interpreter on tiny shapes; test_aot_* compile every kernel and
 block configuration the launchers can pick for sm_80 / sm_90 and check the SASS.
 """
+import collections
+
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +142,161 @@ def test_sorted_reduction_across_chunks(rows):
     assert not first["dw_down"][untouched].any() and not first["dw_up"][untouched].any()
 
 
+# --- the table-gradient reduction alone (ops/experts.reduce_table_grad) ---------------------------
+
+# Small tiles and many chunks under the interpreter: chunks of a few dozen sorted slots, 4 windows of
+# slots each, and 12 chunks combined 4 at a time, so that runs cross chunks and combine windows.
+SMALL_TABLE_GRAD = dict(table_grad_values=256, table_grad_programs_per_sm=12, table_grad_combine_columns=64)
+
+
+def run_lengths(layout, n, chunk):
+    """Lengths of the runs of equal rows in sorted order (summing to n) of one layout of the slots."""
+    runs = {
+        "one-row": [n],                                                     # one run across every chunk
+        "long-and-singletons": [n // 3, 1, 1, n // 5, 2],
+        "chunk-boundaries": [chunk, 2 * chunk, chunk, 3 * chunk],           # runs that begin and end at them
+        # over exactly two chunks (mid to mid); over three, ending on the first position of the third
+        "two-chunks": [chunk // 2, chunk, chunk + chunk // 2 + 1],
+    }[layout]
+    return runs + [1] * (n - sum(runs))
+
+
+def table_grad_inputs(lengths, d, dtype, slots=5):
+    """(src, weights, table, expert_ids) whose sorted slots have runs of these lengths, run i on row
+    2i + 1 (the even rows untouched), the slots shuffled over (T, 1, slots)."""
+    n = sum(lengths)
+    ids = torch.cat([torch.full((length,), 2 * i + 1) for i, length in enumerate(lengths)])
+    expert_ids = ids[torch.randperm(n)].reshape(n // slots, 1, slots)
+    src = torch.randn(n // slots, d, dtype=dtype)
+    weights = torch.randn(n // slots, 1, slots, dtype=compute_dtype(dtype))
+    return src, weights, torch.zeros(2 * len(lengths) + 1, d, dtype=dtype), expert_ids
+
+
+def check_table_grad(grad, rows, src, weights, table, expert_ids, sparse):
+    """Against the float64 sum, S the sum of |weight * src| over each row's slots."""
+    ids = expert_ids.reshape(-1)
+    terms = weights.reshape(-1, 1).double() * src.double().repeat_interleave(expert_ids[0].numel(), 0)
+    exact = torch.zeros(table.shape, dtype=torch.float64).index_add_(0, ids, terms)
+    magnitude = torch.zeros(table.shape, dtype=torch.float64).index_add_(0, ids, terms.abs())
+    if sparse:
+        assert torch.equal(rows, ids.unique())
+        exact, magnitude = exact[rows], magnitude[rows]
+    else:
+        assert rows.numel() == 0 and grad.shape == table.shape
+    assert grad.dtype == table.dtype
+    bounds.check("table gradient", grad, exact, magnitude)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("layout, dtype", [
+    ("one-row", torch.float32), ("long-and-singletons", torch.float32), ("chunk-boundaries", torch.float32),
+    ("two-chunks", torch.float32), ("one-row", torch.float64), ("chunk-boundaries", torch.bfloat16),
+    ("long-and-singletons", torch.bfloat16)], ids=lambda v: str(v).removeprefix("torch."))
+def test_table_grad_runs_across_chunks(layout, dtype, sparse, monkeypatch):
+    """Runs that cross chunks (each chunk summed alone, the parts combined in chunk order): one run
+    over all 12 chunks and 3 combine windows, long runs among singletons, runs that begin and end
+    exactly at chunk boundaries, a run over exactly two chunks; n not a multiple of the chunk, d not
+    of the column tiles. Bitwise reproducible, within the bound of the float64 sum, untouched rows
+    exactly 0 (dense) or absent (sparse), no unwritten output or part read (NaN-poisoned)."""
+    n, d = 250, 40
+    with tuning.overrides(**SMALL_TABLE_GRAD):
+        _, _, chunk, _ = tuning.table_grad_tile(dim=d, slots=n, device=DEVICE)
+        assert tuning.cdiv(n, chunk) == 11 and n % chunk
+        src, weights, table, expert_ids = table_grad_inputs(run_lengths(layout, n, chunk), d, dtype)
+        poison_empty(monkeypatch)
+        (first,), rows = ops.table_grads([(src, weights, table)], expert_ids, sparse)
+        (second,), _ = ops.table_grads([(src, weights, table)], expert_ids, sparse)
+    assert torch.equal(first, second)
+    check_table_grad(first, rows, src, weights, table, expert_ids, sparse)
+    if not sparse:
+        assert not first[0::2].any()
+
+
+class _Recording:
+    """Stands in for a kernel: records each launch's grid and arguments and, per program, the loads
+    of the argument `watch` (see _count_loads). That argument (read-only in the kernel) is passed as
+    a copy in a padded buffer of its own, so that no other tensor's address lies in or beside it."""
+    PAD = 4096
+
+    def __init__(self, kernel, watch, watched):
+        self.kernel, self.watch, self.watched, self.launches = kernel, watch, watched, []
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            tensor = kwargs[self.watch]
+            padded = torch.zeros(tensor.numel() + 2 * self.PAD, dtype=tensor.dtype)
+            kwargs[self.watch] = padded[self.PAD:self.PAD + tensor.numel()].view(tensor.shape).copy_(tensor)
+            reads = collections.defaultdict(list)
+            self.launches.append((grid, kwargs, reads))
+            self.watched.append((padded, self.PAD, tensor.numel(), reads))
+            try:
+                self.kernel[grid](**kwargs)
+            finally:
+                self.watched.pop()
+        return launch
+
+
+def _count_loads(monkeypatch, watched):
+    """Makes the interpreter record every load of each program (x, y) that points into the padded
+    buffer on top of `watched` (masked lanes too: a window whose lanes are all masked off is still an
+    iteration), as the element offsets in the watched tensor that its unmasked lanes read."""
+    from triton.runtime import interpreter
+    real = interpreter.InterpreterBuilder.create_masked_load
+
+    def load(builder, ptrs, mask, *args):
+        if watched:
+            padded, pad, numel, reads = watched[-1]
+            offsets = (ptrs.data.astype(np.int64) - padded.data_ptr()) // padded.element_size()
+            if ((offsets >= 0) & (offsets < padded.numel())).any():
+                read = (offsets >= pad) & (offsets < pad + numel) & np.broadcast_to(mask.data, ptrs.data.shape)
+                reads[builder.grid_idx[:2]].append(np.unique(offsets[read] - pad))
+        return real(builder, ptrs, mask, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", load)
+
+
+@pytest.mark.skipif(not _device.INTERPRETED, reason="counts the interpreter's loads")
+def test_table_grad_work_per_program_is_bounded(monkeypatch):
+    """Collapsed routing (every slot on one row: one run of all n slots). Counted in the interpreter:
+    each program (chunk, column block) of the first kernel reads the slot order of its own chunk's
+    positions and no other, one load per window, cdiv(chunk, BLOCK_N) windows; each combine program
+    reads the (chunks, 2, d) parts in cdiv(chunks, BLOCK_C) windows. A walk of the run by the program
+    it begins in (as before issue 23) reads all n positions there. d = 300: two column blocks of
+    the first kernel, five of the combine, the last ones partial."""
+    n, d = 65, 300
+    watched = []
+    _count_loads(monkeypatch, watched)
+    main = _Recording(kernels.table_grad_kernel, "order_ptr", watched)
+    combine = _Recording(kernels.table_grad_combine_kernel, "partials_ptr", watched)
+    monkeypatch.setattr(kernels, "table_grad_kernel", main)
+    monkeypatch.setattr(kernels, "table_grad_combine_kernel", combine)
+    with tuning.overrides(**SMALL_TABLE_GRAD):
+        block_n, block_d, chunk, _ = tuning.table_grad_tile(dim=d, slots=n, device=DEVICE)
+        block_c, combine_d, _ = tuning.table_grad_combine_tile(dim=d, device=DEVICE)
+        src, weights, table, expert_ids = table_grad_inputs([n], d, torch.float32)
+        (grad,), rows = ops.table_grads([(src, weights, table)], expert_ids, sparse=False)
+    check_table_grad(grad, rows, src, weights, table, expert_ids, sparse=False)
+    chunks = tuning.cdiv(n, chunk)
+    assert (block_n, chunk, chunks, block_c) == (2, 6, 11, 4)        # the shape this test means to cover
+
+    [(grid, args, reads)] = main.launches
+    assert tuple(grid) == (chunks, tuning.cdiv(d, block_d)) == (11, 2)
+    assert args["partials_ptr"].shape == (chunks, 2, d)
+    assert sorted(reads) == [(p, c) for p in range(chunks) for c in range(grid[1])]
+    for (p, c), loads in reads.items():
+        own = np.arange(p * chunk, min(n, (p + 1) * chunk))
+        assert len(loads) == tuning.cdiv(own.size, block_n), (p, c)
+        assert np.array_equal(np.concatenate(loads), own), (p, c)
+
+    [(grid, args, reads)] = combine.launches
+    assert tuple(grid) == (tuning.cdiv(d, combine_d),) == (5,)
+    windows = tuning.cdiv(chunks, block_c)
+    assert sorted(reads) == [(c, 0) for c in range(grid[0])]
+    for program, loads in reads.items():
+        # each window loads its chunks' head parts and the tail parts of the chunks before them
+        assert len(loads) == 2 * windows, program
+
+
 def saved_bytes(fn, x, expert_ids, gates, w_down, w_up):
     """Bytes autograd saves for backward, parameters (the tables) excluded."""
     params = {w_down.data_ptr(), w_up.data_ptr()}
@@ -192,7 +350,7 @@ def test_empty_launches_nothing(empty, monkeypatch):
     T, k = (0, 3) if empty == "tokens" else (4, 0)
     inputs = make_inputs(T=T, h=2, k=k, d=8, rows=5)
     expected, dy = forward_and_grads(reference.peer_experts, *inputs)
-    for name in ("experts_fwd_kernel", "experts_bwd_tokens_kernel", "table_grad_kernel"):
+    for name in ("experts_fwd_kernel", "experts_bwd_tokens_kernel", "table_grad_kernel", "table_grad_combine_kernel"):
         monkeypatch.setattr(kernels, name, _NoLaunch())
     for deterministic in (False, True):
         actual, _ = forward_and_grads(peer_experts, *inputs, dy=dy, deterministic=deterministic)
@@ -327,8 +485,13 @@ def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch, halves=False):
     jobs.append(dict(module=MODULE, kernel="table_grad_kernel", arch=arch, num_warps=num_warps, disassemble=False,
                      constexprs=dict(D=D, S=S, BLOCK_N=block_n, BLOCK_D=block_d),
                      signature={"src_ptr": _ptr(dtype), "weights_ptr": _ptr(acc), "sorted_ids_ptr": "*i32",
-                                "order_ptr": "*i64", "out_rows_ptr": "*i32", "out_ptr": _ptr(table), "n": "i32",
-                                "chunk": "i32"}))
+                                "order_ptr": "*i64", "out_rows_ptr": "*i32", "out_ptr": _ptr(table),
+                                "partials_ptr": _ptr(acc), "n": "i32", "chunk": "i32"}))
+    block_c, block_d, num_warps = tuning.table_grad_combine_tile(dim=D, device=torch.device("cpu"))
+    jobs.append(dict(module=MODULE, kernel="table_grad_combine_kernel", arch=arch, num_warps=num_warps,
+                     disassemble=False, constexprs=dict(D=D, BLOCK_C=block_c, BLOCK_D=block_d),
+                     signature={"partials_ptr": _ptr(acc), "sorted_ids_ptr": "*i32", "out_rows_ptr": "*i32",
+                                "out_ptr": _ptr(table), "n": "i32", "chunk": "i32", "chunks": "i32"}))
     return jobs
 
 
@@ -340,15 +503,29 @@ def aot_results():
 
 
 def test_aot_compiles_without_spills(aot_results):
-    # per shape and arch: forward, two token-major backwards (atomic or not), the sorted reduction;
-    # the paper's shape on sm_90 adds the two halves' forwards and backwards
-    assert len(aot_results) == len(AOT_SHAPES) * len(aot.ARCHS) * 4 + 6
+    # per shape and arch: forward, two token-major backwards (atomic or not), the sorted reduction's
+    # two kernels; the paper's shape on sm_90 adds the two halves' forwards and backwards
+    assert len(aot_results) == len(AOT_SHAPES) * len(aot.ARCHS) * 5 + 6
     for job, stats in aot_results:
         assert stats["local_bytes"] == 0 and stats.get("stl", 0) == stats.get("ldl", 0) == 0, (aot.describe(job), stats)
         assert 0 < stats["registers"] <= 255, aot.describe(job)
         # the deterministic kernels must not touch gradient data with atomics
         atomic = job["constexprs"].get("ATOMIC", False)
         assert (stats["atomics"] > 0) == atomic, (aot.describe(job), stats)
+
+
+def test_aot_table_grad_programs_fit_their_sms(aot_results):
+    """The sorted reduction's grid is table_grad_programs_per_sm chunks per SM per column block, each
+    chunk the same work whatever the routing: at the paper's shapes its registers leave room for that
+    many programs of a column block on an SM at once, on sm_80 and sm_90."""
+    checked = 0
+    for job, stats in aot_results:
+        if job["kernel"] != "table_grad_kernel" or job["constexprs"]["D"] != 1024:
+            continue
+        programs = tuning.tiles(job["arch"]).table_grad_programs_per_sm
+        assert aot.ctas_per_sm(stats["registers"], job["num_warps"]) >= programs, (aot.describe(job), stats)
+        checked += 1
+    assert checked == 2 * len(aot.ARCHS)   # bf16, and bf16 x with fp32 tables
 
 
 def test_aot_forward_gathers_rows_with_128bit_loads(aot_results):

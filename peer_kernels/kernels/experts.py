@@ -438,72 +438,111 @@ def _segmented_add(flag_a, sum_a, flag_b, sum_b):
 
 
 @triton.jit
-def _first_run_start(sorted_ids_ptr, start, n, BLOCK_N: tl.constexpr):
-    """The first sorted position >= start at which a run of equal ids begins (n if none)."""
-    found = start - start + n      # int64, like the loop's own values
-    pos = start
-    searching = pos < n
-    while searching:
-        offs = pos + tl.arange(0, BLOCK_N)
-        valid = offs < n
-        ids = tl.load(sorted_ids_ptr + offs, mask=valid, other=-1)
-        previous = tl.load(sorted_ids_ptr + offs - 1, mask=valid & (offs > 0), other=-2)
-        begins = valid & ((offs == 0) | (ids != previous))
-        found = tl.min(tl.where(begins, offs, n))
-        pos += BLOCK_N
-        searching = (found == n) & (pos < n)
-    return found
-
-
-@triton.jit
 def table_grad_kernel(
     src_ptr,          # (T, D): the rows the slots' weights multiply (x for dw_down, dy for dw_up)
     weights_ptr,      # (T*S,) accumulation dtype: each slot's weight (dz for dw_down, g act(z) for dw_up)
     sorted_ids_ptr,   # (n,) int32 | int64: every slot's table row, sorted stably (n = T*S)
     order_ptr,        # (n,) int64: the slot at each sorted position
     out_rows_ptr,     # (n,) int: where each sorted position's run goes in out (its table row, or its run's rank)
-    out_ptr,          # (rows, D): written at the runs' out rows only
+    out_ptr,          # (rows, D): written at the out rows of the runs that begin and end in one chunk
+    partials_ptr,     # (cdiv(n, chunk), 2, D) accumulation dtype: per chunk, its head part and its tail part
     n, chunk,
     D: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Table gradient as a segmented reduction over the slots sorted by row: out[out_rows[run]] =
-    sum over the run's slots of weight * src[token]. Program (p, c) owns the runs that begin in
-    positions [p * chunk, (p + 1) * chunk), walks them BLOCK_N slots at a time (past its chunk to
-    finish its last run) and sums columns c * BLOCK_D.. with a segmented scan, so every run is summed
-    by one program in one fixed order: no atomics, bitwise reproducible, and only touched rows are
-    written. A few thousand programs cover a million slots."""
+    """Table gradient as a segmented reduction over the slots sorted by row, first phase: out[out_rows[run]]
+    = sum over the run's slots of weight * src[token]. Program (p, c) sums columns c * BLOCK_D.. of
+    the sorted positions [p * chunk, (p + 1) * chunk) and nothing else, BLOCK_N slots at a time with
+    a segmented scan: cdiv(chunk, BLOCK_N) windows whatever the runs' lengths (a run of a million
+    slots, collapsed routing, is split over every program instead of walked by one). Runs that begin
+    and end in the chunk are stored to out; the part of a run that began before the chunk (its head
+    part: the whole chunk when the run spans it) goes to partials[p, 0], the part of a run still open
+    at the chunk's end that began in it (its tail part) to partials[p, 1]; table_grad_combine_kernel
+    adds those in chunk order. Every sum has one fixed order: no atomics, bitwise reproducible, and
+    only touched rows are written."""
     acc_dtype: tl.constexpr = weights_ptr.dtype.element_ty
-    chunk_start = tl.program_id(0).to(tl.int64) * chunk
+    p = tl.program_id(0).to(tl.int64)
+    chunk_start = p * chunk
     chunk_end = tl.minimum(chunk_start + chunk, n)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     lane = tl.arange(0, BLOCK_N)
-    pos = _first_run_start(sorted_ids_ptr, chunk_start, n, BLOCK_N)
+    # sorted ids: the positions of the chunk that equal the one before it continue that run (the head)
+    head_id = tl.load(sorted_ids_ptr + chunk_start - 1, mask=chunk_start > 0, other=-1)
+    head_ptrs = partials_ptr + (2 * p) * D + offs_d[None, :]
     carry = tl.zeros((BLOCK_D,), acc_dtype)
-    walking = pos < chunk_end
-    while walking:
+    for pos in range(chunk_start, chunk_end, BLOCK_N):
         offs = pos + lane
-        valid = offs < n
+        valid = offs < chunk_end
         ids = tl.load(sorted_ids_ptr + offs, mask=valid, other=-1)
         previous = tl.load(sorted_ids_ptr + offs - 1, mask=valid & (offs > 0), other=-2)
-        following = tl.load(sorted_ids_ptr + offs + 1, mask=offs + 1 < n, other=-3)
+        following = tl.load(sorted_ids_ptr + offs + 1, mask=valid & (offs + 1 < n), other=-3)
         begins = valid & ((offs == 0) | (ids != previous))
-        # the first run beginning at or past chunk_end is the next program's
-        stop = tl.min(tl.where(begins & (offs >= chunk_end), lane, BLOCK_N))
-        owned = valid & (lane < stop)
-        ends = owned & (ids != following)
-        slots = tl.load(order_ptr + offs, mask=owned, other=0)
-        weights = tl.load(weights_ptr + slots, mask=owned, other=0.0)
-        rows = tl.load(src_ptr + (slots // S)[:, None] * D + offs_d[None, :], mask=owned[:, None] & d_mask[None, :],
+        ends = valid & (ids != following)
+        in_head = valid & (ids == head_id)
+        chunk_last = offs == chunk_end - 1
+        slots = tl.load(order_ptr + offs, mask=valid, other=0)
+        weights = tl.load(weights_ptr + slots, mask=valid, other=0.0)
+        rows = tl.load(src_ptr + (slots // S)[:, None] * D + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
                        other=0.0)
         terms = weights[:, None] * rows.to(acc_dtype) + tl.where(lane[:, None] == 0, carry[None, :], 0.0)
         flags = tl.broadcast_to(begins[:, None].to(tl.int32), (BLOCK_N, BLOCK_D))
         _, sums = tl.associative_scan((flags, terms), 0, _segmented_add)
-        out_rows = tl.load(out_rows_ptr + offs, mask=ends, other=0).to(tl.int64)
+        # at most one position each: the head part's end (its run's end, or the chunk's), the open tail
+        to_head = in_head & (ends | chunk_last)
+        to_tail = chunk_last & ~ends & ~in_head
+        out_rows = tl.load(out_rows_ptr + offs, mask=ends & ~in_head, other=0).to(tl.int64)
         tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], sums.to(out_ptr.dtype.element_ty),
-                 mask=ends[:, None] & d_mask[None, :])
+                 mask=(ends & ~in_head)[:, None] & d_mask[None, :])
+        tl.store(head_ptrs + lane[:, None] * 0, sums, mask=to_head[:, None] & d_mask[None, :])
+        tl.store(head_ptrs + D + lane[:, None] * 0, sums, mask=to_tail[:, None] & d_mask[None, :])
+        # the next window's first position continues the last one's run unless that run ended here
         last = lane == BLOCK_N - 1
-        open_run = tl.max(tl.where(last & owned & ~ends, 1, 0)) == 1
-        carry = tl.where(open_run, tl.sum(tl.where(last[:, None], sums, 0.0), axis=0), 0.0)
-        pos += BLOCK_N
-        walking = (stop == BLOCK_N) & ((pos < chunk_end) | open_run)
+        carry = tl.sum(tl.where((last & ~ends)[:, None], sums, 0.0), axis=0)
+
+
+@triton.jit
+def table_grad_combine_kernel(
+    partials_ptr,     # (chunks, 2, D) accumulation dtype: table_grad_kernel's head and tail parts
+    sorted_ids_ptr,   # (n,) int32 | int64: every slot's table row, sorted
+    out_rows_ptr,     # (n,) int: where each sorted position's run goes in out
+    out_ptr,          # (rows, D): written at the out rows of the runs that span chunks
+    n, chunk, chunks,
+    D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Second phase of the table gradient: each run that spans chunks is the tail part of the chunk
+    it begins in plus the head parts of the chunks after it, up to the one it ends in. Program c
+    takes columns c * BLOCK_D.. of every chunk in order, BLOCK_C chunks at a time, with a segmented
+    scan over chunks whose segments start at the chunk after a tail part: cdiv(chunks, BLOCK_C)
+    windows whatever the runs, in one fixed order (bitwise reproducible). A chunk's boundary ids say
+    which parts it has (sorted ids: equal ids across a boundary are one run)."""
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    lane = tl.arange(0, BLOCK_C)
+    carry = tl.zeros((BLOCK_D,), partials_ptr.dtype.element_ty)
+    for c0 in range(0, chunks, BLOCK_C):
+        q = (c0 + lane).to(tl.int64)
+        valid = q < chunks
+        start = q * chunk
+        end = tl.minimum(start + chunk, n)
+        first = tl.load(sorted_ids_ptr + start, mask=valid, other=-1)
+        before = tl.load(sorted_ids_ptr + start - 1, mask=valid & (q > 0), other=-2)
+        after = tl.load(sorted_ids_ptr + end, mask=valid & (end < n), other=-3)
+        # the id before the previous chunk: whether the run entering this chunk began in that chunk
+        earlier = tl.load(sorted_ids_ptr + start - chunk - 1, mask=valid & (q > 1), other=-4)
+        # every chunk's out row with its ids (masked by head_ends instead, triton 3.6's layout pass crashes)
+        out_rows = tl.load(out_rows_ptr + start, mask=valid, other=0).to(tl.int64)
+        has_head = valid & (first == before)
+        head_ends = has_head & (after != first)
+        opens = has_head & (earlier != first)       # the previous chunk holds this run's tail part
+        head = tl.load(partials_ptr + (2 * q)[:, None] * D + offs_d[None, :],
+                       mask=has_head[:, None] & d_mask[None, :], other=0.0)
+        tail = tl.load(partials_ptr + (2 * q - 1)[:, None] * D + offs_d[None, :],
+                       mask=opens[:, None] & d_mask[None, :], other=0.0)
+        terms = head + tail + tl.where(lane[:, None] == 0, carry[None, :], 0.0)
+        flags = tl.broadcast_to(opens[:, None].to(tl.int32), (BLOCK_C, BLOCK_D))
+        _, sums = tl.associative_scan((flags, terms), 0, _segmented_add)
+        tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], sums.to(out_ptr.dtype.element_ty),
+                 mask=head_ends[:, None] & d_mask[None, :])
+        # a run still open after the window's last chunk (that chunk is all of it) carries into the next
+        last = lane == BLOCK_C - 1
+        carry = tl.sum(tl.where((last & has_head & ~head_ends)[:, None], sums, 0.0), axis=0)

@@ -18,9 +18,11 @@ gathered (T, h, k, d) rows. Backward re-reads the rows token-major for dx and dg
 gradients are dense like nn.Embedding's and come from one of two modes:
 - "sorted" (deterministic=True, the default, and every sparse gradient): the slots sorted by table
   row (int32 keys, stable) and a segmented reduction over that order
-  (kernels/experts.table_grad_kernel): runs of equal rows, each run summed by one program in one
-  order, no atomics: bitwise reproducible; the untouched rows are zeroed by one fill, only touched
-  rows are written;
+  (kernels/experts.table_grad_kernel): each program sums one chunk of sorted positions, runs of
+  equal rows inside it stored directly, the parts of runs crossing its ends combined in chunk order
+  by a second small kernel (table_grad_combine_kernel); every sum in one fixed order, no atomics:
+  bitwise reproducible, and no program walks a long run (collapsed routing) alone; the untouched
+  rows are zeroed by one fill, only touched rows are written;
 - "atomic" (deterministic=False): fp32 atomic adds fused into the token-major pass, one read of the
   rows in all; 16-bit tables accumulate in an fp32 scratch that is cast at the end.
 Why "sorted" is the default: byte counts at the paper's shapes (no GPU has timed both yet). Atomics
@@ -223,16 +225,29 @@ def sorted_slots(expert_ids, rows):
 
 
 def reduce_table_grad(*, src, weights, sorted_ids, order, out_rows, out, slots):
-    """out[out_rows[run]] = sum over each run of equal sorted ids of weight * src[token], by
-    table_grad_kernel; src (T, D), weights (T*slots,) accumulation dtype; out written at runs only."""
+    """out[out_rows[run]] = sum over each run of equal sorted ids of weight * src[token]; src (T, D),
+    weights (T*slots,) accumulation dtype; out written at runs only. table_grad_kernel sums each
+    chunk of sorted positions alone (runs inside it to out, the parts of runs that cross its ends to
+    a (chunks, 2, D) partials buffer); table_grad_combine_kernel adds the parts of the runs that span
+    chunks. No program's work grows with a run's length: a run of every slot costs what any other
+    routing does."""
     n = sorted_ids.numel()
     if n == 0:
         return out
     D = src.shape[1]
     block_n, block_d, chunk, num_warps = tuning.table_grad_tile(dim=D, slots=n, device=src.device)
-    kernels.table_grad_kernel[(triton.cdiv(n, chunk), triton.cdiv(D, block_d))](
+    chunks = triton.cdiv(n, chunk)
+    # uninitialized: the combine reads only the parts the first kernel wrote (the tests NaN-poison it)
+    partials = _library.empty((chunks, 2, D), weights)
+    kernels.table_grad_kernel[(chunks, triton.cdiv(D, block_d))](
         src_ptr=src, weights_ptr=weights, sorted_ids_ptr=sorted_ids, order_ptr=order, out_rows_ptr=out_rows,
-        out_ptr=out, n=n, chunk=chunk, D=D, S=slots, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        out_ptr=out, partials_ptr=partials, n=n, chunk=chunk, D=D, S=slots, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps)
+    if chunks > 1:
+        block_c, block_d, num_warps = tuning.table_grad_combine_tile(dim=D, device=src.device)
+        kernels.table_grad_combine_kernel[(triton.cdiv(D, block_d),)](
+            partials_ptr=partials, sorted_ids_ptr=sorted_ids, out_rows_ptr=out_rows, out_ptr=out, n=n, chunk=chunk,
+            chunks=chunks, D=D, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 
