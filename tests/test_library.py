@@ -6,7 +6,7 @@ autograd registration and AOT dispatch."""
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, device_for
 from peer_kernels import _device, _library, csrc
 from peer_kernels.quantize import quantize_rows
 
@@ -47,7 +47,7 @@ def _device_of(backend):
         pytest.skip("the Triton ops need CUDA or TRITON_INTERPRET=1")
     if backend == "cpp" and not csrc.available():
         pytest.skip("the C++ extension did not build")
-    return DEVICE if backend == "triton" else torch.device("cpu")
+    return device_for(backend)
 
 
 # each backend's schedules of the fused op: (schedule, sparse table gradients, tables per head)
