@@ -1,7 +1,8 @@
 """bench/ end to end on its tiny preset, on the CPU: every CPU provider passes its check against the
 reference and gets its rows, and the result files carry what bench/results/README.md promises.
 Without peer-pytorch (the GPU image lacks it unless its wheels are carried) its rows are skipped
-with the reason."""
+with the reason. And bench/gpu_session.py's plan: within the lease, each bench command one that
+bench takes."""
 import importlib.util
 import json
 import os
@@ -121,3 +122,25 @@ def test_quantized_providers_and_generate_rows(monkeypatch):
     assert [r["variant"] for r in generated] == list(serving.VARIANTS)
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in generated)
 
+
+def test_gpu_session_plan_fits_the_lease(tmp_path):
+    """bench/gpu_session.py --plan: the stages it would start end within the budget by their
+    estimates, the gpu tests and the paper preset among them; and with the time for all of them,
+    every bench command of every stage is one that bench's command line takes."""
+    from bench import __main__ as bench_main
+
+    spec = importlib.util.spec_from_file_location("gpu_session", ROOT / "bench" / "gpu_session.py")
+    gpu_session = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_session)
+    session = gpu_session.Session(gpu_session.parse(["--plan", "--out", str(tmp_path)]))
+    session.main()
+    names = [stage.name for stage in session.started]
+    assert names[:3] == ["env", "tests", "paper"], names
+    assert sum(stage.estimate_s for stage in session.started) <= session.args.budget_s == 480
+    unbounded = gpu_session.Session(gpu_session.parse(["--plan", "--budget-s", "1e6", "--out", str(tmp_path)]))
+    unbounded.main()
+    assert [stage.name for stage in unbounded.started] == ["env", "tests", "paper", "decode", "profile", "sweep"]
+    for stage in unbounded.started:
+        for argv in stage.commands:
+            if argv[1:3] == ["-m", "bench"]:
+                bench_main.parse(argv[3:])
