@@ -21,7 +21,6 @@ from peer_kernels import _checks, _device, tuning
 from peer_kernels.ops import experts as experts_ops
 from peer_kernels.ops import retrieval as retrieval_ops
 
-ARCHS = (80, 90)
 # SMs of the devices each arch stands for (A100; H100 and H200): the decode grids and the overlapped
 # forward's chunks depend on them.
 SMS = {80: 108, 90: 132}
@@ -52,8 +51,6 @@ class Case:
     gates_dtype: torch.dtype = None
     gating: str = "softmax"
     activation: str = "gelu"
-    shared_keys: bool = False
-    separate: bool = False
     ids_dtype: torch.dtype = torch.int64
 
     @property
@@ -110,11 +107,11 @@ def _scales(case, *names):
 # ---- the launches of each op (peer_kernels/ops) ----------------------------------------------------
 
 def _retrieval_ints(case, T):
-    """The runtime ints of the retrieval kernels, for the module's queries: a (T, 2, h, dk)
-    projection seen as (T, h, 2, dk)."""
+    """The runtime ints of the retrieval kernels in the layer's default layout: queries a (T, 2, h,
+    dk) projection seen as (T, h, 2, dk), keys per head, one table for all heads (no id offset)."""
     n, dk, h = case.n, case.dk, case.h
     return dict(T=T, heads=h, n=n, dk=dk, k=case.k, stride_t=2 * h * dk, stride_h=dk, stride_p=h * dk,
-                key_head_stride=0 if case.shared_keys else 2 * n * dk, id_head_offset=n * n if case.separate else 0)
+                key_head_stride=2 * n * dk, id_head_offset=0)
 
 
 def retrieval_config(case, arch, one_pass=False):
@@ -222,8 +219,7 @@ def table_grad(case, arch, sparse=False):
     is a multiple of 16, an alignment hint, may differ on a GPU."""
     slots = case.T * case.slots
     block_n, block_d, chunk, num_warps = tuning.table_grad_tile(dim=case.d, slots=slots, device=torch.device("cpu"))
-    rows = case.n * case.n * (case.h if case.separate else 1)
-    sorted_ids = torch.int32 if rows <= 2 ** 31 - 1 else torch.int64
+    sorted_ids = torch.int32 if case.n * case.n <= 2 ** 31 - 1 else torch.int64
     ptrs = dict(src_ptr=case.activations, weights_ptr=case.acc, sorted_ids_ptr=sorted_ids, order_ptr=torch.int64,
                 out_rows_ptr=torch.int64 if sparse else sorted_ids, out_ptr=case.tables)
     return _job("experts", "table_grad_kernel", arch, ptrs, dict(n=slots, chunk=chunk),
