@@ -2,12 +2,13 @@
 
 Without a GPU the Triton kernels run under the interpreter, which must be switched on before
 triton is first imported; so this happens here, before any test module imports peer_kernels.
-And the gpu-marked tests run as a dry run: their whole harness (inputs, the kernels under the
-interpreter, the float64 oracle, the comparisons) at the interpreter's sizes, which each test picks
-with gpu_sizes(gpu=..., dry=...), so a harness bug shows up on a CPU and not on a borrowed GPU; a
+The gpu-marked tests are skipped there, or with PEER_GPU_DRY_RUN=1 run as a dry run: their whole
+harness (inputs, the kernels under the interpreter, the float64 oracle, the comparisons) at the
+interpreter's sizes, which each test picks with gpu_sizes(gpu=..., dry=...), so a harness bug shows
+up on a CPU and not on a borrowed GPU (bench/gpu_session.py --dry-run runs it, and CI runs that); a
 tensor made there without a device lands on the meta device (_no_default_device), so that mixing
-the CPU with the device fails here as on a GPU. PEER_GPU_DRY_RUN=0 skips them. What only a GPU has
-(CUDA graphs, the sync debug mode, 2**31-element tables) is left out; tests/utils.py says where.
+the CPU with the device fails here as on a GPU. What only a GPU has (CUDA graphs, the sync debug
+mode, 2**31-element tables) is left out; tests/utils.py says where.
 
 PEER_TEST_SEED (default 0) seeds every test: tests/seed_sweep.py runs tests over many seeds.
 Hypothesis profiles: "ci" (default; a fixed set of a few dozen examples) and "long" (2,000 random
@@ -26,7 +27,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 GPU_DRY_RUN = (not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
-               and os.environ.get("PEER_GPU_DRY_RUN", "1") != "0")
+               and os.environ.get("PEER_GPU_DRY_RUN") == "1")
 
 
 def device_for(backend):
@@ -47,7 +48,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; without one a dry run at interpreter sizes")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; without one skipped, or a dry run at interpreter "
+                                       "sizes (PEER_GPU_DRY_RUN=1)")
     config.addinivalue_line("markers", "aot: compiles kernels for sm_80 / sm_90 (tests/aot.py; PEER_AOT_TRITON "
                                        "picks the Triton)")
     # pytest-xdist's (bench/gpu_session.py runs the gpu tests in parallel with --dist loadgroup): the
@@ -59,8 +61,8 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     if not HAS_CUDA:
-        return "gpu-marked tests: " + ("a dry run on the CPU at interpreter sizes (PEER_GPU_DRY_RUN=0 skips them)"
-                                       if GPU_DRY_RUN else "skipped (no CUDA device)")
+        return "gpu-marked tests: " + ("a dry run on the CPU at interpreter sizes" if GPU_DRY_RUN
+                                       else "skipped (no CUDA device; PEER_GPU_DRY_RUN=1 runs their dry run)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -45,7 +45,7 @@ def test_correct_results_are_far_inside_and_planted_errors_far_outside(activatio
     off_gate[slot] += 1e-3
     ops = backends.get("reference", DEVICE)
     for planted in ((x, wrong_row, gates, w_down, w_up), (x, ids, off_gate, w_down, w_up)):
-        y = run(ops, planted, dy, activation)["y"]
+        y = run(ops, DEVICE, planted, dy, activation)["y"]
         assert bounds.ratio(y, *expected["y"]).max() > 10 * bounds.C
         with pytest.raises(AssertionError, match="eps \\* S"):
             bounds.check("y", y, *expected["y"])

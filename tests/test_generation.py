@@ -90,7 +90,7 @@ def test_cuda_graph_generation(dtype):
     model = peer_llama("triton", DEVICE)
     if dtype is not None:
         quantize_(model, dtype)
-    # transformers' caches make tensors on the default device and move them: the CPU's, as outside
+    # transformers' caches make tensors on the default device and move them: the CPU, as outside
     # the dry run (tests/conftest.py makes it the meta device there)
     with torch.device("cpu"), torch.no_grad():
         expected = model.generate(prompt(DEVICE), **greedy)
