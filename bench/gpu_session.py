@@ -19,10 +19,10 @@ per process), and a stage that would not end within the budget is not started:
 Everything printed goes to session.log as well: at most 8 files in $OUT, none in a subfolder. The
 exit status is 1 when a stage's command failed (each stage runs all the same).
 
---dry-run runs the same stages on a CPU without a GPU: pytest selects the gpu tests and skips them
-(the suite runs their dry run, tests/conftest.py), the bench runs at interpreter sizes (bench
---dry-run), the budget is counted on the GPU estimates: the plan, the commands and the files are
-checked before a GPU sees them.
+--dry-run runs the same stages on a CPU without a GPU: pytest runs the gpu tests' dry run (their
+harness at interpreter sizes, PEER_GPU_DRY_RUN=1: tests/conftest.py), the bench runs at interpreter
+sizes (bench --dry-run), the budget is counted on the GPU estimates: the plan, the commands, the
+tests' harness and the files are checked before a GPU sees them.
 """
 import time
 
@@ -261,8 +261,7 @@ class Session:
                 "--junitxml", os.path.join(self.out, "gpu-tests.xml"), "tests"]
         if parallel:
             argv += ["-n", str(workers), "--dist", "loadgroup"]
-        # the suite (README's command) runs the gpu tests' dry run; here pytest selects and skips them
-        env = {"PEER_GPU_DRY_RUN": "0"} if self.args.dry_run else {}
+        env = {"PEER_GPU_DRY_RUN": "1"} if self.args.dry_run else {}
         return Stage("tests", [argv], estimate, f"{len(keys)} kernels to compile over {workers} processes, the CUDA "
                                                 f"extension; slowest process {max(grouped, *costs.values()):.0f} s",
                      keys, env)
