@@ -230,7 +230,7 @@ def test_out_of_range_ids_raise(ext):
             csrc.peer_experts(x, ids, gates, w_down, w_up)
         # The extension itself checks too, for callers that bypass peer_kernels._checks.
         with pytest.raises(RuntimeError, match=rf"expert_ids: expected values in \[0, 5\).*got {bad}"):
-            ext.experts_forward(x, ids, gates, w_down, w_up, "gelu", "decode")
+            ext.experts_forward(x, ids, gates, w_down, w_up, "gelu", schedule="decode")
         with pytest.raises(RuntimeError, match=r"expert_ids: expected values in \[0, 5\)"):
             ext.experts_backward(x, x, ids, gates, gates, w_down, w_up, "gelu", False)
     queries, keys = torch.randn(T, h, 2, 4), torch.randn(h, 3, 2, 4)
