@@ -1,14 +1,15 @@
-"""python -m bench [--preset paper|sweep|cpu|smoke] [--device auto|cuda|cpu] [--out DIR] ...
+"""python -m bench [--preset paper|sweep|cpu|smoke|decode] [--device auto|cuda|cpu] [--out DIR] [--shapes I ...] ...
 python -m bench --distributed P [--timeout SECONDS] [--preset ...]
 python -m bench --compare A.json B.json"""
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
 
 import torch
 
-from . import cases, distributed, profile, providers, report, run
+from . import cases, distributed, profile, providers, report, run, timing
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
@@ -23,7 +24,10 @@ def parse(argv):
                              "otherwise")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                         help="auto: cuda when available; without a GPU, paper and sweep fall back to cpu")
-    parser.add_argument("--ops", nargs="+", choices=cases.OPS, help="default: the preset's")
+    parser.add_argument("--shapes", nargs="+", type=int, metavar="I",
+                        help="only these of the preset's shapes, by index (0 = the first; sweep: 0 is the paper's)")
+    parser.add_argument("--ops", nargs="+", choices=(*cases.OPS, "decode"),
+                        help="default: the preset's (decode: the decode preset's, the layer's inference step)")
     parser.add_argument("--modes", nargs="+", choices=cases.MODES, help="default: the preset's")
     parser.add_argument("--providers", nargs="+", choices=list(providers.PROVIDERS),
                         help="default: all but those the preset leaves out")
@@ -35,6 +39,9 @@ def parse(argv):
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing providers, print the layer's per-kernel times (torch.profiler) for "
                              "the preset's first shape, and on a GPU peer_fused's schedules' wall and kernel times")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the same run at interpreter sizes on the CPU (cases.dry_run), one timed repetition: "
+                             "checks a GPU run's code path without a GPU; needs TRITON_INTERPRET=1 set")
     parser.add_argument("--distributed", type=int, metavar="P",
                         help="instead: the layer with its tables sharded over P processes (torchrun; one GPU each, "
                              "or gloo on a CPU): per-rank step time and bytes communicated")
@@ -61,6 +68,13 @@ def main(argv=None):
         print(f"no GPU: running the cpu preset instead of {preset_name} (--device cpu forces it)")
         preset_name = "cpu"
     preset = cases.PRESETS[preset_name]
+    if args.shapes:
+        preset = dataclasses.replace(preset, shapes=tuple(preset.shapes[i] for i in args.shapes))
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1" or device.type != "cpu":
+            sys.exit("--dry-run: needs TRITON_INTERPRET=1 and the CPU (--device cpu)")
+        preset = cases.dry_run(preset)
+        timing.CPU_REPS = (1, 1)
     if args.profile:
         profile.profile_layer(preset, device)
         profile.profile_fused_schedules(preset, device)

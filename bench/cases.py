@@ -91,6 +91,25 @@ PRESETS = {
     "smoke": Preset(shapes=(Shape(T=64, d=32, n=8, h=2, k=4, k_sub=4, dk=16, dtype="float32"),)),
 }
 
+# bench --dry-run's sizes: one token tile of the interpreter's 16, two heads; k and k' at most 4.
+DRY_RUN = Shape(T=16, d=16, n=8, h=2, k=4, k_sub=4, dk=16)
+
+
+def dry_run(preset):
+    """The preset at interpreter sizes, for a dry run of its GPU code path on a CPU (bench --dry-run):
+    each shape keeps its dtype (on the CPU too), gating and activation, its token count up to
+    DRY_RUN's (so that a decode preset still straddles the interpreter's decode threshold), the
+    other sizes are DRY_RUN's, and the shapes that differ only in size become one."""
+    shapes = []
+    for shape in preset.shapes:
+        small = dataclasses.replace(DRY_RUN, T=min(shape.T, DRY_RUN.T), k=min(shape.k, DRY_RUN.k),
+                                    k_sub=min(shape.k_sub, DRY_RUN.k_sub), dtype=shape.dtype,
+                                    activation=shape.activation, gating=shape.gating)
+        if small not in shapes:
+            shapes.append(small)
+    return dataclasses.replace(preset, shapes=tuple(shapes), check_tokens=None, cpu_dtype=None)
+
+
 LAYER_PARAMS = ("to_queries.weight", "keys", "w_down", "w_up")
 
 

@@ -10,6 +10,11 @@ call `compile_report(jobs)`, which runs the compiles in a fresh Python process w
 interpreter switched off and returns plain dicts. In a process without the interpreter (e.g. on a
 GPU machine) `compile_kernel` / `sass_stats` can also be used directly.
 
+PEER_AOT_TRITON=DIR makes those processes compile with the Triton installed into DIR (`pip install
+--no-deps --target DIR triton==3.6.0`: the GPU image's) instead of the one installed; every stats
+dict names the version that compiled it ("triton"). PEER_AOT_WORKERS: how many (default 2; .ci/run
+takes 1 for the compiles it runs beside the suite).
+
 A job is a dict:
     module      "peer_kernels.kernels.experts"   (importable; the kernel is an attribute)
     kernel      "experts_fwd_kernel"
@@ -30,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 ARCHS = (80, 90)
+WORKERS = int(os.environ.get("PEER_AOT_WORKERS", "2"))
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -145,21 +151,30 @@ def sass_stats(compiled, disassemble=True):
 
 def _run_job(job):
     import importlib
+    import time
+
+    import triton
     kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
+    started = time.perf_counter()
     compiled = compile_kernel(kernel, job["signature"], job.get("constexprs"), job.get("arch", 90),
                               job.get("num_warps", 4), job.get("num_stages", 3), job.get("aligned"))
-    return sass_stats(compiled, job.get("disassemble", True))
+    compile_s = time.perf_counter() - started
+    return dict(sass_stats(compiled, job.get("disassemble", True)), compile_s=compile_s, triton=triton.__version__)
 
 
-def compile_report(jobs, workers=2, timeout=600):
+def compile_report(jobs, workers=WORKERS, job_timeout=600, keep_going=False):
     """Compiles every job in `workers` subprocesses with the interpreter off; returns one stats dict
-    per job (see sass_stats), in order, or raises with the compiler's error for a job that fails."""
+    per job (see sass_stats), in order. A job that fails raises with the compiler's error, or with
+    keep_going gives {"error": that error, "triton": the version} and the others go on."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PEER_AOT_TRITON"), str(REPO_ROOT),
+                                                      env.get("PYTHONPATH")]))
     chunks = [jobs[i::workers] for i in range(workers)]
-    procs = [subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env, cwd=REPO_ROOT, text=True) for _ in chunks]
-    outputs = [p.communicate(json.dumps(chunk), timeout=timeout) for p, chunk in zip(procs, chunks)]
+    argv = [sys.executable, __file__] + (["--keep-going"] if keep_going else [])
+    procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                              cwd=REPO_ROOT, text=True) for _ in chunks]
+    outputs = [p.communicate(json.dumps(chunk), timeout=job_timeout * max(1, len(chunk)))
+               for p, chunk in zip(procs, chunks)]
     for p, (_, err) in zip(procs, outputs):
         if p.returncode != 0:
             raise RuntimeError(f"AOT compile failed:\n{err[-6000:]}")
@@ -182,10 +197,13 @@ def describe(job):
 
 
 if __name__ == "__main__":
+    import triton
     results = []
     for job in json.loads(sys.stdin.read()):
         try:
             results.append(_run_job(job))
         except Exception as exc:  # name the job: a bare MLIR error does not say which config failed
-            raise RuntimeError(f"{describe(job)}: {exc}") from exc
+            if "--keep-going" not in sys.argv:
+                raise RuntimeError(f"{describe(job)}: {exc}") from exc
+            results.append({"error": f"{type(exc).__name__}: {exc}"[-3000:], "triton": triton.__version__})
     print(json.dumps(results))

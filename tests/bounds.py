@@ -49,8 +49,15 @@ def ratio(actual, exact, magnitude):
     return torch.where(nan_a ^ nan_e, torch.full_like(out, math.inf), out)
 
 
-def check(name, actual, exact, magnitude, c=C):
-    """Asserts the bound elementwise, naming the worst element on failure."""
+def check(name, actual, exact, magnitude, rows=None, c=C):
+    """Asserts the bound elementwise, naming the worst element on failure. The oracle's device
+    decides: actual is brought to it. rows: exact covers only these rows of a table gradient
+    (touched_rows); the other rows of actual must be exactly zero."""
+    if rows is not None:
+        untouched = actual.detach().index_fill(0, rows.to(actual.device), 0)
+        assert not untouched.any(), f"{name}: rows no slot touched are not zero"
+        actual = actual[rows.to(actual.device)]
+    actual = actual.detach().to(exact.device)
     assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
     if actual.numel() == 0:
         return
@@ -65,10 +72,19 @@ def check(name, actual, exact, magnitude, c=C):
 
 
 def check_all(actual, expected, c=C):
-    """actual: name -> tensor; expected: name -> (exact, S)."""
+    """actual: name -> tensor; expected: name -> (exact, S), or (exact, S, rows) for a table
+    gradient on the touched rows only (check)."""
     assert set(actual) == set(expected), (sorted(actual), sorted(expected))
     for name, value in actual.items():
         check(name, value, *expected[name], c=c)
+
+
+def touched_rows(rows, *tables):
+    """For an oracle that reads only the table rows a step touches (a million-row table needs no
+    float64 copy): the touched rows (U,) ascending, `rows` renumbered into them (same shape), and
+    each table's (U, d) rows, on the tables' device."""
+    used = rows.unique()
+    return used, torch.searchsorted(used, rows), [t[used.to(t.device)] for t in tables]
 
 
 # ---- steps: (value, S) in, (value, S) out; everything float64 -----------------------------------
@@ -114,7 +130,8 @@ def experts_forward(x, ex, rows, gates, eg, w_down, w_up, activation):
 
 def _scatter_rows(rows, values, shape):
     """sum of values (T, S, d) into the table rows they came from."""
-    return torch.zeros(shape, dtype=values.dtype).index_add_(0, rows.reshape(-1), values.reshape(-1, shape[1]))
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_add_(
+        0, rows.reshape(-1), values.reshape(-1, shape[1]))
 
 
 def experts_backward(s, dy, edy):
@@ -143,7 +160,8 @@ def retrieval_forward(queries, eq, keys, ids):
     """Scores of the given picks: queries, eq (T, h, 2, dk), keys (h or 1, n, 2, dk), ids (T, h, k)."""
     T, h, _, dk = queries.shape
     n = keys.shape[1]
-    key_head = torch.zeros(h, dtype=torch.long) if keys.shape[0] == 1 else torch.arange(h)
+    key_head = (torch.arange(h, device=queries.device) if keys.shape[0] > 1
+                else torch.zeros(h, dtype=torch.long, device=queries.device))
     halves = []
     for half, sub in ((0, ids // n), (1, ids % n)):
         K = keys[key_head[None, :, None], sub, half]                  # (T, h, k, dk)
@@ -156,11 +174,19 @@ def retrieval_forward(queries, eq, keys, ids):
     return scores, escores, dict(halves=halves, key_head=key_head, keys_shape=keys.shape)
 
 
+def pick_scores(queries, keys, ids):
+    """(exact scores, S) of the picks ids (T, h, k) of queries and keys in any float dtype: float64,
+    on their device."""
+    q = queries.detach().double()
+    scores, magnitude, _ = retrieval_forward(q, torch.zeros_like(q), keys.detach().double(), ids)
+    return scores, magnitude
+
+
 def retrieval_backward(s, dscores, eds):
     """-> name -> (value, S) for dqueries and dkeys."""
     dq, edq = [], []
     key_heads, n, _, dk = s["keys_shape"]
-    dkeys = torch.zeros(key_heads * n * 2, dk, dtype=dscores.dtype)
+    dkeys = torch.zeros(key_heads * n * 2, dk, dtype=dscores.dtype, device=dscores.device)
     edkeys = torch.zeros_like(dkeys)
     for half, part in enumerate(s["halves"]):
         dq.append(torch.einsum("thk,thkd->thd", dscores, part["K"]))
@@ -198,15 +224,18 @@ def gate_backward(scores, g, eg, dg, edg, gating):
     return dg * on, edg * on
 
 
-def fused(x, ex, queries, eq, keys, w_down, w_up, dy, edy, k, k_sub, gating, activation, separate, ids=None):
+def fused(x, ex, queries, eq, keys, w_down, w_up, dy, edy, k, k_sub, gating, activation, separate, ids=None,
+          rows=None):
     """The fused op forward and backward: name -> (value, S) for y, dx, dqueries, dkeys, dw_down, dw_up.
-    The picks are the float64 oracle's, or `ids` (T, h, k) (e.g. a backend's own, near ties)."""
+    The picks are the float64 oracle's, or `ids` (T, h, k) (e.g. a backend's own, near ties).
+    rows: the table row of each pick, when the tables given are only the touched rows (touched_rows)."""
     T = x.shape[0]
     if ids is None:
         _, ids = reference.product_key_topk(queries, keys, k, k_sub)
     scores, es, r_saved = retrieval_forward(queries, eq, keys, ids)
     g, eg = gate_forward(scores, es, gating)
-    rows = reference.head_offsets(ids, keys.shape[1] ** 2) if separate else ids
+    if rows is None:
+        rows = reference.head_offsets(ids, keys.shape[1] ** 2) if separate else ids
     y, ey, e_saved = experts_forward(x, ex, rows.reshape(T, -1), g.reshape(T, -1), eg.reshape(T, -1),
                                      w_down, w_up, activation)
     out = experts_backward(e_saved, dy, edy)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bounds
-from conftest import DEVICE
+from conftest import DEVICE, device_for
 from peer_kernels import _device, backends, reference
 
 BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or _device.INTERPRETED else [])
@@ -14,7 +14,7 @@ BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or _devic
 @pytest.fixture(params=BACKENDS)
 def ops(request):
     """The op namespace of one backend, for tensors on the test device (the C++ one on the CPU)."""
-    device = torch.device("cpu") if request.param == "cpp" else DEVICE
+    device = device_for(request.param)
     return backends.get(request.param, device), device
 
 

@@ -1,5 +1,9 @@
-"""bench/ end to end on its tiny preset: every CPU provider passes its check against the reference
-and gets its rows, and the result files carry what bench/results/README.md promises."""
+"""bench/ end to end on its tiny preset, on the CPU: every CPU provider passes its check against the
+reference and gets its rows, and the result files carry what bench/results/README.md promises.
+Without peer-pytorch (the GPU image lacks it unless its wheels are carried) its rows are skipped
+with the reason. And bench/gpu_session.py's plan: within the lease, each bench command one that
+bench takes."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = ["reference", "csrc", "embedding_bag", "peer-pytorch", "adamw", "sparse-adamw", "rowwise-adagrad",
              "torch-sparse-adam"]
 STEP_PROVIDERS = ["peer-pytorch", "adamw", "sparse-adamw", "rowwise-adagrad", "torch-sparse-adam"]
+HAS_PEER_PYTORCH = importlib.util.find_spec("PEER_pytorch") is not None
 
 
 def _bench(*args, cwd=ROOT):
@@ -23,7 +28,7 @@ def _bench(*args, cwd=ROOT):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    done = _bench("--preset", "smoke", "--providers", *PROVIDERS, "--out", str(out), "--no-plots")
+    done = _bench("--preset", "smoke", "--device", "cpu", "--providers", *PROVIDERS, "--out", str(out), "--no-plots")
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = out.glob("smoke-*.json")
     return done.stdout, json.loads(result.read_text()), result
@@ -34,15 +39,22 @@ def test_every_provider_is_checked_and_timed(smoke_run):
     rows = result["rows"]
     expected_ops = {"reference": {"retrieval", "experts", "fused", "layer"}, "csrc": {"retrieval", "experts", "fused", "layer"},
                     "embedding_bag": {"experts"}, "peer-pytorch": {"layer"}}
+    step_providers = set(STEP_PROVIDERS)
     if not any(r["provider"] == "csrc" for r in rows):  # no compiler: csrc must then say why it was skipped
         assert any(s["provider"] == "csrc" for s in result["skipped"])
         expected_ops.pop("csrc")
+    if not HAS_PEER_PYTORCH:
+        assert not any(r["provider"] == "peer-pytorch" for r in rows)
+        assert {s["op"] for s in result["skipped"] if s["provider"] == "peer-pytorch"} == {"layer", "step"}
+        assert all("PEER_pytorch" in s["reason"] for s in result["skipped"] if s["provider"] == "peer-pytorch")
+        expected_ops.pop("peer-pytorch")
+        step_providers.discard("peer-pytorch")
     for provider, ops in expected_ops.items():
         for op in ops:
             modes = {r["mode"] for r in rows if r["provider"] == provider and r["op"] == op}
             assert modes == {"forward", "backward", "forward+backward"}, (provider, op)
     steps = {r["provider"]: r for r in rows if r["op"] == "step"}
-    assert set(steps) == set(STEP_PROVIDERS) and all(r["mode"] == "step" for r in steps.values())
+    assert set(steps) == step_providers and all(r["mode"] == "step" for r in steps.values())
     # the step's peak holds the parameters and the optimizer state: AdamW's two moments per value
     # make it the largest, row-wise Adagrad's one float per row the smallest of this package's
     assert steps["rowwise-adagrad"]["peak_bytes"] < steps["sparse-adamw"]["peak_bytes"]
@@ -69,7 +81,7 @@ def test_compare_two_results(smoke_run):
 
 
 def test_profile_prints_the_layers_kernels():
-    done = _bench("--preset", "smoke", "--profile")
+    done = _bench("--preset", "smoke", "--device", "cpu", "--profile")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "forward+backward steps of PEER" in done.stdout and "Self CPU" in done.stdout
 
@@ -77,7 +89,7 @@ def test_profile_prints_the_layers_kernels():
 def test_distributed_mode(tmp_path):
     """Two gloo processes under torchrun: a row per rank, checked against the single-process layer,
     and the bytes its collectives moved equal to the byte model's count for column sharding."""
-    done = _bench("--distributed", "2", "--preset", "smoke", "--out", str(tmp_path))
+    done = _bench("--distributed", "2", "--preset", "smoke", "--device", "cpu", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = tmp_path.glob("distributed2-smoke-*.json")
     rows = json.loads(result.read_text())["rows"]
@@ -108,3 +120,26 @@ def test_quantized_providers_and_generate_rows():
     generated = serving.generate_rows(torch.device("cpu"), "none", case, log=lambda *_: None)
     assert [r["variant"] for r in generated] == list(serving.VARIANTS)
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in generated)
+
+
+def test_gpu_session_plan_fits_the_lease(tmp_path):
+    """bench/gpu_session.py --plan: the stages it would start end within the budget by their
+    estimates, the gpu tests and the paper preset among them; and with the time for all of them,
+    every bench command of every stage is one that bench's command line takes."""
+    from bench import __main__ as bench_main
+
+    spec = importlib.util.spec_from_file_location("gpu_session", ROOT / "bench" / "gpu_session.py")
+    gpu_session = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_session)
+    session = gpu_session.Session(gpu_session.parse(["--plan", "--out", str(tmp_path)]))
+    session.main()
+    names = [stage.name for stage in session.started]
+    assert names[:3] == ["env", "tests", "paper"], names
+    assert sum(stage.estimate_s for stage in session.started) <= session.args.budget_s == 480
+    unbounded = gpu_session.Session(gpu_session.parse(["--plan", "--budget-s", "1e6", "--out", str(tmp_path)]))
+    unbounded.main()
+    assert [stage.name for stage in unbounded.started] == ["env", "tests", "paper", "decode", "profile", "sweep"]
+    for stage in unbounded.started:
+        for argv in stage.commands:
+            if argv[1:3] == ["-m", "bench"]:
+                bench_main.parse(argv[3:])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bounds
-from conftest import DEVICE
+from conftest import DEVICE, device_for
 from peer_kernels import _device, backends, reference
 
 BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or _device.INTERPRETED else [])
@@ -19,8 +19,7 @@ def experts_case(activation):
     return (x, ids, gates, w_down, w_up), dy, expected
 
 
-def run(ops, inputs, dy, activation):
-    device = torch.device("cpu") if ops.__name__.endswith("csrc") else DEVICE
+def run(ops, device, inputs, dy, activation):
     x, ids, gates, w_down, w_up = (t.to(device) for t in inputs)
     leaves = [t.clone().requires_grad_() for t in (x, gates, w_down, w_up)]
     y = ops.peer_experts(leaves[0], ids, *leaves[1:], activation)
@@ -32,7 +31,7 @@ def run(ops, inputs, dy, activation):
 def test_correct_results_are_far_inside_and_planted_errors_far_outside(activation):
     inputs, dy, expected = experts_case(activation)
     for name in BACKENDS:
-        actual = run(backends.get(name, torch.device("cpu") if name == "cpp" else DEVICE), inputs, dy, activation)
+        actual = run(backends.get(name, device_for(name)), device_for(name), inputs, dy, activation)
         for key, value in actual.items():
             assert bounds.ratio(value, *expected[key]).max() <= bounds.C / 4, (name, key)
     x, ids, gates, w_down, w_up = inputs
@@ -46,7 +45,7 @@ def test_correct_results_are_far_inside_and_planted_errors_far_outside(activatio
     off_gate[slot] += 1e-3
     ops = backends.get("reference", DEVICE)
     for planted in ((x, wrong_row, gates, w_down, w_up), (x, ids, off_gate, w_down, w_up)):
-        y = run(ops, planted, dy, activation)["y"]
+        y = run(ops, DEVICE, planted, dy, activation)["y"]
         assert bounds.ratio(y, *expected["y"]).max() > 10 * bounds.C
         with pytest.raises(AssertionError, match="eps \\* S"):
             bounds.check("y", y, *expected["y"])

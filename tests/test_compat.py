@@ -10,7 +10,7 @@ from torch import nn
 
 import bounds
 import peer_kernels
-from conftest import DEVICE
+from conftest import DEVICE, device_for
 from peer_kernels import _device, backends, compat, reference
 from utils import untie_layer
 
@@ -109,11 +109,12 @@ def test_peer_outputs_and_gradients(config, backend, dtype):
     """Ours and peer-pytorch's, same weights, both within the bound of the float64 oracle
     (peer_kernels.PEER on the reference backend with these weights)."""
     ours, theirs = pair(compat.PEER, PEER_pytorch.PEER, backend=backend, **SHAPE, **config)
-    perturbed(theirs).to(DEVICE, dtype)
-    ours.to(DEVICE, dtype).load_state_dict(theirs.state_dict())
+    device = device_for(backend)
+    perturbed(theirs).to(device, dtype)
+    ours.to(device, dtype).load_state_dict(theirs.state_dict())
     oracle = peer_kernels.PEER.from_peer_pytorch(theirs, backend="reference")
-    x = untie_layer(oracle, torch.randn(2, 5, 24, device=DEVICE, dtype=dtype))
-    dy = torch.randn(2, 5, 24, device=DEVICE, dtype=dtype)
+    x = untie_layer(oracle, torch.randn(2, 5, 24, device=device, dtype=dtype))
+    dy = torch.randn(2, 5, 24, device=device, dtype=dtype)
     expected = bounds.expected_layer(oracle, x, dy)
     names = {"y": "y", "x": "x", "keys": "keys", "to_queries.0.weight": "to_queries.weight",
              "weight_down_embed.weight": "w_down", "weight_up_embed.weight": "w_up", "norm.gamma": "norm.gamma"}
@@ -151,10 +152,11 @@ def test_lora_outputs_and_gradients(config, backend):
     """float64: ours equals peer-pytorch's, output and every gradient, to float64 rounding; fp32
     (default GELU, no pre-norm): the output within the bound of the float64 computation."""
     ours, theirs = pair(compat.PEERLora, PEER_pytorch.PEERLora, backend=backend, **SHAPE, **config)
-    perturbed(theirs).to(DEVICE, torch.float64)
-    ours.to(DEVICE, torch.float64).load_state_dict(theirs.state_dict())
-    x = torch.randn(2, 5, 24, device=DEVICE, dtype=torch.float64)
-    dy = torch.randn(2, 5, 24, device=DEVICE, dtype=torch.float64)
+    device = device_for(backend)
+    perturbed(theirs).to(device, torch.float64)
+    ours.to(device, torch.float64).load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 5, 24, device=device, dtype=torch.float64)
+    dy = torch.randn(2, 5, 24, device=device, dtype=torch.float64)
     mine, their_results = bounds.layer_results(ours, x, dy), bounds.layer_results(theirs, x, dy)
     assert set(mine) == set(their_results) == {"y", "x", *dict(theirs.named_parameters())}
     for name, value in their_results.items():

@@ -8,21 +8,21 @@ the size of a table, and on a GPU a decode step that a CUDA graph captures after
 The two Triton paths are forced with tuning.overrides(decode_tokens=...). Picks are compared
 bitwise on inputs clear of near-ties (utils.untie) and on exact ties; values against tests/bounds.py.
 Interpreter shapes stay tiny (SPEC section 6). test_aot_* compiles the decode kernels at the paper's
-shapes at one token for sm_80 / sm_90 (run it with PYTHONPATH=<dir of triton 3.6> for the GPU
-image's Triton) and checks grids, spills and loads.
+shapes at one token for sm_80 / sm_90 (PEER_AOT_TRITON picks the Triton, tests/aot.py) and checks
+grids, spills and loads.
 """
+import dataclasses
+
 import pytest
 import torch
 
 import aot
 import bounds
-import conftest
+import configs
 import peer_kernels
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, device_for
 from peer_kernels import _device, _library, csrc, reference, tuning
-from peer_kernels.ops import experts as experts_ops
-from peer_kernels.ops import retrieval as retrieval_ops
-from utils import poison_empty, random_ids, untie
+from utils import no_host_sync, poison_empty, random_ids, untie
 
 TRITON = DEVICE.type == "cuda" or _device.INTERPRETED
 PATHS = {"decode": dict(decode_tokens=1 << 30), "token_tiles": dict(decode_tokens=0)}
@@ -37,7 +37,7 @@ def _skip_unavailable(backend):
 
 def _device_of(backend):
     _skip_unavailable(backend)
-    return DEVICE if backend == "triton" else torch.device("cpu")
+    return device_for(backend)
 
 
 def untied(T, h, key_heads, n, dk, k, k_sub, dtype, device):
@@ -61,12 +61,6 @@ def retrieve_on_both_paths(queries, keys, k, k_sub, gating="softmax", id_head_of
     return out
 
 
-def check_scores(scores, queries, keys, ids):
-    q = queries.detach().double().cpu()
-    exact, magnitude, _ = bounds.retrieval_forward(q, torch.zeros_like(q), keys.detach().double().cpu(), ids.cpu())
-    bounds.check("scores", scores.cpu(), exact, magnitude)
-
-
 # (T, h, key heads, n, dk, k, k_sub, dtype): n = 37 is three key slices of 16 rows (the last of 5),
 # 3 heads, k = 5; shared keys with k = k_sub**2 in float64; k_sub = n = 13 (a list longer than n)
 RETRIEVAL_CASES = [
@@ -85,7 +79,7 @@ def test_triton_decode_retrieval_picks_what_token_tiles_pick(case, monkeypatch):
     out = retrieve_on_both_paths(queries, keys, k, k_sub)
     for scores, ids, gates in out.values():
         assert torch.equal(ids, expected_ids)
-        check_scores(scores, queries, keys, ids)
+        bounds.check("scores", scores, *bounds.pick_scores(queries, keys, ids))
         torch.testing.assert_close(gates, reference.gate(scores, "softmax"))
 
 
@@ -96,7 +90,7 @@ def test_triton_decode_retrieval_bfloat16_picks_bitwise():
     out = retrieve_on_both_paths(queries, keys, 5, 6)
     assert torch.equal(out["decode"][1], out["token_tiles"][1])
     assert torch.equal(out["decode"][0], out["token_tiles"][0])
-    check_scores(out["decode"][0], queries, keys, out["decode"][1])
+    bounds.check("scores", out["decode"][0], *bounds.pick_scores(queries, keys, out["decode"][1]))
 
 
 def test_exact_ties_across_slices_break_by_index_on_every_path():
@@ -277,14 +271,9 @@ def decode_steps_in_a_graph(layer, tokens):
     results = []
     with torch.no_grad():
         if device.type == "cuda":
-            torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                with torch.cuda.graph(graph):
-                    static_y = layer(static_x)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            with no_host_sync(device), torch.cuda.graph(graph):
+                static_y = layer(static_x)
         for _ in range(3):
             x = torch.randn(tokens, layer.dim, device=device)
             static_x.copy_(x)
@@ -303,16 +292,6 @@ def test_decode_step_is_cuda_graph_capturable(tokens):
     layer = _small_layer("triton", DEVICE).to(torch.bfloat16)
     for eager, replayed in decode_steps_in_a_graph(layer, tokens):
         assert torch.equal(eager, replayed)      # the decode kernels sum in one fixed order
-
-
-@pytest.mark.skipif(HAS_CUDA or getattr(conftest, "GPU_DRY_RUN", False),
-                    reason="test_decode_step_is_cuda_graph_capturable itself runs here")
-def test_decode_step_graph_harness_runs_off_the_gpu():
-    """The gpu test's harness, CUDA calls guarded, under the interpreter (until the gpu-marked tests
-    have a dry run of their own)."""
-    _skip_unavailable("triton")
-    for eager, replayed in decode_steps_in_a_graph(_small_layer("triton", DEVICE), 1):
-        assert torch.equal(eager, replayed)
 
 
 def test_warmup_changes_no_state():
@@ -375,91 +354,39 @@ def test_peer_pytorch_on_the_layers_own_tensors():
 
 # ---- ahead-of-time compilation for real GPUs ------------------------------------------------------------
 
-# The SM counts the decode grids are sized for (H100 SXM; A100), and the paper's shapes.
-SMS = {90: 132, 80: 108}
-PAPER = dict(n=1024, dk=128, k=16, k_sub=16, heads=8, d=1024)
+ONE_TOKEN = dataclasses.replace(configs.PAPER, T=1)
 
 
-def decode_jobs(arch, *, T=1, dtype=torch.bfloat16, n=PAPER["n"], dk=PAPER["dk"], k=PAPER["k"], k_sub=PAPER["k_sub"],
-                heads=PAPER["heads"], d=PAPER["d"], gating="softmax", activation="gelu", tables=None):
-    """The decode launches of ops/retrieval.py and ops/experts.py at these shapes, as compile jobs,
-    each with its grid ("programs") and what a program loads of keys or rows ("row_bytes").
-    tables: the expert tables' dtype when quantized (int8, float8_e4m3fn: with their scales), else
-    None (dtype's)."""
-    sms = SMS[arch]
-    t = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
-    acc = "fp64" if dtype == torch.float64 else "fp32"
-    config, launch = tuning.retrieval_config(n=n, dk=dk, k=k, k_sub=k_sub, dtype=dtype, arch=arch, interpreted=False)
-    block_n, slice_rows, slices = tuning.key_slices(num_tokens=T, heads=heads, n=n, block_t=config["BLOCK_T"],
-                                                    block_n=config["BLOCK_N"], ks_pad=config["KS_PAD"], sms=sms)
-    lists = "*i32" if config["INDEX_BITS"] else "*i64"
-    aligned_ints = ["dk", "stride_t", "stride_h", "stride_p", "key_head_stride"] if dk % 16 == 0 else []
-    shared = {"queries_ptr": f"*{t}", "keys_ptr": f"*{t}", "lists_ptr": lists}
-    tiles = tuning.cdiv(T, config["BLOCK_T"])
-    jobs = [dict(module="peer_kernels.kernels.retrieval", kernel="key_slice_topk_kernel", arch=arch,
-                 num_warps=launch["num_warps"], programs=tiles * heads * 2 * slices,
-                 row_bytes=slice_rows * dk * dtype.itemsize,
-                 signature=dict(shared, **{name: "i32" for name in ("T", "n", "dk", "stride_t", "stride_h", "stride_p",
-                                                                     "key_head_stride", "slice_rows", "slices")}),
-                 constexprs=dict({name: config[name] for name in ("BLOCK_T", "DK_PAD", "KS_PAD", "INPUT_PRECISION",
-                                                                  "UPCAST_DOT", "INDEX_BITS")}, BLOCK_N=block_n),
-                 aligned=[*shared, *aligned_ints, *(["slice_rows"] if slice_rows % 16 == 0 else [])]),
-            dict(module="peer_kernels.kernels.retrieval", kernel="merge_key_slices_kernel", arch=arch,
-                 num_warps=launch["num_warps"], programs=tiles * heads, row_bytes=0,
-                 signature=dict(shared, pairs_ptr="*i32", scores_ptr=f"*{acc}", ids_ptr="*i64", gates_ptr=f"*{acc}",
-                                **{name: "i32" for name in ("T", "heads", "n", "dk", "k", "stride_t", "stride_h",
-                                                            "stride_p", "key_head_stride", "id_head_offset",
-                                                            "slices")}),
-                 constexprs=dict({name: config[name] for name in ("BLOCK_T", "DK_PAD", "KS_PAD", "P_PAD", "K_PAD",
-                                                                  "INDEX_BITS", "EXACT")},
-                                 GATING=retrieval_ops.GATING_CODES[gating]),
-                 aligned=[*shared, "pairs_ptr", "scores_ptr", "ids_ptr", "gates_ptr", *aligned_ints])]
-    slots = heads * k
-    table_dtype = tables or dtype
-    table_type = {torch.int8: "*i8", torch.float8_e4m3fn: "*fp8e4nv"}.get(tables, f"*{t}")
-    block_s, block_d, num_warps = tuning.decode_gather_tile(num_tokens=T, slots=slots, dim=d,
-                                                            itemsize=table_dtype.itemsize, arch=arch, sms=sms)
-    grid = T * tuning.cdiv(slots, block_s) * tuning.cdiv(d, block_d)
-    common = dict(module="peer_kernels.kernels.experts", arch=arch, num_warps=num_warps, programs=grid,
-                  row_bytes=block_s * block_d * table_dtype.itemsize)
-    column_blocks = tuning.cdiv(d, block_d)
-    # a float table's scale pointer is a constexpr None: the kernel compiles without the scale load
-    down_scale, up_scale = ({"w_down_scale_ptr": "*fp32"}, {"w_up_scale_ptr": "*fp32"}) if tables else ({}, {})
-    jobs.append(dict(common, kernel="experts_decode_down_kernel",
-                     signature={"x_ptr": f"*{t}", "expert_ids_ptr": "*i64", "w_down_ptr": table_type, **down_scale,
-                                "z_parts_ptr": f"*{acc}", "T": "i32"},
-                     constexprs=dict(D_IN=d, S=slots, BLOCK_S=block_s, BLOCK_D=block_d,
-                                     **({} if tables else {"w_down_scale_ptr": None}))))
-    jobs.append(dict(common, kernel="experts_decode_up_kernel",
-                     signature={"z_parts_ptr": f"*{acc}", "expert_ids_ptr": "*i64", "gates_ptr": f"*{acc}",
-                                "w_up_ptr": table_type, **up_scale, "z_ptr": f"*{acc}", "y_parts_ptr": f"*{acc}",
-                                "T": "i32"},
-                     constexprs=dict(**({} if tables else {"w_up_scale_ptr": None}), D_OUT=d, S=slots,
-                                     Z_PARTS=column_blocks,
-                                     PARTS_PAD=tuning.next_power_of_2(column_blocks),
-                                     ACTIVATION=experts_ops.activation_id(activation), BLOCK_S=block_s, BLOCK_D=block_d,
-                                     WRITE_Z=True)))
-    parts_pad, block_w, sum_warps = tuning.sum_parts_tile(parts=tuning.cdiv(slots, block_s), width=d)
-    jobs.append(dict(module="peer_kernels.kernels.experts", kernel="sum_parts_kernel", arch=arch, num_warps=sum_warps,
-                     programs=T * tuning.cdiv(d, block_w), row_bytes=0,
-                     signature={"parts_ptr": f"*{acc}", "out_ptr": f"*{t}"},
-                     constexprs=dict(PARTS=tuning.cdiv(slots, block_s), W=d, PARTS_PAD=parts_pad, BLOCK_W=block_w)))
-    return jobs
+def decode_jobs(arch, case):
+    """The fused op's decode launches at the case's shapes (configs: ops/retrieval.py's key slices and
+    merge, ops/experts.py's decode kernels), each with its grid ("programs") and what a program
+    loads of keys or rows at once ("row_bytes")."""
+    jobs = configs.retrieval_forward(case, arch, case.gating) + configs.experts_forward(case, arch)
+    return [dict(job, disassemble=True, **_grid(job, case)) for job in jobs]
 
 
-def _compile(jobs):
-    keys = ("module", "kernel", "signature", "constexprs", "arch", "num_warps", "aligned")
-    return aot.compile_report([{key: job[key] for key in keys if key in job} for job in jobs])
+def _grid(job, case):
+    c, ints, itemsize = job["constexprs"], job["ints"], case.dtype.itemsize
+    tiles = tuning.cdiv(case.T, c.get("BLOCK_T", 1))
+    if job["kernel"] == "key_slice_topk_kernel":
+        return dict(programs=tiles * case.h * 2 * ints["slices"], row_bytes=ints["slice_rows"] * case.dk * itemsize)
+    if job["kernel"] == "merge_key_slices_kernel":
+        return dict(programs=tiles * case.h, row_bytes=0)
+    if job["kernel"] == "sum_parts_kernel":
+        return dict(programs=case.T * tuning.cdiv(c["W"], c["BLOCK_W"]), row_bytes=0)
+    return dict(programs=case.T * tuning.cdiv(case.slots, c["BLOCK_S"]) * tuning.cdiv(case.d, c["BLOCK_D"]),
+                row_bytes=c["BLOCK_S"] * c["BLOCK_D"] * case.tables.itemsize)
 
 
 @pytest.fixture(scope="module")
 def paper_decode():
     """The decode kernels at the paper's shapes: bf16 tables on both archs, int8 tables on both and
     fp8 on sm_90 (quantized tables change the expert kernels only)."""
-    jobs = [job for arch in aot.ARCHS for job in decode_jobs(arch)]
+    jobs = [job for arch in aot.ARCHS for job in decode_jobs(arch, ONE_TOKEN)]
     jobs += [job for arch, tables in ((80, torch.int8), (90, torch.int8), (90, torch.float8_e4m3fn))
-             for job in decode_jobs(arch, tables=tables) if job["kernel"].startswith("experts_decode")]
-    return list(zip(jobs, _compile(jobs)))
+             for job in decode_jobs(arch, dataclasses.replace(ONE_TOKEN, table_dtype=tables))
+             if job["kernel"].startswith("experts_decode")]
+    return list(zip(jobs, aot.compile_report(jobs)))
 
 
 def global_load_bytes(stats, num_warps):
@@ -469,6 +396,7 @@ def global_load_bytes(stats, num_warps):
     return per_thread * 32 * num_warps
 
 
+@pytest.mark.aot
 def test_aot_decode_kernels_at_one_token(paper_decode):
     """Paper shapes (bf16, n = 1024, dk = 128, h = 8, k = k' = 16, d = 1024) at T = 1 on sm_80 and
     sm_90: the grids that read keys or expert rows cover every SM, nothing spills, the rows come
@@ -480,10 +408,10 @@ def test_aot_decode_kernels_at_one_token(paper_decode):
         assert stats["stl"] == 0 and stats["ldl"] == 0 and stats["local_bytes"] == 0, (label, stats)
         if not job["row_bytes"]:
             continue
-        assert job["programs"] >= SMS[job["arch"]], (label, job["programs"])
+        assert job["programs"] >= configs.SMS[job["arch"]], (label, job["programs"])
         assert stats["ldg128"] + stats["ldgsts128"] > 0, (label, stats)
         assert global_load_bytes(stats, job["num_warps"]) >= job["row_bytes"], (label, stats, job["row_bytes"])
-        assert resident_programs(job, stats) * SMS[job["arch"]] >= job["programs"], (label, stats)
+        assert resident_programs(job, stats) * configs.SMS[job["arch"]] >= job["programs"], (label, stats)
 
 
 # Shared memory per SM (sm_80: A100, sm_90: H100)
@@ -496,12 +424,13 @@ def resident_programs(job, stats):
     return min(aot.ctas_per_sm(stats["registers"], job["num_warps"]), by_shared)
 
 
+@pytest.mark.aot
 def test_aot_decode_kernels_at_odd_shapes():
     """n = 13, dk = 24, k = 5, k' = 7, 3 heads, d = 48: fp32 with relu gating and silu on both
     archs, fp64 (gradcheck on a GPU) at 8 tokens on sm_90: every kernel compiles, nothing spills."""
-    odd = dict(n=13, dk=24, k=5, k_sub=7, heads=3, d=48)
-    jobs = [job for arch in aot.ARCHS for job in decode_jobs(arch, dtype=torch.float32, gating="relu",
-                                                             activation="silu", **odd)]
-    jobs += decode_jobs(90, dtype=torch.float64, T=8, **odd)
-    for job, stats in zip(jobs, _compile(jobs)):
+    odd = configs.Case(T=1, h=3, n=13, dk=24, k=5, k_sub=7, d=48, dtype=torch.float32, gating="relu",
+                       activation="silu")
+    jobs = [job for arch in aot.ARCHS for job in decode_jobs(arch, odd)]
+    jobs += decode_jobs(90, dataclasses.replace(odd, T=8, dtype=torch.float64, gating="softmax", activation="gelu"))
+    for job, stats in zip(jobs, aot.compile_report(jobs)):
         assert stats["instructions"] > 0 and stats["local_bytes"] == 0, (aot.describe(job), stats)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import bounds
 import peer_kernels
-from conftest import DEVICE
+from conftest import DEVICE, device_for
 from peer_kernels import _device, reference
 from utils import NearTieError, untie_layer
 
@@ -94,22 +94,28 @@ def shape_keys(layer, c):
 def test_every_backend_matches_the_float64_oracle(c):
     layer, x = build(c)
     dy = torch.randn_like(x)
+
+    def on(backend):
+        """A copy of the layer on `backend`, and x, on that backend's device."""
+        candidate = copy.deepcopy(layer).to(device_for(backend))
+        candidate.backend = backend
+        return candidate, x.to(device_for(backend))
+
     if c["T"] == 1 and c["training"] and c["query_norm"] == "batchnorm":
         for backend in BACKENDS:
-            layer.backend = backend
+            candidate, x_on = on(backend)
             with pytest.raises(ValueError, match="cannot normalise 1 token"):
-                layer(x)
+                candidate(x_on)
         return
     if c["T"] == 0:
         for backend in BACKENDS:
-            layer.backend = backend
-            assert layer(x).shape == (0, c["dim"])
+            candidate, x_on = on(backend)
+            assert candidate(x_on).shape == (0, c["dim"])
         return
     expected = bounds.expected_layer(layer, x, dy)
     for backend in BACKENDS:
-        candidate = copy.deepcopy(layer)
-        candidate.backend = backend
+        candidate, x_on = on(backend)
         try:
-            bounds.check_all(bounds.layer_results(candidate, x, dy), expected)
+            bounds.check_all(bounds.layer_results(candidate, x_on, dy.to(x_on.device)), expected)
         except AssertionError as error:
             raise AssertionError(f"backend {backend!r}, config {c}: {error}") from None

@@ -4,13 +4,15 @@ Without a GPU the kernels run under the interpreter on tiny shapes; test_aot_* c
 block configuration the launchers can pick for sm_80 / sm_90 and check the SASS.
 """
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 import aot
-from conftest import DEVICE
+import configs
+from conftest import DEVICE, gpu_sizes
 from peer_kernels import _device, reference, tuning
 from peer_kernels._checks import compute_dtype
 from peer_kernels.kernels import experts as kernels
@@ -399,113 +401,74 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.gpu
 def test_torch_compile_inductor():
-    inputs = make_inputs(T=64, h=4, k=8, d=128, rows=1000)
+    T, h, k, d, rows = gpu_sizes((64, 4, 8, 128, 1000), (4, 2, 3, 16, 7))
+    inputs = make_inputs(T=T, h=h, k=k, d=d, rows=rows)
+    torch._dynamo.reset()
     compiled = torch.compile(peer_experts, fullgraph=True)
     actual, dy = forward_and_grads(compiled, *inputs)
     bounds.check_all(actual, exact(*inputs, dy))
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_memory")   # tens of GB (the atomics' fp32 scratch): not beside the paper shapes' test
 def test_large_row_offsets():
-    """ids * d beyond 2**31 elements: a (2**19 + 64, 4096) table, ~4.3 GB in bf16."""
-    rows, d = 2 ** 19 + 64, 4096
+    """ids * d beyond 2**31 elements: a (2**19 + 64, 4096) table, ~4.3 GB in bf16; the oracle reads
+    the touched rows only."""
+    rows, d, near_end = gpu_sizes((2 ** 19 + 64, 4096, 1000), (300, 64, 100))
     w_down = torch.randn(rows, d, device=DEVICE, dtype=torch.bfloat16)
     w_up = torch.randn(rows, d, device=DEVICE, dtype=torch.bfloat16)
     x = torch.randn(4, d, device=DEVICE, dtype=torch.bfloat16)
-    expert_ids = torch.randint(rows - 1000, rows, (4, 2, 4), device=DEVICE)
+    expert_ids = torch.randint(rows - near_end, rows, (4, 2, 4), device=DEVICE)
     gates = torch.rand(4, 2, 4, device=DEVICE)
+    used, local, (down, up) = bounds.touched_rows(expert_ids, w_down, w_up)
     for deterministic in (False, True):
         actual, dy = forward_and_grads(peer_experts, x, expert_ids, gates, w_down, w_up, deterministic=deterministic)
-        ids = expert_ids.unique()
-        sub = torch.searchsorted(ids, expert_ids)
-        expected = exact(x.cpu(), sub.cpu(), gates.cpu(), w_down[ids].cpu(), w_up[ids].cpu(), dy.cpu())
-        for name in ("y", "dx", "dgates"):
-            bounds.check(name, actual[name].cpu(), *expected[name])
-        for name in ("dw_down", "dw_up"):
-            bounds.check(name, actual[name][ids].cpu(), *expected[name])
-            assert not actual[name].index_fill(0, ids, 0).any()      # untouched rows are exactly zero
+        expected = exact(x, local, gates, down, up, dy)
+        expected.update({name: (*expected[name], used) for name in ("dw_down", "dw_up")})
+        bounds.check_all(actual, expected)
 
 
 # --- AOT compilation for real GPU targets -------------------------------------------------------
 
-TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
-                 torch.int32: "i32", torch.int64: "i64"}
-MODULE = "peer_kernels.kernels.experts"
-
-# (dtype, ids dtype, T, h*k, d, E, activation): the paper's shapes; h*k = 1 (64 tokens per program) with
-# d % 8 == 0 but not % 16; odd h*k and d in fp32 and in fp64 (gradcheck on GPU).
-AOT_SHAPES = [
-    (torch.bfloat16, torch.int64, 8192, 128, 1024, 1024 ** 2, "gelu"),
-    (torch.float16, torch.int32, 8192, 1, 1000, 1024 ** 2, "silu"),
-    ((torch.bfloat16, torch.float32), torch.int64, 8192, 128, 1024, 1024 ** 2, "gelu"),
-    (torch.float32, torch.int64, 64, 15, 40, 23, "gelu_tanh"),
-    (torch.float64, torch.int64, 64, 15, 40, 23, "gelu"),
+# (case, halves): the paper's shapes (and the halves apart, on sm_90 only); h*k = 1 (64 tokens per
+# program) with d % 8 == 0 but not % 16, fp16 and int32 ids; bf16 x with fp32 tables; odd h*k and d
+# in fp32 and in fp64 (gradcheck on GPU), at more tokens than the decode schedule takes.
+AOT_CASES = [
+    (configs.PAPER, True),
+    (configs.Case(T=8192, h=1, n=1024, dk=128, k=1, k_sub=1, d=1000, dtype=torch.float16, ids_dtype=torch.int32,
+                  activation="silu"), False),
+    (dataclasses.replace(configs.PAPER, table_dtype=torch.float32), False),
+    (configs.Case(T=512, h=3, n=5, dk=16, k=5, k_sub=5, d=40, dtype=torch.float32, activation="gelu_tanh"), False),
+    (configs.Case(T=512, h=3, n=5, dk=16, k=5, k_sub=5, d=40, dtype=torch.float64), False),
 ]
 
 
-def _ptr(dtype):
-    return "*" + TRITON_DTYPES[dtype]
-
-
-def aot_jobs(dtypes, ids_dtype, T, S, D, E, activation, arch, halves=False):
-    """The launches ops/experts.py makes for these shapes, as compile jobs. dtypes: one dtype for x
-    and the tables, or (x's, the tables'). halves: also the down / mix halves apart."""
-    dtype, table = dtypes if isinstance(dtypes, tuple) else (dtypes, dtypes)
-    acc = compute_dtype(dtype)
-    gates = torch.float32 if dtype != torch.float64 else dtype
-    act = ops.activation_id(activation)
-
-    def tile(atomic=False, **flags):
-        block_t, block_s, block_d, num_warps = tuning.gather_tile(num_tokens=T, slots=S, dim=D, acc_dtype=acc,
-                                                                  arch=arch, atomic=atomic)
-        return dict(module=MODULE, arch=arch, num_warps=num_warps,
-                    constexprs=dict(D_IN=D, D_OUT=D, S=S, ACTIVATION=act, BLOCK_T=block_t, BLOCK_S=block_s,
-                                    BLOCK_D=block_d, **flags))
-
-    tokens = {"x_ptr": _ptr(dtype), "expert_ids_ptr": _ptr(ids_dtype), "gates_ptr": _ptr(gates),
-              "w_down_ptr": _ptr(table), "w_up_ptr": _ptr(table)}
-    forward = dict(tokens, y_ptr=_ptr(dtype), z_ptr=_ptr(acc), T="i32")
-    float_tables = dict(w_down_scale_ptr=None, w_up_scale_ptr=None)  # constexpr None: no scale loads
-    # only the whole forward is disassembled (~1 s each); spills of the others show in their LOCAL bytes
-    jobs = [dict(tile(DOWN=True, UP=True, PERSISTENT=False, **float_tables), kernel="experts_fwd_kernel",
-                 disassemble=True, signature=forward)]
-    bwd = dict(tokens, dy_ptr=_ptr(dtype), z_ptr=_ptr(acc), dx_ptr=_ptr(dtype), dgates_ptr=_ptr(gates),
-               dz_ptr=_ptr(acc), ga_ptr=_ptr(acc), T="i32")
-    halves_flags = [(True, True)] + ([(True, False), (False, True)] if halves else [])
-    for up, down in halves_flags:
-        for atomic in (True, False):
-            table_grad = acc if atomic else table
-            jobs.append(dict(tile(atomic, UP=up, DOWN=down, ATOMIC=atomic), kernel="experts_bwd_tokens_kernel",
-                             disassemble=False,
-                             signature=dict(bwd, dw_down_ptr=_ptr(table_grad), dw_up_ptr=_ptr(table_grad))))
-        if (up, down) != (True, True):
-            jobs.append(dict(tile(DOWN=down, UP=up, PERSISTENT=False, **float_tables), kernel="experts_fwd_kernel",
-                             disassemble=False, signature=forward))
-    block_n, block_d, _, num_warps = tuning.table_grad_tile(dim=D, slots=T * S, device=torch.device("cpu"))
-    jobs.append(dict(module=MODULE, kernel="table_grad_kernel", arch=arch, num_warps=num_warps, disassemble=False,
-                     constexprs=dict(D=D, S=S, BLOCK_N=block_n, BLOCK_D=block_d),
-                     signature={"src_ptr": _ptr(dtype), "weights_ptr": _ptr(acc), "sorted_ids_ptr": "*i32",
-                                "order_ptr": "*i64", "out_rows_ptr": "*i32", "out_ptr": _ptr(table),
-                                "partials_ptr": _ptr(acc), "n": "i32", "chunk": "i32"}))
-    block_c, block_d, num_warps = tuning.table_grad_combine_tile(dim=D, device=torch.device("cpu"))
-    jobs.append(dict(module=MODULE, kernel="table_grad_combine_kernel", arch=arch, num_warps=num_warps,
-                     disassemble=False, constexprs=dict(D=D, BLOCK_C=block_c, BLOCK_D=block_d),
-                     signature={"partials_ptr": _ptr(acc), "sorted_ids_ptr": "*i32", "out_rows_ptr": "*i32",
-                                "out_ptr": _ptr(table), "n": "i32", "chunk": "i32", "chunks": "i32"}))
-    return jobs
+def aot_jobs(case, arch, halves):
+    """ops/experts.py's launches for a case: the forward and the backward, atomic or sorted (with
+    the table-gradient reduction); with halves, also peer_down's and peer_mix's."""
+    jobs = configs.experts_forward(case, arch)
+    for atomic in (True, False):
+        jobs += configs.experts_backward(case, arch, atomic)
+    if halves:   # only the whole forward is disassembled (~1 s each); the halves' spills show in LOCAL bytes
+        for down, up in ((True, False), (False, True)):
+            jobs += [dict(job, disassemble=False) for job in configs.experts_forward(case, arch, down=down, up=up)]
+            for atomic in (True, False):
+                jobs += configs.experts_backward(case, arch, atomic, down=down, up=up)
+    return configs.unique(jobs)
 
 
 @pytest.fixture(scope="module")
 def aot_results():
-    jobs = [job for shape in AOT_SHAPES for arch in aot.ARCHS
-            for job in aot_jobs(*shape, arch, halves=shape is AOT_SHAPES[0] and arch == 90)]
+    jobs = [job for case, halves in AOT_CASES for arch in aot.ARCHS
+            for job in aot_jobs(case, arch, halves and arch == 90)]
     return list(zip(jobs, aot.compile_report(jobs)))
 
 
+@pytest.mark.aot
 def test_aot_compiles_without_spills(aot_results):
-    # per shape and arch: forward, two token-major backwards (atomic or not), the sorted reduction's
-    # two kernels; the paper's shape on sm_90 adds the two halves' forwards and backwards
-    assert len(aot_results) == len(AOT_SHAPES) * len(aot.ARCHS) * 5 + 6
+    # per case and arch: forward, two token-major backwards (atomic or not), the sorted reduction's two kernels;
+    # the paper's shape on sm_90 adds the two halves' forwards and backwards
+    assert len(aot_results) == len(AOT_CASES) * len(aot.ARCHS) * 5 + 6
     for job, stats in aot_results:
         assert stats["local_bytes"] == 0 and stats.get("stl", 0) == stats.get("ldl", 0) == 0, (aot.describe(job), stats)
         assert 0 < stats["registers"] <= 255, aot.describe(job)
@@ -514,6 +477,7 @@ def test_aot_compiles_without_spills(aot_results):
         assert (stats["atomics"] > 0) == atomic, (aot.describe(job), stats)
 
 
+@pytest.mark.aot
 def test_aot_table_grad_programs_fit_their_sms(aot_results):
     """The sorted reduction's grid is table_grad_programs_per_sm chunks per SM per column block, each
     chunk the same work whatever the routing: at the paper's shapes its registers leave room for that
@@ -528,6 +492,7 @@ def test_aot_table_grad_programs_fit_their_sms(aot_results):
     assert checked == 2 * len(aot.ARCHS)   # bf16, and bf16 x with fp32 tables
 
 
+@pytest.mark.aot
 def test_aot_forward_gathers_rows_with_128bit_loads(aot_results):
     """bf16/fp16 with d % 8 == 0: every thread loads its share of each table chunk as 8-element
     (128-bit) vectors, so a loop body issues tile / (threads * 8) LDG.E.128 per table."""
@@ -544,6 +509,7 @@ def test_aot_forward_gathers_rows_with_128bit_loads(aot_results):
     assert checked == 2 * len(aot.ARCHS)
 
 
+@pytest.mark.aot
 def test_aot_forward_keeps_enough_bytes_in_flight(aot_results):
     """The gather is latency-bound unless many row loads are in flight: ~4.3 TB/s at ~600 ns on 132
     SMs needs >= 32 KB per SM (issue 15). The paper-shape forward issues a whole (BLOCK_T, BLOCK_S,

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import aot
+import configs
 import peer_kernels
-from conftest import DEVICE
-from peer_kernels import _library, reference, tuning
-from peer_kernels.ops import experts as experts_ops
+from conftest import DEVICE, gpu_sizes
+from peer_kernels import _library, reference
 from peer_kernels.ops import fused as fused_ops
 from peer_kernels.ops import peer_fused, product_key_topk
-from peer_kernels.ops import retrieval as retrieval_ops
 import bounds
 from utils import poison_empty, untie, untie_layer
 
@@ -41,11 +40,22 @@ def forward_and_grads(fn, inputs, dy=None, **kwargs):
 
 
 def exact(inputs, dy, k, k_sub=None, gating="softmax", activation="gelu", separate_embed_per_head=False, ids=None):
-    """name -> (float64 value, S) of the fused op on the same inputs (tests/bounds.py)."""
-    x, queries, keys, w_down, w_up = (t.detach().double().cpu() for t in inputs)
-    return bounds.fused(x, torch.zeros_like(x), queries, torch.zeros_like(queries), keys, w_down, w_up,
-                        dy.double().cpu(), torch.zeros_like(x), k, k if k_sub is None else k_sub, gating, activation,
-                        separate_embed_per_head, ids=None if ids is None else ids.cpu())
+    """name -> (float64 value, S) of the fused op on the same inputs (tests/bounds.py), on their
+    device; the table gradients on the rows the picks touch only, as (value, S, rows): the oracle
+    never copies a whole table (a million rows at the paper's shapes)."""
+    x, queries, keys, w_down, w_up = (t.detach() for t in inputs)
+    queries, keys = queries.double(), keys.double()
+    k_sub = k if k_sub is None else k_sub
+    if ids is None:
+        _, ids = reference.product_key_topk(queries, keys, k, k_sub)
+    rows = reference.head_offsets(ids, keys.shape[1] ** 2) if separate_embed_per_head else ids
+    used, local, (down, up) = bounds.touched_rows(rows, w_down, w_up)
+    x = x.double()
+    out = bounds.fused(x, torch.zeros_like(x), queries, torch.zeros_like(queries), keys, down.double(), up.double(),
+                       dy.double(), torch.zeros_like(x), k, k_sub, gating, activation, separate_embed_per_head,
+                       ids=ids, rows=local)
+    out.update({name: (*out[name], used) for name in ("dw_down", "dw_up")})
+    return out
 
 
 def untied_inputs(k, k_sub, **shape):
@@ -117,19 +127,18 @@ def test_bfloat16_given_the_same_picks(dtypes):
 @pytest.mark.parametrize("k, k_sub, n, ties", [(3, 4, 7, False), (9, 3, 3, False), (4, 4, 7, True)],
                          ids=["k3-n7", "k=k'^2-k'=n", "ties"])
 def test_overlap_over_many_chunks(k, k_sub, n, ties, monkeypatch):
-    """The overlapped schedule's chunks (one token tile each here, the last one partial) and its
-    persistent expert programs (one per chunk here, striding over the chunk's tiles; the last chunk
-    one program per tile) give the same picks, scores and gates as the two-kernel path, bit for
-    bit, and outputs within the oracle's bounds (on those picks where inputs in {-1, 0, 1} tie);
-    empty inputs launch nothing."""
-    shape = dict(T=45, h=2, key_heads=2, n=n, dk=12, d=24, dtype=torch.float32)
+    """The overlapped schedule's chunks (two whole ones and a partial one; under the interpreter one
+    token tile each) and its persistent expert programs (one per chunk under the interpreter,
+    striding over the chunk's tiles; the last chunk one program per tile) give the same picks,
+    scores and gates as the two-kernel path, bit for bit, and outputs within the oracle's bounds
+    (on those picks where inputs in {-1, 0, 1} tie); empty inputs launch nothing."""
+    _, _, chunk = configs.launched_tiles(configs.Case(T=0, h=2, n=n, dk=12, k=k, k_sub=k_sub, d=24,
+                                                      dtype=torch.float32), DEVICE)
+    shape = dict(T=2 * chunk + 13, h=2, key_heads=2, n=n, dk=12, d=24, dtype=torch.float32)
     if ties:
         inputs = tuple(t.round().clamp(-1, 1) if i in (1, 2) else t for i, t in enumerate(make_inputs(**shape)))
     else:
         inputs = untied_inputs(k, k_sub, **shape)
-    block_t = tuning.retrieval_config(n=n, dk=12, k=k, k_sub=k_sub, dtype=torch.float32, arch=0)[0]["BLOCK_T"]
-    chunk, _ = tuning.overlap_schedule(heads=2, block_t=block_t, sms=2)
-    assert 45 // chunk >= 2 and 45 % chunk, chunk
     args = (*inputs, k, k_sub, "softmax", "gelu", 0)
     overlapped = _library.fused_forward("triton", *args, "overlap", True, False)
     two_kernel = _library.fused_forward("triton", *args, "two_kernel", True, False)
@@ -166,23 +175,34 @@ def test_schedule_chosen_by_the_options(options, schedule, monkeypatch):
 def test_gpu_float32_at_many_tiles(schedule):
     """Block sizes of a real GPU (64-token retrieval tiles, 64-key tiles, gather tiles over d=256):
     several tiles of each, n not a multiple of the key tile, forward and every gradient; the overlap
-    at T=3000 runs 3 chunks on two streams (at 132 SMs)."""
-    T = 3000 if schedule == "overlap" else 300
-    inputs = untied_inputs(16, 16, T=T, h=4, key_heads=4, n=100, dk=64, d=256, dtype=torch.float32)
-    actual, dy = forward_and_grads(peer_fused, inputs, k=16, k_sub=16, **SCHEDULES[schedule])
-    bounds.check_all(actual, exact(inputs, dy, 16, 16))
+    runs 3 chunks on two streams."""
+    T, many, h, n, dk, d, k, k_sub = gpu_sizes((300, 3000, 4, 100, 64, 256, 16, 16), (20, 45, 2, 37, 16, 24, 5, 6))
+    T = many if schedule == "overlap" else T
+    block_t, block_n, chunk = configs.launched_tiles(
+        configs.Case(T=T, h=h, n=n, dk=dk, k=k, k_sub=k_sub, d=d, dtype=torch.float32), DEVICE)
+    assert (T > 2 * chunk if schedule == "overlap" else T > block_t) and n > block_n and n % block_n, (T, n)
+    inputs = untied_inputs(k, k_sub, T=T, h=h, key_heads=h, n=n, dk=dk, d=d, dtype=torch.float32)
+    actual, dy = forward_and_grads(peer_fused, inputs, k=k, k_sub=k_sub, **SCHEDULES[schedule])
+    bounds.check_all(actual, exact(inputs, dy, k, k_sub))
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_memory")   # tens of GB, as test_large_row_offsets: not side by side
 def test_gpu_bfloat16_at_paper_shapes():
-    """T=2048 tokens of SPEC's paper shape (d=1024, N=1024**2, h=8, k=k'=16, dk=128): retrieval by
-    score, then the layer against the reference run on the kernel's own picks, on every schedule
-    (the overlap runs 4 chunks at 132 SMs)."""
-    inputs = make_inputs(T=2048, h=8, key_heads=8, n=1024, dk=128, d=1024, dtype=torch.bfloat16)
-    _, kernel_ids = product_key_topk(inputs[1], inputs[2], 16)
+    """SPEC's paper shape (d=1024, N=1024**2, h=8, k=k'=16, dk=128) at T=2048 tokens: retrieval by
+    score, then the layer on every schedule against the reference run on the kernel's own picks, on
+    the table rows they touch (the overlap runs 4 chunks)."""
+    T, h, n, dk, d, k = gpu_sizes((2048, 8, 1024, 128, 1024, 16), (40, 2, 20, 16, 32, 4))
+    _, _, chunk = configs.launched_tiles(configs.Case(T=T, h=h, n=n, dk=dk, k=k, k_sub=k, d=d), DEVICE)
+    assert T >= 2 * chunk, (T, chunk)
+    inputs = make_inputs(T=T, h=h, key_heads=h, n=n, dk=dk, d=d, dtype=torch.bfloat16)
+    scores, kernel_ids = product_key_topk(inputs[1], inputs[2], k)
+    bounds.check("scores", scores, *bounds.pick_scores(inputs[1], inputs[2], kernel_ids))
+    dy = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
+    expected = exact(inputs, dy, k, ids=kernel_ids)
     for options in SCHEDULES.values():
-        actual, dy = forward_and_grads(peer_fused, inputs, k=16, **options)
-        bounds.check_all(actual, exact(inputs, dy, 16, ids=kernel_ids))
+        actual, _ = forward_and_grads(peer_fused, inputs, dy=dy, k=k, **options)
+        bounds.check_all(actual, expected)
 
 
 def test_gradcheck():
@@ -236,59 +256,39 @@ def test_module_on_triton_backend(options, dtype):
     bounds.check_all(bounds.layer_results(layer, x, dy), bounds.expected_layer(layer, x, dy))
 
 
+@pytest.mark.aot
 def test_aot_one_pass_kernel_at_paper_shapes():
     """bf16, T=8192, d=1024, h=8, n=1024, dk=128, k=k'=16, softmax, GELU: no spills, 128-bit loads."""
-    n, dk, k, heads, d = 1024, 128, 16, 8, 1024
-    ints = ["T", "heads", "n", "dk", "k", "stride_t", "stride_h", "stride_p", "key_head_stride", "id_head_offset"]
-    ptrs = {"x_ptr": "*bf16", "queries_ptr": "*bf16", "keys_ptr": "*bf16", "pairs_ptr": "*i32", "w_down_ptr": "*bf16",
-            "w_up_ptr": "*bf16", "y_ptr": "*bf16", "scores_ptr": "*fp32", "ids_ptr": "*i64", "gates_ptr": "*fp32",
-            "z_ptr": "*fp32"}
-    jobs = []
-    for arch in aot.ARCHS:
-        consts, launch = tuning.one_pass_config(num_tokens=8192, heads=heads, d=d, n=n, dk=dk, k=k, k_sub=k,
-                                                dtype=torch.bfloat16, arch=arch, interpreted=False)
-        consts.update(D=d, ACTIVATION=experts_ops.activation_id("gelu"), GATING=retrieval_ops.GATING_CODES["softmax"],
-                      w_down_scale_ptr=None, w_up_scale_ptr=None)
-        jobs.append(dict(module="peer_kernels.kernels.fused", kernel="peer_fused_kernel",
-                         signature={**ptrs, **{name: "i32" for name in ints}}, constexprs=consts, arch=arch, **launch,
-                         aligned=list(ptrs) + ["dk", "stride_t", "stride_h", "stride_p", "key_head_stride"]))
+    jobs = [configs.one_pass(configs.PAPER, arch) for arch in aot.ARCHS]
     for job, stats in zip(jobs, aot.compile_report(jobs)):
         label = aot.describe(job)
         assert stats["stl"] == 0 and stats["ldl"] == 0 and stats["local_bytes"] == 0, (label, stats)
         assert stats["ldg128"] > 0, (label, stats)
 
 
-# The devices the overlapped schedule is planned for: SMs and device-copy bandwidth (SPEC section 5:
+# The device-copy bandwidth of the devices the overlapped schedule is planned for (SPEC section 5:
 # H200 ~4.3 TB/s; A100 ~1.9 TB/s), and the latency of a row load from HBM.
-OVERLAP_DEVICES = {90: (132, 4.3e12), 80: (108, 1.9e12)}
+BANDWIDTH = {90: 4.3e12, 80: 1.9e12}
 LOAD_LATENCY_S = 600e-9
 
 
+@pytest.mark.aot
 def test_aot_overlap_expert_programs_take_whole_sms():
     """The overlapped forward's expert kernel at the paper's shapes (bf16, d=1024, h*k=128; whole-SM
     tile, persistent): no spills, 128-bit row loads, and one CTA per SM, so that its persistent
     programs hold whole SMs and leave the others to the retrieval (one 8-warp, 255-register CTA per
     SM, tests/test_retrieval.py). Those programs keep bandwidth x latency bytes of rows in flight,
     one tile each (issue 15: >= 32 KB per SM), so the gather can run at full bandwidth on its share."""
-    d, slots = 1024, 128
-    ptrs = {"x_ptr": "*bf16", "expert_ids_ptr": "*i64", "gates_ptr": "*fp32", "w_down_ptr": "*bf16",
-            "w_up_ptr": "*bf16", "y_ptr": "*bf16", "z_ptr": "*fp32"}
     jobs = []
     for arch in aot.ARCHS:
-        block_t, block_s, block_d, num_warps = tuning.gather_tile(num_tokens=8192, slots=slots, dim=d,
-                                                                  acc_dtype=torch.float32, arch=arch, whole_sm=True)
-        jobs.append(dict(module="peer_kernels.kernels.experts", kernel="experts_fwd_kernel",
-                         signature=dict(ptrs, T="i32"),
-                         constexprs=dict(D_IN=d, D_OUT=d, S=slots, ACTIVATION=experts_ops.activation_id("gelu"),
-                                         BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=True, UP=True,
-                                         PERSISTENT=True, w_down_scale_ptr=None, w_up_scale_ptr=None),
-                         arch=arch, num_warps=num_warps, aligned=list(ptrs)))
-    tile_bytes = block_t * block_s * block_d * 2
-    for job, stats in zip(jobs, aot.compile_report(jobs)):
+        chunk, programs = configs.overlap_chunk(configs.PAPER, arch)
+        jobs += [(job, programs) for job in configs.experts_forward(configs.PAPER, arch, T=chunk, persistent=True)]
+    for (job, programs), stats in zip(jobs, aot.compile_report([job for job, _ in jobs])):
         label = aot.describe(job)
+        c, num_warps = job["constexprs"], job["num_warps"]
+        tile_bytes = c["BLOCK_T"] * c["BLOCK_S"] * c["BLOCK_D"] * 2
         assert stats["stl"] == 0 and stats["ldl"] == 0 and stats["local_bytes"] == 0, (label, stats)
         assert stats["ldg128"] >= 2 * tile_bytes // (32 * num_warps * 16), (label, stats)
         assert aot.ctas_per_sm(stats["registers"], num_warps) == 1, (label, stats["registers"])
-        sms, bandwidth = OVERLAP_DEVICES[job["arch"]]
-        _, programs = tuning.overlap_schedule(heads=8, block_t=64, sms=sms)
-        assert tile_bytes >= 32 * 1024 and programs * tile_bytes >= bandwidth * LOAD_LATENCY_S, (label, programs)
+        bytes_in_flight = programs * tile_bytes
+        assert tile_bytes >= 32 * 1024 and bytes_in_flight >= BANDWIDTH[job["arch"]] * LOAD_LATENCY_S, (label, programs)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import peer_kernels
-from conftest import DEVICE
+from conftest import DEVICE, device_for, gpu_sizes
 from peer_kernels import _device, reference
-from utils import untie_layer
+from utils import no_host_sync, untie_layer
 
 BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or _device.INTERPRETED else [])
 
@@ -34,12 +34,12 @@ def reference_ids(layer, x):
 @pytest.mark.parametrize("separate", [False, True], ids=["shared_table", "separate_embed_per_head"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_usage_counts_are_a_bincount_of_the_reference_ids(backend, separate):
-    layer = make_layer(backend, separate_embed_per_head=separate).train()
+    layer = make_layer(backend, device=device_for(backend), separate_embed_per_head=separate).train()
     rows = layer.w_down.shape[0]
     layer.track_usage = True
     expected = torch.zeros(rows, dtype=torch.int64)
     for _ in range(2):   # counts accumulate over forwards
-        x = untie_layer(layer, torch.randn(2, 5, 16, device=DEVICE))
+        x = untie_layer(layer, torch.randn(2, 5, 16, device=device_for(backend)))
         layer(x)
         expected += torch.bincount(reference_ids(layer, x).reshape(-1), minlength=rows)
     stats = layer.usage_stats()
@@ -114,17 +114,14 @@ def test_compiled_forward_counts_as_eager():
 
 @pytest.mark.gpu
 def test_tracking_never_waits_for_the_device():
-    layer = make_layer("triton", device="cuda", num_experts=64 ** 2, heads=4, num_experts_per_head=8, dim_key=32)
-    x = torch.randn(256, 16, device="cuda")
+    T, n, heads, k, dk = gpu_sizes((256, 64, 4, 8, 32), (16, 8, 2, 4, 8))
+    layer = make_layer("triton", num_experts=n ** 2, heads=heads, num_experts_per_head=k, dim_key=dk)
+    x = torch.randn(T, 16, device=DEVICE)
     layer.track_usage = True
     layer(x)   # warm-up: compilation and first-call work may sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync(DEVICE):
         layer(x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert int(layer.usage_stats()["counts"].sum()) == 2 * 256 * 4 * 8
+    assert int(layer.usage_stats()["counts"].sum()) == 2 * T * heads * k
 
 
 # ---- grow -------------------------------------------------------------------------------------------
@@ -225,6 +222,6 @@ def test_grow_refuses_bad_sizes_and_unknown_optimizer_state():
 
 @pytest.mark.gpu
 def test_grow_on_the_device():
-    layer = make_layer("triton", device="cuda")
+    layer = make_layer("triton")
     layer.grow(64)
-    assert layer.w_down.device.type == "cuda" and layer(torch.randn(5, 16, device="cuda")).shape == (5, 16)
+    assert layer.w_down.device == DEVICE and layer(torch.randn(5, 16, device=DEVICE)).shape == (5, 16)

@@ -195,21 +195,12 @@ def test_not_a_table():
         optim.RowwiseAdagrad([param]).step()
 
 
+@pytest.mark.aot
 def test_kernels_compile_for_gpus():
     """sm_80 / sm_90 AOT builds of both kernels for bf16 tables at the paper's width, no spills."""
     import aot
-    jobs = []
-    for arch in aot.ARCHS:
-        for kernel, signature in (
-                ("sparse_adamw_kernel", {"param_ptr": "*bf16", "rows_ptr": "*i64", "grad_ptr": "*bf16",
-                                         "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32", "lr": "fp32",
-                                         "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
-                                         "step_size": "fp32", "bias_correction2_sqrt": "fp32"}),
-                ("rowwise_adagrad_kernel", {"param_ptr": "*bf16", "rows_ptr": "*i64", "grad_ptr": "*bf16",
-                                            "state_ptr": "*fp32", "lr": "fp32", "eps": "fp32",
-                                            "weight_decay": "fp32"})):
-            jobs.append(dict(module="peer_kernels.kernels.optim", kernel=kernel, signature=signature, arch=arch,
-                             constexprs=dict(D=1024, BLOCK_D=1024), disassemble=False))
+    import configs
+    jobs = [job for arch in aot.ARCHS for job in configs.optimizers(configs.PAPER, arch)]
     reports = aot.compile_report(jobs)
     assert len(reports) == 2 * len(aot.ARCHS)
     for job, stats in zip(jobs, reports):

@@ -9,6 +9,7 @@ a bound derived from the per-row quantization steps; saving and loading; and, st
 Triton gather reads half of bf16's bytes per row (AOT-compiled SASS for sm_90 and sm_80).
 """
 import copy
+import dataclasses
 import io
 
 import pytest
@@ -17,10 +18,9 @@ from torch import nn
 
 import aot
 import bounds
-from conftest import DEVICE
+import configs
+from conftest import DEVICE, device_for
 from peer_kernels import PEER, _checks, _device, _library, backends, quantize, quantize_, reference, tuning, warmup
-from peer_kernels.ops import experts as experts_ops
-from peer_kernels.ops import retrieval as retrieval_ops
 from peer_kernels.quantize import LARGEST, quantize_rows
 from utils import random_ids, untie_layer
 
@@ -32,10 +32,6 @@ BACKENDS = ["reference", "cpp"] + (["triton"] if DEVICE.type == "cuda" or _devic
 FP8_RELATIVE, FP8_ABSOLUTE = 2.0 ** -4, 2.0 ** -10
 # max |act'(z)| over z: GELU's slope peaks at 1.129 (z = 1.414), SiLU's at 1.100 (z = 2.40)
 SLOPE = {"relu": 1.0, "gelu": 1.13, "gelu_tanh": 1.13, "silu": 1.1, "identity": 1.0}
-
-
-def device_of(backend):
-    return torch.device("cpu") if backend == "cpp" else DEVICE
 
 
 def quantization_error_bound(table, values, scale):
@@ -196,8 +192,8 @@ def test_grow_refuses_quantized_tables():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantized_layer_refuses_training(backend):
-    layer = quantize_(_layer(backend=backend).to(device_of(backend)), torch.float8_e4m3fn)
-    x = torch.randn(5, 24, device=device_of(backend))
+    layer = quantize_(_layer(backend=backend).to(device_for(backend)), torch.float8_e4m3fn)
+    x = torch.randn(5, 24, device=device_for(backend))
     with torch.no_grad():
         layer(x)
     with torch.inference_mode():
@@ -222,7 +218,7 @@ def test_the_ops_autograd_refuses_quantized_tables(backend):
     record a backward: no backward op takes them."""
     if backend == "triton" and backend not in BACKENDS:
         pytest.skip("the Triton ops need CUDA or TRITON_INTERPRET=1")
-    device = device_of(backend)
+    device = device_for(backend)
     _, w_down, down_scale = tables(9, 8, torch.int8, device)
     _, w_up, up_scale = tables(9, 8, torch.int8, device)
     x = torch.randn(3, 8, device=device, requires_grad=True)
@@ -255,7 +251,7 @@ def test_expert_stage_reads_rows_times_their_scales(backend, dtype, x_dtype, sch
     on both schedules of the expert stage (tuning.token_schedule: few tokens, or token tiles)."""
     if backend == "reference" and schedule == "token_tiles":
         pytest.skip("the reference has one schedule")
-    ops, device = backends.get(backend, device_of(backend)), device_of(backend)
+    ops, device = backends.get(backend, device_for(backend)), device_for(backend)
     x, ids, gates, (w_down, down_scale), (w_up, up_scale) = _expert_inputs(dtype, x_dtype, device)
     down64, up64 = dequantized(w_down, down_scale), dequantized(w_up, up_scale)
     dy = torch.randn(x.shape, dtype=torch.float64)
@@ -285,7 +281,7 @@ def _fused_inputs(layer, T=7):
 def test_fused_op_on_quantized_tables(backend, dtype):
     """The whole op after the query projection, on every schedule the backend has (Triton: one
     pass, two kernels, overlapped), separate tables per head included."""
-    device = device_of(backend)
+    device = device_for(backend)
     ops = backends.get(backend, device)
     schedules = [dict(one_pass=True), dict(overlap=False), dict(overlap=True)] if backend == "triton" else [{}]
     for separate in (False, True):
@@ -315,7 +311,7 @@ def test_quantized_layer_output_error_is_within_the_quantization_bound(backend, 
         |y'_c - y_c| <= sum_j g_j (L dz_j |v'_j,c| + |act(z_j)| e_v,j,c),
 
     plus the float32 rounding of the quantized layer's own sums (bounds.py's C eps S)."""
-    device = device_of(backend)
+    device = device_for(backend)
     float_layer = _layer(d=32, activation=activation, backend=backend).to(device)
     layer = quantize_(copy.deepcopy(float_layer), dtype)
     x = untie_layer(float_layer, torch.randn(9, 32, dtype=torch.float64, device=device)).float()
@@ -387,51 +383,22 @@ def test_float_checkpoint_into_a_quantized_layer_raises():
 
 # ---- the Triton gather's bytes, from the SASS ------------------------------------------------------------------------------
 
-PAPER = dict(T=8192, S=128, D=1024)
-TABLE_TYPES = {torch.bfloat16: "*bf16", torch.int8: "*i8", torch.float8_e4m3fn: "*fp8e4nv"}
-
-
-def _forward_job(table, arch, whole_sm=False):
-    block_t, block_s, block_d, num_warps = tuning.gather_tile(num_tokens=PAPER["T"], slots=PAPER["S"], dim=PAPER["D"],
-                                                              acc_dtype=torch.float32, arch=arch, whole_sm=whole_sm)
-    signature = {"x_ptr": "*bf16", "expert_ids_ptr": "*i64", "gates_ptr": "*fp32", "w_down_ptr": TABLE_TYPES[table],
-                 "w_up_ptr": TABLE_TYPES[table], "y_ptr": "*bf16", "z_ptr": "*fp32", "T": "i32"}
-    constexprs = dict(D_IN=PAPER["D"], D_OUT=PAPER["D"], S=PAPER["S"], ACTIVATION=experts_ops.activation_id("gelu"),
-                      BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, DOWN=True, UP=True, PERSISTENT=whole_sm)
-    if table == torch.bfloat16:
-        constexprs.update(w_down_scale_ptr=None, w_up_scale_ptr=None)
-    else:
-        signature.update(w_down_scale_ptr="*fp32", w_up_scale_ptr="*fp32")
-    return dict(module="peer_kernels.kernels.experts", kernel="experts_fwd_kernel", arch=arch, num_warps=num_warps,
-                signature=signature, constexprs=constexprs)
-
-
-def _one_pass_job(table, arch):
-    n, dk, k, heads, d = 1024, 128, 16, 8, 1024
-    consts, launch = tuning.one_pass_config(num_tokens=8192, heads=heads, d=d, n=n, dk=dk, k=k, k_sub=k,
-                                            dtype=torch.bfloat16, arch=arch, interpreted=False)
-    consts.update(D=d, ACTIVATION=experts_ops.activation_id("gelu"), GATING=retrieval_ops.GATING_CODES["softmax"])
-    ptrs = {"x_ptr": "*bf16", "queries_ptr": "*bf16", "keys_ptr": "*bf16", "pairs_ptr": "*i32",
-            "w_down_ptr": TABLE_TYPES[table], "w_up_ptr": TABLE_TYPES[table], "w_down_scale_ptr": "*fp32",
-            "w_up_scale_ptr": "*fp32", "y_ptr": "*bf16", "scores_ptr": "*fp32", "ids_ptr": "*i64",
-            "gates_ptr": "*fp32", "z_ptr": "*fp32"}
-    ints = ["T", "heads", "n", "dk", "k", "stride_t", "stride_h", "stride_p", "key_head_stride", "id_head_offset"]
-    return dict(module="peer_kernels.kernels.fused", kernel="peer_fused_kernel", arch=arch, disassemble=False,
-                signature={**ptrs, **{name: "i32" for name in ints}}, constexprs=consts, **launch,
-                aligned=list(ptrs) + ["dk", "stride_t", "stride_h", "stride_p", "key_head_stride"])
-
-
 @pytest.fixture(scope="module")
 def aot_gather():
     """The paper-shape expert forward with bf16, int8 and fp8 tables (fp8 needs sm_89+: sm_90 only),
     the persistent whole-SM variant and the one-pass kernel with quantized tables."""
-    jobs = [_forward_job(table, 90) for table in TABLE_TYPES] + [_forward_job(torch.bfloat16, 80),
-                                                                  _forward_job(torch.int8, 80)]
-    jobs += [_forward_job(table, 90, whole_sm=True) for table in DTYPES]
-    jobs += [_one_pass_job(table, 90) for table in DTYPES] + [_one_pass_job(torch.int8, 80)]
+    def paper(table):
+        return dataclasses.replace(configs.PAPER, table_dtype=table)
+
+    forwards = [(table, 90) for table in (torch.bfloat16, *DTYPES)] + [(torch.bfloat16, 80), (torch.int8, 80)]
+    jobs = [job for table, arch in forwards for job in configs.experts_forward(paper(table), arch)]
+    jobs += [job for table in DTYPES for job in configs.experts_forward(paper(table), 90, persistent=True)]
+    jobs += [dict(configs.one_pass(paper(table), arch), disassemble=False)
+             for table, arch in [(table, 90) for table in DTYPES] + [(torch.int8, 80)]]
     return list(zip(jobs, aot.compile_report(jobs)))
 
 
+@pytest.mark.aot
 def test_aot_quantized_tables_compile_without_spills(aot_gather):
     assert len(aot_gather) == 10
     for job, stats in aot_gather:
@@ -439,6 +406,7 @@ def test_aot_quantized_tables_compile_without_spills(aot_gather):
         assert 0 < stats["registers"] <= 255, aot.describe(job)
 
 
+@pytest.mark.aot
 def test_aot_quantized_gather_reads_half_the_bytes_of_bf16(aot_gather):
     """Per table row, from the SASS: the up pass's loop reads nothing but w_up rows, each thread its
     share of a (BLOCK_T, BLOCK_S, BLOCK_D) tile per iteration in 128-bit loads (LDG.E.128); so its

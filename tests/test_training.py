@@ -10,9 +10,9 @@ import torch
 
 import bounds
 import peer_kernels
-from conftest import DEVICE
+from conftest import DEVICE, gpu_sizes
 from peer_kernels import _device
-from utils import untie_layer
+from utils import graph_replay, untie_layer
 
 BACKENDS = ["auto"] + (["triton"] if DEVICE.type == "cuda" or _device.INTERPRETED else [])
 
@@ -121,24 +121,16 @@ def test_cuda_graph_capture_of_a_training_step():
     """No op syncs with the host on the dense path (ids are range-checked on the device), so a
     forward + backward of the layer captures into a CUDA graph; replays give the eager values."""
     layer = make_layer("triton", "layernorm")
-    x = torch.randn(2, 64, 16, device=DEVICE)
-    target = torch.randn(2, 64, 16, device=DEVICE)
+    tokens = gpu_sizes(64, 8)
+    x = torch.randn(2, tokens, 16, device=DEVICE)
+    target = torch.randn(2, tokens, 16, device=DEVICE)
     params = list(layer.parameters())
 
     def step():
         return torch.autograd.grad((layer(x) * target).sum(), params)
 
     eager = step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()                                   # warm-up: compiles kernels, caches the pair table
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    captured = graph_replay(step, DEVICE)
     for (name, _), e, c in zip(layer.named_parameters(), eager, captured):
         if name == "keys":   # summed with atomics: the order varies run to run
             assert (c - e).abs().max() <= 1e-5 * e.abs().max(), name

@@ -1,4 +1,7 @@
-"""Helpers for the tests: fresh random inputs, NaN-poisoned outputs, inputs clear of near-ties."""
+"""Helpers for the tests: fresh random inputs, NaN-poisoned outputs, inputs clear of near-ties, and
+the GPU-only steps of the gpu-marked tests with their dry-run stand-ins."""
+import contextlib
+
 import torch
 
 from peer_kernels import reference
@@ -63,3 +66,37 @@ def untie_layer(layer, x):
 
     untie(flat, queries_of, layer64.keys, layer.num_experts_per_head, layer.product_key_topk)
     return flat.reshape(x.shape)
+
+
+@contextlib.contextmanager
+def no_host_sync(device):
+    """Makes any host-device synchronization inside an error (torch.cuda.set_sync_debug_mode). Off a
+    GPU (the dry run of the gpu-marked tests, tests/conftest.py) nothing can wait for a device, and
+    this is a plain context."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def graph_replay(step, device):
+    """step()'s outputs as a CUDA graph of it gives them: one warm-up call on a side stream (compiles
+    kernels, fills caches), the capture, one replay. Off a GPU (the dry run) a second eager call."""
+    if device.type != "cuda":
+        return step()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    return captured

@@ -97,8 +97,19 @@ def unpack_select_index(packed, INDEX_BITS: tl.constexpr):
 
 
 @triton.jit
+def _score_word(packed):
+    """The high word of a packed key: its score's order key."""
+    return (packed >> 32).to(tl.int32)
+
+
+@triton.jit
+def _word_score(word):
+    return _order_key(word).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def unpack_score(packed):
-    return _order_key((packed >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+    return _word_score(_score_word(packed))
 
 
 @triton.jit
@@ -294,6 +305,25 @@ def exact_list(best, queries_ptr, keys_ptr, offs_t, half, head, T, n, dk, stride
 
 
 @triton.jit
+def _take(values, index):
+    """values (BLOCK_T, W) int32 at the columns `index` (BLOCK_T or 1, M), each in [0, W): (BLOCK_T, M).
+
+    tl.gather where one warp can hold whole gather columns at up to 8 warps (W * BLOCK_T >= 8 * 32):
+    narrower, triton 3.4-3.6 cannot compile it (TritonGPUOptimizeThreadLocality gives the gather
+    axis more than one warp, then asserts the gather is warp-local). There, a one-hot select, cheap
+    at such widths: of the W columns only the one named is kept, the others are -2**31, which no
+    value is below, so the max is exactly the value taken."""
+    BLOCK_T: tl.constexpr = values.shape[0]
+    W: tl.constexpr = values.shape[1]
+    if W * BLOCK_T >= 256:
+        return tl.gather(values, tl.broadcast_to(index, (BLOCK_T, index.shape[1])), 1)
+    else:
+        columns = tl.arange(0, W)
+        hit = index[:, :, None] == columns[None, None, :]
+        return tl.max(tl.where(hit, values[:, None, :], -2147483648), axis=2)
+
+
+@triton.jit
 def combine_topk(best_a, best_b, pairs_ptr, BLOCK_T: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr):
     """The top K_PAD of the candidate pairs of two per-half top lists.
 
@@ -301,21 +331,23 @@ def combine_topk(best_a, best_b, pairs_ptr, BLOCK_T: tl.constexpr, P_PAD: tl.con
     of the admissible pairs in lexicographic order, -1 for padding (read here, from L1, rather than
     held in registers across the one-pass kernel's loop over heads).
     Returns scores (BLOCK_T, K_PAD) fp32 descending and the sub-key indices a, b (BLOCK_T, K_PAD) int32.
+    Both selections go through _take (32-bit words), which compiles at any width: the token-tile,
+    one-pass and decode merge kernels all combine here, each at its own tile widths.
     """
-    pair_rank_a = tl.load(pairs_ptr + tl.arange(0, P_PAD))
-    pair_rank_b = tl.load(pairs_ptr + P_PAD + tl.arange(0, P_PAD))
+    offs_p = tl.arange(0, P_PAD)
+    pair_rank_a = tl.load(pairs_ptr + offs_p)
     valid = pair_rank_a >= 0
-    rank_a = tl.broadcast_to(tl.maximum(pair_rank_a, 0)[None, :], (BLOCK_T, P_PAD))
-    rank_b = tl.broadcast_to(tl.maximum(pair_rank_b, 0)[None, :], (BLOCK_T, P_PAD))
-    picked_a = tl.gather(best_a, rank_a, 1)
-    picked_b = tl.gather(best_b, rank_b, 1)
-    sums = unpack_score(picked_a) + unpack_score(picked_b)
-    pair = tl.broadcast_to(tl.arange(0, P_PAD)[None, :], (BLOCK_T, P_PAD))
+    # the candidates' scores, from the score words of their halves' keys
+    word_a = _take(_score_word(best_a), tl.maximum(pair_rank_a, 0)[None, :])
+    word_b = _take(_score_word(best_b), tl.maximum(tl.load(pairs_ptr + P_PAD + offs_p), 0)[None, :])
+    sums = _word_score(word_a) + _word_score(word_b)
+    pair = tl.broadcast_to(offs_p[None, :], (BLOCK_T, P_PAD))
     candidates = tl.where(valid[None, :], pack(sums, pair), pack_lowest(pair))
     top = tl.topk(candidates, K_PAD, dim=1)
+    # the ranks of the pairs kept, from the table again, then the sub-keys at those ranks
     top_pair = unpack_index(top)
-    index_a = tl.gather(unpack_index(picked_a), top_pair, 1)
-    index_b = tl.gather(unpack_index(picked_b), top_pair, 1)
+    index_a = _take(unpack_index(best_a), tl.maximum(tl.load(pairs_ptr + top_pair), 0))
+    index_b = _take(unpack_index(best_b), tl.maximum(tl.load(pairs_ptr + P_PAD + top_pair), 0))
     return unpack_score(top), index_a, index_b
 
 
