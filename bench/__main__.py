@@ -18,7 +18,7 @@ def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(cases.PRESETS),
-                        help="paper (SPEC's headline shape), sweep (N, T, d, h*k around it), cpu (small), smoke "
+                        help="paper (the paper's headline shape), sweep (N, T, d, h*k around it), cpu (small), smoke "
                              "(tiny: checks every provider's wiring), decode (the paper's layer in inference at "
                              "1, 8, 64 and 512 tokens per step, fp32 on a CPU). Default: paper on a GPU, cpu "
                              "otherwise")

@@ -10,7 +10,7 @@ with exact the float64 oracle on the same inputs, eps the unit of the accumulati
 sum of the absolute values of the terms that make the result, plus the rounding the terms carry in
 from earlier steps (the inner dot products, an activation's or a normalisation's own rounding).
 S is built here step by step, as a running error bound: each step maps (value, S) of its inputs to
-(value, S) of its outputs, following SPEC section 1's forward and backward formulas, in float64.
+(value, S) of its outputs, following the layer's forward and backward formulas, in float64.
 Results stored in 16 bits add their final rounding, one unit of that dtype times |exact|.
 
 C = 16: over 200 seeds the kernels' worst ratio |actual - exact| / (eps * S) was 1.6 and the fp32

@@ -7,7 +7,7 @@ the size of a table, and on a GPU a decode step that a CUDA graph captures after
 
 The two Triton paths are forced with tuning.overrides(decode_tokens=...). Picks are compared
 bitwise on inputs clear of near-ties (utils.untie) and on exact ties; values against tests/bounds.py.
-Interpreter shapes stay tiny (SPEC section 6). test_aot_* compiles the decode kernels at the paper's
+Interpreter shapes stay tiny. test_aot_* compiles the decode kernels at the paper's
 shapes at one token for sm_80 / sm_90 (PEER_AOT_TRITON picks the Triton, tests/aot.py) and checks
 grids, spills and loads.
 """

@@ -189,7 +189,7 @@ def test_gpu_float32_at_many_tiles(schedule):
 @pytest.mark.gpu
 @pytest.mark.xdist_group("gpu_memory")   # tens of GB, as test_large_row_offsets: not side by side
 def test_gpu_bfloat16_at_paper_shapes():
-    """SPEC's paper shape (d=1024, N=1024**2, h=8, k=k'=16, dk=128) at T=2048 tokens: retrieval by
+    """The paper's shape (d=1024, N=1024**2, h=8, k=k'=16, dk=128) at T=2048 tokens: retrieval by
     score, then the layer on every schedule against the reference run on the kernel's own picks, on
     the table rows they touch (the overlap runs 4 chunks)."""
     T, h, n, dk, d, k = gpu_sizes((2048, 8, 1024, 128, 1024, 16), (40, 2, 20, 16, 32, 4))
@@ -266,8 +266,8 @@ def test_aot_one_pass_kernel_at_paper_shapes():
         assert stats["ldg128"] > 0, (label, stats)
 
 
-# The device-copy bandwidth of the devices the overlapped schedule is planned for (SPEC section 5:
-# H200 ~4.3 TB/s; A100 ~1.9 TB/s), and the latency of a row load from HBM.
+# The device-copy bandwidth of the devices the overlapped schedule is planned for (their
+# makers' figures: H200 ~4.3 TB/s; A100 ~1.9 TB/s), and the latency of a row load from HBM.
 BANDWIDTH = {90: 4.3e12, 80: 1.9e12}
 LOAD_LATENCY_S = 600e-9
 

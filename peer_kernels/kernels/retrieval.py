@@ -1,5 +1,5 @@
 """Product-key retrieval kernels: sub-key scores, streaming top-k' per half, the k'xk' combine, top-k
-and gating, forward and backward (SPEC sections 1 and 3). Pure @triton.jit; launchers live in
+and gating, forward and backward (docs/design.md). Pure @triton.jit; launchers live in
 peer_kernels/ops/retrieval.py.
 
 Selection works on packed integer keys, so that `tl.sort`/`tl.topk` carry the index along with the
@@ -17,9 +17,9 @@ the score. The k' survivors of each half are re-scored exactly in fp32 from thei
 re-ranked on int64 keys, so everything after the per-half selection is exact.
 
 Two selections rank those keys. streaming_topk sorts each key tile's top k' into a running list (a
-sorting network: 50-60 instructions per score on sm_90). level_topk keeps only each tile column's 3
-best keys in the key-tile loop (~19-20 instructions per score), selects among those after the loop
-and certifies the list; a token tile it cannot certify re-runs streaming_topk, so the picks never
+sorting network). level_topk keeps only each tile column's 3 best keys in the key-tile loop (a few
+integer min/max per score, well under half the network's instructions: tests/test_retrieval.py
+asserts the counts per Triton version), selects among those after the loop and certifies the list; a token tile it cannot certify re-runs streaming_topk, so the picks never
 depend on which one ran (tuning.use_level_select says where it is used).
 
 Tie rule (deterministic, documented in ops/retrieval.py): each half ranks its sub-keys by
@@ -214,7 +214,7 @@ def level_topk(q, keys_ptr, offs_t, T, n, dk, BLOCK_T: tl.constexpr, BLOCK_N: tl
     """The top KS_PAD keys of one half, and whether they are certainly exact.
 
     The key-tile loop keeps, per column of the tile (sub-keys c, c + BLOCK_N, ...), that column's 3
-    best keys (5 integer min/max per score, where a sorting network spends 50-60 instructions) and,
+    best keys (5 integer min/max per score, a fraction of a sorting network's instructions) and,
     per row, the best key any column evicted. After the loop each of 8 groups of columns keeps its
     best GROUP_KEEP candidates, again noting the best it left out, and the row its best KS_PAD of
     those. Every key that was dropped is below the best one noted, so the list is exact
@@ -389,7 +389,7 @@ def apply_gating(scores, col_valid, GATING: tl.constexpr):
 
 @triton.jit
 def gating_backward(dgates, gates, scores, col_valid, GATING: tl.constexpr):
-    """dgates -> dscores through the gating (SPEC section 1); zero on invalid columns."""
+    """dgates -> dscores through the gating; zero on invalid columns."""
     dgates = tl.where(col_valid, dgates, 0.0)
     if GATING == GATING_SOFTMAX:
         return gates * (dgates - tl.sum(gates * dgates, axis=1)[:, None])
