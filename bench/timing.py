@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from peer_kernels import _memory
+
 # Per-case budgets: enough repetitions for a stable median, bounded for long sweeps.
 GPU_WARMUP_MS, GPU_BUDGET_MS, GPU_REPS = 25.0, 300.0, (10, 100)
 CPU_BUDGET_MS, CPU_REPS = 300.0, (3, 15)
@@ -138,9 +140,11 @@ def _cpu_peak_bytes(phases, item):
 
 def copy_bandwidth_gbps(device):
     """Device copy bandwidth measured now (bytes read + bytes written per second, in GB/s): the
-    roofline the expert gather is compared with. 1 GiB on a GPU, 128 MiB on a CPU."""
+    roofline the expert gather is compared with. 1 GiB on a GPU, 128 MiB on a CPU, where the
+    buffers are on huge pages as the layer's tables are (peer_kernels._memory): the floor is what
+    the memory gives at its best."""
     nbytes = (1 << 30) if device.type == "cuda" else (128 << 20)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
+    src = _memory.empty((nbytes // 4,), dtype=torch.float32, device=device).uniform_()
+    dst = _memory.empty((nbytes // 4,), dtype=torch.float32, device=device)
     (times,) = measure(device, [None], [lambda _: dst.copy_(src)])
     return 2 * nbytes / (median(times) * 1e-3) / 1e9

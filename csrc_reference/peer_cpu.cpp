@@ -20,6 +20,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
+#include <functional>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -116,36 +118,132 @@ inline acc_t to_acc(src_t v) {
 #define PEER_VECTOR_CLONES
 #endif
 
+// Values per step of dot and axpy: four 256-bit vectors of floats. A dot keeps one partial sum per
+// lane, so that its fused multiply-adds form four independent chains instead of one (each waits for
+// the last only every fourth instruction), and an 8-bit table's values are widened a whole
+// vector at a time (GCC widens them 128 bits at a time in a plain loop).
+constexpr int64_t kVectorLanes = 32;
+
 template <typename acc_t, typename a_t, typename b_t>
 PEER_VECTOR_CLONES acc_t dot(const a_t* a, const b_t* b, int64_t d) {
+  acc_t lane_sum[kVectorLanes] = {};
+  int64_t i = 0;
+  for (; i + kVectorLanes <= d; i += kVectorLanes)
+#pragma omp simd
+    for (int64_t j = 0; j < kVectorLanes; ++j) lane_sum[j] += to_acc<acc_t>(a[i + j]) * to_acc<acc_t>(b[i + j]);
   acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < d; ++i) sum += to_acc<acc_t>(a[i]) * to_acc<acc_t>(b[i]);
+  for (; i < d; ++i) sum += to_acc<acc_t>(a[i]) * to_acc<acc_t>(b[i]);
+  for (int64_t j = 0; j < kVectorLanes; ++j) sum += lane_sum[j];
   return sum;
 }
 
-// q . rows[r * stride, r * stride + d) for the rows r = 0..3, into out[r]: four rows per pass over q.
+// Rows read side by side by the gathers and the decode scan. Rows at random addresses arrive at the
+// rate of the misses in flight, and a loop over one row keeps too few in flight: the hardware walks
+// a row's lines as one stream. kGatherRows rows read together are that many streams at once (the
+// measurements are in docs/serving.md).
+constexpr int kGatherRows = 8;
+
+// Rows stored in another type than the compute type are read kWiden values at a time, widened into
+// a small buffer first: GCC vectorizes that conversion 256 bits wide as a loop of its own, but only
+// 128 bits wide, or not at all, inside the rows' multiply-adds. Rows in the compute type are read in
+// one pass (blocks of them measured slower).
+constexpr int64_t kWiden = 64;
+
+// kGatherRows rows, block by block: `for (RowBlocks<acc_t, row_t> block(rows, d); block.next();)`
+// gives each block's values [begin, begin + width) of every row in the compute type.
 template <typename acc_t, typename row_t>
-PEER_VECTOR_CLONES void dot4(const acc_t* q, const row_t* rows, int64_t stride, int64_t d, acc_t* out) {
-  const row_t *r0 = rows, *r1 = rows + stride, *r2 = rows + 2 * stride, *r3 = rows + 3 * stride;
-  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < d; ++i) {
-    s0 += q[i] * static_cast<acc_t>(r0[i]);
-    s1 += q[i] * static_cast<acc_t>(r1[i]);
-    s2 += q[i] * static_cast<acc_t>(r2[i]);
-    s3 += q[i] * static_cast<acc_t>(r3[i]);
+class RowBlocks {
+ public:
+  RowBlocks(const row_t* const* rows, int64_t d) : rows_(rows), d_(d), block_(kInPlace ? d : std::min(kWiden, d)) {}
+
+  bool next() {
+    begin_ = end_;
+    if (begin_ >= d_) return false;
+    end_ = std::min(d_, begin_ + block_);
+    const int64_t width = end_ - begin_;
+    for (int r = 0; r < kGatherRows; ++r) {
+      const row_t* row = rows_[r] + begin_;
+      if constexpr (kInPlace) {
+        values_[r] = row;
+      } else {
+        acc_t* wide = buffer_[r];
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) wide[j] = to_acc<acc_t>(row[j]);
+        values_[r] = wide;
+      }
+    }
+    return true;
   }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
+  int64_t begin() const { return begin_; }
+  int64_t width() const { return end_ - begin_; }
+  const std::array<const acc_t*, kGatherRows>& values() const { return values_; }
+
+ private:
+  static constexpr bool kInPlace = std::is_same_v<row_t, acc_t>;
+  const row_t* const* rows_;
+  int64_t d_, block_, begin_ = 0, end_ = 0;
+  acc_t buffer_[kInPlace ? 1 : kGatherRows][kWiden];
+  std::array<const acc_t*, kGatherRows> values_;
+};
+
+// q . rows[r][0..d) into out[r] for r < kGatherRows. A row's sum is the same whichever rows share its
+// call: a caller with fewer rows repeats its last one.
+template <typename acc_t, typename row_t>
+PEER_VECTOR_CLONES void dot_rows(const acc_t* q, const row_t* const* rows, int64_t d, acc_t* out) {
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+  for (RowBlocks<acc_t, row_t> block(rows, d); block.next();) {
+    const auto [v0, v1, v2, v3, v4, v5, v6, v7] = block.values();
+    const acc_t* qi = q + block.begin();
+    const int64_t width = block.width();
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+    for (int64_t j = 0; j < width; ++j) {
+      s0 += qi[j] * v0[j];
+      s1 += qi[j] * v1[j];
+      s2 += qi[j] * v2[j];
+      s3 += qi[j] * v3[j];
+      s4 += qi[j] * v4[j];
+      s5 += qi[j] * v5[j];
+      s6 += qi[j] * v6[j];
+      s7 += qi[j] * v7[j];
+    }
+  }
+  const acc_t sums[kGatherRows] = {s0, s1, s2, s3, s4, s5, s6, s7};
+  std::copy(sums, sums + kGatherRows, out);
+}
+
+// dst[0..d) += coef[r] * rows[r][0..d) for r < kGatherRows, the rows read side by side, added to
+// each element in row order: the same sums as kGatherRows calls of axpy.
+template <typename acc_t, typename row_t>
+PEER_VECTOR_CLONES void axpy_rows(const acc_t* coef, const row_t* const* rows, acc_t* dst, int64_t d) {
+  const acc_t c0 = coef[0], c1 = coef[1], c2 = coef[2], c3 = coef[3];
+  const acc_t c4 = coef[4], c5 = coef[5], c6 = coef[6], c7 = coef[7];
+  for (RowBlocks<acc_t, row_t> block(rows, d); block.next();) {
+    const auto [v0, v1, v2, v3, v4, v5, v6, v7] = block.values();
+    acc_t* di = dst + block.begin();
+    const int64_t width = block.width();
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      acc_t sum = di[j];
+      sum += c0 * v0[j];
+      sum += c1 * v1[j];
+      sum += c2 * v2[j];
+      sum += c3 * v3[j];
+      sum += c4 * v4[j];
+      sum += c5 * v5[j];
+      sum += c6 * v6[j];
+      sum += c7 * v7[j];
+      di[j] = sum;
+    }
+  }
 }
 
 template <typename acc_t, typename src_t>
 PEER_VECTOR_CLONES void axpy(acc_t alpha, const src_t* src, acc_t* dst, int64_t d) {
+  int64_t i = 0;
+  for (; i + kVectorLanes <= d; i += kVectorLanes)
 #pragma omp simd
-  for (int64_t i = 0; i < d; ++i) dst[i] += alpha * to_acc<acc_t>(src[i]);
+    for (int64_t j = 0; j < kVectorLanes; ++j) dst[i + j] += alpha * to_acc<acc_t>(src[i + j]);
+  for (; i < d; ++i) dst[i] += alpha * to_acc<acc_t>(src[i]);
 }
 
 // Entries grouped by the table row they add to: row r's entries are order[start[r] .. start[r+1]),
@@ -246,18 +344,14 @@ void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int6
         const int64_t at = list(t, h, half, slice);
         lists[t] = TopList<acc_t>{slice_score.data() + at, slice_index.data() + at, int(k_sub), 0};
       }
-      // Four key rows at a time (the last group may be shorter), each scored for every token.
-      for (int64_t i = slice * slice_rows; i < row_end; i += 4) {
-        const int64_t group = std::min<int64_t>(4, row_end - i);
-        for (int64_t next = i + 4; next < std::min(row_end, i + 8); ++next) prefetch_row(rows + next * 2 * dk, dk);
+      // kGatherRows key rows at a time (the last group may be shorter), each scored for every token.
+      for (int64_t i = slice * slice_rows; i < row_end; i += kGatherRows) {
+        const int64_t group = std::min<int64_t>(kGatherRows, row_end - i);
+        const key_t* group_rows[kGatherRows];
+        for (int64_t r = 0; r < kGatherRows; ++r) group_rows[r] = rows + (i + std::min(r, group - 1)) * 2 * dk;
         for (int64_t t = 0; t < T; ++t) {
-          const acc_t* q_row = q_p + t * q_token + h * q_head + half * q_half;
-          acc_t score[4];
-          if (group == 4) {
-            dot4(q_row, rows + i * 2 * dk, 2 * dk, dk, score);
-          } else {
-            for (int64_t r = 0; r < group; ++r) score[r] = dot<acc_t>(q_row, rows + (i + r) * 2 * dk, dk);
-          }
+          acc_t score[kGatherRows];
+          dot_rows(q_p + t * q_token + h * q_head + half * q_half, group_rows, dk, score);
           for (int64_t r = 0; r < group; ++r) lists[t].offer(score[r], i + r);
         }
       }
@@ -277,6 +371,43 @@ void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int6
   });
 }
 
+// The best k_sub of scores[0..n) into `best` (empty), the same picks as top_sub_keys (peer_math.h)
+// with a fraction of its offers, each of which moves list entries: the maxima of blocks of
+// kScanBlock scores (a vector pass) bound the k_sub-th best score from below, as k_sub blocks reach
+// their k_sub-th largest maximum; only scores of blocks that reach the bound can be picked, and
+// they are offered in index order, so the tie rule decides as before. With a NaN among the scores
+// (no order for the bound) or fewer blocks than k_sub, top_sub_keys itself. Scratch: 2 * blocks.
+constexpr int64_t kScanBlock = 16;
+
+template <typename acc_t>
+PEER_VECTOR_CLONES void top_sub_keys_blocked(const acc_t* scores, int64_t n, TopList<acc_t>& best,
+                                             std::vector<acc_t>& scratch) {
+  const int64_t blocks = (n + kScanBlock - 1) / kScanBlock;
+  scratch.resize(2 * blocks);
+  acc_t* block_max = scratch.data();
+  acc_t* maxima = block_max + blocks;  // reordered by nth_element
+  int64_t nans = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = std::min(n, (b + 1) * kScanBlock);
+    acc_t top = scores[b * kScanBlock];
+#pragma omp simd reduction(max : top) reduction(+ : nans)
+    for (int64_t i = b * kScanBlock; i < end; ++i) {
+      top = scores[i] > top ? scores[i] : top;
+      nans += scores[i] != scores[i];
+    }
+    block_max[b] = top;
+  }
+  if (nans || blocks < best.capacity) return top_sub_keys(scores, int(n), best);
+  std::copy(block_max, block_max + blocks, maxima);
+  std::nth_element(maxima, maxima + (best.capacity - 1), maxima + blocks, std::greater<acc_t>());
+  const acc_t bound = maxima[best.capacity - 1];
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (block_max[b] < bound) continue;
+    for (int64_t i = b * kScanBlock, end = std::min(n, i + kScanBlock); i < end; ++i)
+      if (scores[i] >= bound) best.offer(scores[i], i);
+  }
+}
+
 // The "token_tiles" scan into best (T, h, 2, k_sub): tasks of (head, half, kMatmulTokens tokens),
 // each one matmul (BLAS, single-threaded inside the task) of the tokens' half-queries with the half's
 // key rows, read in place as the matmul's strided operand, into a task-local (tokens, n) block of
@@ -289,6 +420,7 @@ void matmul_sub_keys(const Tensor& q, const Tensor& keys, int64_t n, int64_t k_s
   parallel_chunks(0, heads * 2 * chunks, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard no_grad;
     Tensor block = at::empty({std::min(T, kMatmulTokens), n}, q.options());
+    std::vector<acc_t> selection_scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / (2 * chunks), half = task / chunks % 2, t0 = task % chunks * kMatmulTokens;
       const int64_t t1 = std::min(T, t0 + kMatmulTokens);
@@ -299,7 +431,7 @@ void matmul_sub_keys(const Tensor& q, const Tensor& keys, int64_t n, int64_t k_s
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m = (t * heads + h) * 2 + half;
         TopList<acc_t> best{best_score + m * k_sub, best_index + m * k_sub, int(k_sub), 0};
-        top_sub_keys(sub_p + (t - t0) * n, int(n), best);
+        top_sub_keys_blocked(sub_p + (t - t0) * n, n, best, selection_scratch);
       }
     }
   });
@@ -507,9 +639,20 @@ Tensor down_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& 
     const int64_t* id = ids.data_ptr<int64_t>();
     acc_t* z_p = z.data_ptr<acc_t>();
     parallel_chunks(0, T * slots, decode ? kSlotGrain : kTokenGrain * slots, [&](int64_t begin, int64_t end) {
-      for (int64_t slot = begin; slot < end; ++slot) {
-        if (slot + 1 < T * slots) prefetch_row(down_p + id[slot + 1] * d, d);
-        z_p[slot] = dot<acc_t>(down_p + id[slot] * d, x_p + slot / slots * d, d) * row_scale(scale_p, id[slot]);
+      // groups of up to kGatherRows slots of one token (they share x), read side by side
+      for (int64_t slot = begin, count; slot < end; slot += count) {
+        const int64_t token = slot / slots;
+        count = std::min({int64_t(kGatherRows), end - slot, (token + 1) * slots - slot});
+        const scalar_t* rows[kGatherRows];
+        float scale[kGatherRows];  // loaded before the rows' long sums, so not waited for after them
+        for (int64_t r = 0; r < kGatherRows; ++r) {
+          const int64_t row = id[slot + std::min(r, count - 1)];
+          rows[r] = down_p + row * d;
+          scale[r] = row_scale(scale_p, row);
+        }
+        acc_t sums[kGatherRows];
+        dot_rows(x_p + token * d, rows, d, sums);
+        for (int64_t r = 0; r < count; ++r) z_p[slot + r] = sums[r] * scale[r];
       }
     });
   });
@@ -563,10 +706,13 @@ Tensor mix_forward(const Tensor& z_in, const Tensor& expert_ids, const Tensor& g
         const int64_t width = std::min(d, c0 + columns) - c0;
         acc_t* y_part = y_p + t * d + c0;
         std::fill(y_part, y_part + width, acc_t(0));
-        for (int64_t slot = t * slots; slot < (t + 1) * slots; ++slot) {
-          if (slot + 1 < T * slots) prefetch_row(up_p + id[slot + 1] * d + c0, width);
-          axpy(coef[slot], up_p + id[slot] * d + c0, y_part, width);
+        int64_t slot = t * slots;
+        for (; slot + kGatherRows <= (t + 1) * slots; slot += kGatherRows) {
+          const scalar_t* rows[kGatherRows];
+          for (int64_t r = 0; r < kGatherRows; ++r) rows[r] = up_p + id[slot + r] * d + c0;
+          axpy_rows(coef.data() + slot, rows, y_part, width);
         }
+        for (; slot < (t + 1) * slots; ++slot) axpy(coef[slot], up_p + id[slot] * d + c0, y_part, width);
       }
     });
   });

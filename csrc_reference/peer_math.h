@@ -103,8 +103,8 @@ struct TopList {
   int size;
 
   PEER_HD static bool better(acc_t s, int64_t i, acc_t than_s, int64_t than_i) {
-    const bool nan = s != s, than_nan = than_s != than_s;
-    if (nan || than_nan) return nan && (!than_nan || i < than_i);
+    // A number against a NaN: both compares are false, so it ranks below.
+    if (s != s) return than_s == than_s || i < than_i;
     return s > than_s || (s == than_s && i < than_i);
   }
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _math, backends, instruments
+from . import _math, _memory, backends, instruments
 from ._checks import check_batch_norm_input, check_config, check_layer_input
 
 
@@ -132,6 +132,8 @@ class PEER(nn.Module):
         for module in (self.norm, self.to_queries, self.query_norm):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        for table in (self.keys, self.w_down, self.w_up):
+            _memory.advise_huge_pages(table)  # before the first write (fresh or to_empty's memory)
         nn.init.normal_(self.keys, std=1 / math.sqrt(self.dim_key))
         nn.init.normal_(self.w_down, std=1 / math.sqrt(self.dim))
         nn.init.normal_(self.w_up, std=1 / math.sqrt(self.dim))

@@ -32,7 +32,7 @@ rebuild the layers quantized.
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, _memory
 from .module import PEER
 
 TABLES = ("w_down", "w_up")
@@ -59,7 +59,7 @@ def quantize_rows(table, dtype):
     through the rows in chunks, so a large table needs no float32 copy of itself."""
     _checks.check_choice("dtype", dtype, tuple(LARGEST))
     largest = LARGEST[dtype]
-    values = torch.empty(table.shape, dtype=dtype, device=table.device)
+    values = _memory.empty(table.shape, dtype=dtype, device=table.device)
     scale = torch.empty(table.shape[0], dtype=torch.float32, device=table.device)
     rows = max(1, _VALUES_PER_CHUNK // max(1, table.shape[1]))
     for start in range(0, table.shape[0], rows):
@@ -106,7 +106,7 @@ def quantize_layer(layer, dtype):
 def make_quantized(layer, dtype):
     """Gives a PEER layer unwritten quantized tables of `dtype` and their scales, on its device: a
     layer about to load quantized ones (a checkpoint, or transformers' from_pretrained)."""
-    _set_tables(layer, {name: (torch.empty(getattr(layer, name).shape, dtype=dtype, device=layer.w_down.device),
+    _set_tables(layer, {name: (_memory.empty(getattr(layer, name).shape, dtype=dtype, device=layer.w_down.device),
                                torch.empty(layer.w_down.shape[0], dtype=torch.float32, device=layer.w_down.device))
                         for name in TABLES})
 

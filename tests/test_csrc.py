@@ -6,6 +6,7 @@ The extension is built once per machine (about a minute on 2 cores) and cached b
 session fixture loads it, or skips the tests that need it with the reason.
 """
 import functools
+import math
 import shutil
 import subprocess
 import warnings
@@ -177,6 +178,28 @@ def test_product_key_topk_in_several_token_chunks(ext):
     ref_scores, ref_ids = reference.product_key_topk(queries, keys, 6, 3)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(scores, ref_scores, rtol=1e-12, atol=1e-12)
+
+
+def test_token_tiles_selection_keeps_the_tie_rule_at_its_bound(ext):
+    """The token-tile scan offers a (token, head, half) only the scores that reach a bound from the
+    maxima of blocks of 16 scores (n = 83: five whole blocks and one of 3). Head 0: equal scores in
+    six blocks, straddling the k_sub-th place; head 1: +inf and -inf scores; head 2: a NaN score
+    (which takes the unbounded scan). Each must pick what the oracle picks."""
+    T, h, n, dk, k, k_sub = 3, 3, 83, 4, 7, 4
+    keys = torch.randn(h, n, 2, dk, dtype=torch.float64)
+    queries = torch.randn(T, h, 2, dk, dtype=torch.float64)
+    tied = [3, 19, 35, 51, 67, 80]
+    keys[0, tied, 0] = 5.0
+    queries[:, 0, 0] = 1.0
+    queries[:, 1, 1] = queries[:, 1, 1].abs() + 0.5
+    keys[1, 10, 1], keys[1, 60, 1] = math.inf, -math.inf
+    keys[2, 30, 0, 2] = math.nan
+    scores, ids = ext.retrieval_forward(queries, keys, k, k_sub, "token_tiles")
+    ref_scores, ref_ids = reference.product_key_topk(queries, keys, k, k_sub)
+    assert torch.equal(ids, ref_ids)
+    assert (ids[:, 0, :4] // n == torch.tensor(tied[:4])).all()  # the four smallest tied indices, in order
+    assert (ids[:, 1, :4] % n == 10).all() and (ids[:, 2, 0] // n == 30).all()
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
 def test_product_key_topk_bfloat16_scores_are_float32(ext):
