@@ -30,6 +30,9 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "peer_math.h"
 #include "peer_torch.h"
@@ -147,20 +150,34 @@ constexpr int kGatherRows = 8;
 // a small buffer first: GCC vectorizes that conversion 256 bits wide as a loop of its own, but only
 // 128 bits wide, or not at all, inside the rows' multiply-adds. Rows in the compute type are read in
 // one pass (blocks of them measured slower).
+//
+// Such narrow rows are also short (an int8 row of 1024 values is 16 cache lines), too short for the
+// hardware's stream prefetch to get going: alone, each block waited on its rows' misses. So the
+// caller passes the rows of its next group (`ahead`), and each block prefetches the same bytes of
+// those that it reads of its own: the next group arrives while this one is summed, a few lines per
+// row at a time (all of a group's lines at once would queue behind the current loads). Rows in the
+// compute type are long and stream at the copy bandwidth without it (a prefetch measured slower).
 constexpr int64_t kWiden = 64;
 
-// kGatherRows rows, block by block: `for (RowBlocks<acc_t, row_t> block(rows, d); block.next();)`
-// gives each block's values [begin, begin + width) of every row in the compute type.
+// kGatherRows rows, block by block: `for (RowBlocks<acc_t, row_t> block(rows, ahead, d); block.next();)`
+// gives each block's values [begin, begin + width) of every row in the compute type. `ahead`: the
+// next group's rows, or nullptr.
 template <typename acc_t, typename row_t>
 class RowBlocks {
  public:
-  RowBlocks(const row_t* const* rows, int64_t d) : rows_(rows), d_(d), block_(kInPlace ? d : std::min(kWiden, d)) {}
+  RowBlocks(const row_t* const* rows, const row_t* const* ahead, int64_t d)
+      : rows_(rows), ahead_(kInPlace ? nullptr : ahead), d_(d), block_(kInPlace ? d : std::min(kWiden, d)) {}
 
   bool next() {
     begin_ = end_;
     if (begin_ >= d_) return false;
     end_ = std::min(d_, begin_ + block_);
     const int64_t width = end_ - begin_;
+    if (ahead_)
+      for (int r = 0; r < kGatherRows; ++r) {
+        const char* bytes = reinterpret_cast<const char*>(ahead_[r] + begin_);
+        for (int64_t offset = 0; offset < width * int64_t(sizeof(row_t)); offset += 64) __builtin_prefetch(bytes + offset);
+      }
     for (int r = 0; r < kGatherRows; ++r) {
       const row_t* row = rows_[r] + begin_;
       if constexpr (kInPlace) {
@@ -181,17 +198,85 @@ class RowBlocks {
  private:
   static constexpr bool kInPlace = std::is_same_v<row_t, acc_t>;
   const row_t* const* rows_;
+  const row_t* const* ahead_;
   int64_t d_, block_, begin_ = 0, end_ = 0;
   acc_t buffer_[kInPlace ? 1 : kGatherRows][kWiden];
   std::array<const acc_t*, kGatherRows> values_;
 };
 
+// int8 rows, the quantized tables' (peer_kernels.quantize_), on CPUs with AVX2 and FMA: each 8 values
+// are widened in registers by two instructions and meet the multiply-add there. The widening
+// through RowBlocks' buffer costs a store and a load per value, and its loops bound the 8-bit
+// gather by the CPU, not the memory (measured 4x slower with the rows in cache). The next group's
+// lines are prefetched as in RowBlocks, one line of each row per 64 values read of this group's.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define PEER_INT8_AVX2 1
+__attribute__((target("avx2,fma"))) inline __m256 widen8(const int8_t* values) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(values))));
+}
+
+__attribute__((target("avx2,fma"))) inline void prefetch_ahead(const int8_t* const* ahead, int64_t j) {
+  if (ahead && j % 64 == 0)
+    for (int r = 0; r < kGatherRows; ++r) __builtin_prefetch(ahead[r] + j);
+}
+
+__attribute__((target("avx2,fma"))) void dot_rows_int8(const float* q, const int8_t* const* rows,
+                                                       const int8_t* const* ahead, int64_t d, float* out) {
+  __m256 sums[kGatherRows];
+  for (int r = 0; r < kGatherRows; ++r) sums[r] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    prefetch_ahead(ahead, j);
+    const __m256 qj = _mm256_loadu_ps(q + j);
+    for (int r = 0; r < kGatherRows; ++r) sums[r] = _mm256_fmadd_ps(qj, widen8(rows[r] + j), sums[r]);
+  }
+  for (int r = 0; r < kGatherRows; ++r) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, sums[r]);
+    float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for (int64_t i = j; i < d; ++i) sum += q[i] * float(rows[r][i]);
+    out[r] = sum;
+  }
+}
+
+__attribute__((target("avx2,fma"))) void axpy_rows_int8(const float* coef, const int8_t* const* rows,
+                                                        const int8_t* const* ahead, float* dst, int64_t d) {
+  __m256 c[kGatherRows];
+  for (int r = 0; r < kGatherRows; ++r) c[r] = _mm256_set1_ps(coef[r]);
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    prefetch_ahead(ahead, j);
+    __m256 sum = _mm256_loadu_ps(dst + j);
+    for (int r = 0; r < kGatherRows; ++r) sum = _mm256_fmadd_ps(c[r], widen8(rows[r] + j), sum);
+    _mm256_storeu_ps(dst + j, sum);
+  }
+  for (; j < d; ++j) {
+    float sum = dst[j];
+    for (int r = 0; r < kGatherRows; ++r) sum = std::fma(coef[r], float(rows[r][j]), sum);
+    dst[j] = sum;
+  }
+}
+
+// Set while the library loads, among other constructors: the CPU's features are read first.
+const bool kInt8Avx2 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}();
+#else
+#define PEER_INT8_AVX2 0
+#endif
+
 // q . rows[r][0..d) into out[r] for r < kGatherRows. A row's sum is the same whichever rows share its
-// call: a caller with fewer rows repeats its last one.
+// call: a caller with fewer rows repeats its last one. `ahead`: the caller's next rows (RowBlocks).
 template <typename acc_t, typename row_t>
-PEER_VECTOR_CLONES void dot_rows(const acc_t* q, const row_t* const* rows, int64_t d, acc_t* out) {
+PEER_VECTOR_CLONES void dot_rows(const acc_t* q, const row_t* const* rows, const row_t* const* ahead, int64_t d,
+                                 acc_t* out) {
+#if PEER_INT8_AVX2
+  if constexpr (std::is_same_v<row_t, int8_t> && std::is_same_v<acc_t, float>)
+    if (kInt8Avx2) return dot_rows_int8(q, rows, ahead, d, out);
+#endif
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-  for (RowBlocks<acc_t, row_t> block(rows, d); block.next();) {
+  for (RowBlocks<acc_t, row_t> block(rows, ahead, d); block.next();) {
     const auto [v0, v1, v2, v3, v4, v5, v6, v7] = block.values();
     const acc_t* qi = q + block.begin();
     const int64_t width = block.width();
@@ -212,12 +297,17 @@ PEER_VECTOR_CLONES void dot_rows(const acc_t* q, const row_t* const* rows, int64
 }
 
 // dst[0..d) += coef[r] * rows[r][0..d) for r < kGatherRows, the rows read side by side, added to
-// each element in row order: the same sums as kGatherRows calls of axpy.
+// each element in row order: the same sums as kGatherRows calls of axpy. `ahead` as dot_rows's.
 template <typename acc_t, typename row_t>
-PEER_VECTOR_CLONES void axpy_rows(const acc_t* coef, const row_t* const* rows, acc_t* dst, int64_t d) {
+PEER_VECTOR_CLONES void axpy_rows(const acc_t* coef, const row_t* const* rows, const row_t* const* ahead, acc_t* dst,
+                                  int64_t d) {
+#if PEER_INT8_AVX2
+  if constexpr (std::is_same_v<row_t, int8_t> && std::is_same_v<acc_t, float>)
+    if (kInt8Avx2) return axpy_rows_int8(coef, rows, ahead, dst, d);
+#endif
   const acc_t c0 = coef[0], c1 = coef[1], c2 = coef[2], c3 = coef[3];
   const acc_t c4 = coef[4], c5 = coef[5], c6 = coef[6], c7 = coef[7];
-  for (RowBlocks<acc_t, row_t> block(rows, d); block.next();) {
+  for (RowBlocks<acc_t, row_t> block(rows, ahead, d); block.next();) {
     const auto [v0, v1, v2, v3, v4, v5, v6, v7] = block.values();
     acc_t* di = dst + block.begin();
     const int64_t width = block.width();
@@ -299,6 +389,41 @@ TableGrad table_grad_outputs(const RowGroups& groups, const Tensor& table, bool 
   return {at::empty({rows.size(0), table.size(1)}, table.options()), rows};
 }
 
+// ---- the query projection -------------------------------------------------------------------------
+
+// x (T, d_in) @ weight (d_out, d_in)^T -> y (T, d_out) in x's dtype: the layer's bias-free query
+// projection (peer_kernels._library.project). ATen's matmul of a few tokens runs on all threads by
+// splitting the tokens, so each thread packs the whole weight (8 MB at the paper's shapes) for its
+// share of a few rows: measured on 2 cores, 0.53 ms for one token read from memory and 2.4 ms for 64
+// tokens. Here each parallel task is one matmul (BLAS, single-threaded inside the task) of all the
+// tokens with a block of weight's rows, written into that block's columns of y: 0.32 and 1.8 ms.
+// Blocks of at least kProjectColumns output features, two per thread (so a descheduled thread
+// leaves one to the others).
+constexpr int64_t kProjectColumns = 64;
+
+Tensor linear_forward(const Tensor& x_in, const Tensor& weight_in) {
+  TORCH_CHECK(x_in.dim() == 2 && weight_in.dim() == 2 && x_in.size(1) == weight_in.size(1) &&
+                  x_in.scalar_type() == weight_in.scalar_type(),
+              "linear_forward: expected x (T, d_in) and weight (d_out, d_in) of one dtype, got x ", x_in.sizes(), " ",
+              x_in.scalar_type(), " and weight ", weight_in.sizes(), " ", weight_in.scalar_type());
+  // Detached: the matmuls run on OpenMP threads, where autograd's thread-local state is not set.
+  const Tensor x = x_in.detach(), weight = weight_in.detach();
+  const int64_t d_out = weight.size(0);
+  Tensor y = at::empty({x.size(0), d_out}, x.options());
+  const int64_t blocks = std::clamp<int64_t>(d_out / kProjectColumns, 1, 2 * at::get_num_threads());
+  const int64_t columns = (d_out + blocks - 1) / blocks;
+  parallel_chunks(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const at::NoGradGuard no_grad;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * columns, width = std::min(d_out, first + columns) - first;
+      if (width <= 0) continue;
+      Tensor y_block = y.narrow(1, first, width);  // row-major with y's row stride: written in place
+      at::mm_out(y_block, x, weight.narrow(0, first, width).t());
+    }
+  });
+  return y;
+}
+
 // ---- retrieval -----------------------------------------------------------------------------------
 
 // Sub-key scores are scanned in one of two ways, by the schedule (peer_kernels.tuning.token_schedule
@@ -351,7 +476,8 @@ void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int6
         for (int64_t r = 0; r < kGatherRows; ++r) group_rows[r] = rows + (i + std::min(r, group - 1)) * 2 * dk;
         for (int64_t t = 0; t < T; ++t) {
           acc_t score[kGatherRows];
-          dot_rows(q_p + t * q_token + h * q_head + half * q_half, group_rows, dk, score);
+          dot_rows(q_p + t * q_token + h * q_head + half * q_half, group_rows, static_cast<const key_t* const*>(nullptr),
+                   dk, score);  // no prefetch: the scan walks the keys in order
           for (int64_t r = 0; r < group; ++r) lists[t].offer(score[r], i + r);
         }
       }
@@ -372,38 +498,43 @@ void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int6
 }
 
 // The best k_sub of scores[0..n) into `best` (empty), the same picks as top_sub_keys (peer_math.h)
-// with a fraction of its offers, each of which moves list entries: the maxima of blocks of
-// kScanBlock scores (a vector pass) bound the k_sub-th best score from below, as k_sub blocks reach
-// their k_sub-th largest maximum; only scores of blocks that reach the bound can be picked, and
-// they are offered in index order, so the tie rule decides as before. With a NaN among the scores
-// (no order for the bound) or fewer blocks than k_sub, top_sub_keys itself. Scratch: 2 * blocks.
+// with a fraction of its offers, each of which moves list entries: the maxima of `blocks` blocks of
+// up to kScanBlock scores bound the k_sub-th best score from below, as k_sub blocks reach their
+// k_sub-th largest maximum; only scores of blocks that reach the bound can be picked. Block b holds
+// the scores b, b + blocks, b + 2 * blocks, ...: the maxima are then elementwise maxima of the rows
+// of scores seen as (kScanBlock, blocks), one vector pass with no reduction inside a vector (blocks
+// of neighbours took a reduction across lanes per block, more than the pass itself). The offers come
+// out of index order, which the tie rule does not depend on: it ranks (score, index) whatever the
+// order. With a NaN among the scores (no order for the bound) or fewer blocks than k_sub,
+// top_sub_keys itself. Scratch: 2 * blocks.
 constexpr int64_t kScanBlock = 16;
 
 template <typename acc_t>
 PEER_VECTOR_CLONES void top_sub_keys_blocked(const acc_t* scores, int64_t n, TopList<acc_t>& best,
                                              std::vector<acc_t>& scratch) {
   const int64_t blocks = (n + kScanBlock - 1) / kScanBlock;
+  if (blocks < best.capacity) return top_sub_keys(scores, int(n), best);
   scratch.resize(2 * blocks);
   acc_t* block_max = scratch.data();
   acc_t* maxima = block_max + blocks;  // reordered by nth_element
+  std::copy(scores, scores + blocks, block_max);
   int64_t nans = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t end = std::min(n, (b + 1) * kScanBlock);
-    acc_t top = scores[b * kScanBlock];
-#pragma omp simd reduction(max : top) reduction(+ : nans)
-    for (int64_t i = b * kScanBlock; i < end; ++i) {
-      top = scores[i] > top ? scores[i] : top;
-      nans += scores[i] != scores[i];
+  for (int64_t row = 0; row < kScanBlock; ++row) {
+    const acc_t* values = scores + row * blocks;
+    const int64_t width = std::clamp<int64_t>(n - row * blocks, 0, blocks);
+#pragma omp simd reduction(+ : nans)
+    for (int64_t b = 0; b < width; ++b) {
+      block_max[b] = values[b] > block_max[b] ? values[b] : block_max[b];
+      nans += values[b] != values[b];
     }
-    block_max[b] = top;
   }
-  if (nans || blocks < best.capacity) return top_sub_keys(scores, int(n), best);
+  if (nans) return top_sub_keys(scores, int(n), best);
   std::copy(block_max, block_max + blocks, maxima);
   std::nth_element(maxima, maxima + (best.capacity - 1), maxima + blocks, std::greater<acc_t>());
   const acc_t bound = maxima[best.capacity - 1];
   for (int64_t b = 0; b < blocks; ++b) {
     if (block_max[b] < bound) continue;
-    for (int64_t i = b * kScanBlock, end = std::min(n, i + kScanBlock); i < end; ++i)
+    for (int64_t i = b; i < n; i += blocks)
       if (scores[i] >= bound) best.offer(scores[i], i);
   }
 }
@@ -639,20 +770,27 @@ Tensor down_forward(const Tensor& x_in, const Tensor& expert_ids, const Tensor& 
     const int64_t* id = ids.data_ptr<int64_t>();
     acc_t* z_p = z.data_ptr<acc_t>();
     parallel_chunks(0, T * slots, decode ? kSlotGrain : kTokenGrain * slots, [&](int64_t begin, int64_t end) {
-      // groups of up to kGatherRows slots of one token (they share x), read side by side
-      for (int64_t slot = begin, count; slot < end; slot += count) {
-        const int64_t token = slot / slots;
-        count = std::min({int64_t(kGatherRows), end - slot, (token + 1) * slots - slot});
-        const scalar_t* rows[kGatherRows];
-        float scale[kGatherRows];  // loaded before the rows' long sums, so not waited for after them
+      // Groups of up to kGatherRows slots of one token (they share x), read side by side; a group
+      // that is short repeats its last row. The rows of [slot, slot + count) into `rows`, and their
+      // scales fetched: they are as scattered as the rows, and waited for after the rows' sums.
+      const auto group = [&](int64_t slot, const scalar_t** rows) {
+        const int64_t count = std::min({int64_t(kGatherRows), end - slot, (slot / slots + 1) * slots - slot});
         for (int64_t r = 0; r < kGatherRows; ++r) {
           const int64_t row = id[slot + std::min(r, count - 1)];
           rows[r] = down_p + row * d;
-          scale[r] = row_scale(scale_p, row);
+          if (scale_p) __builtin_prefetch(scale_p + row);
         }
+        return count;
+      };
+      const scalar_t* rows[kGatherRows];
+      const scalar_t* ahead[kGatherRows];
+      for (int64_t slot = begin, count = group(begin, rows); slot < end;) {
+        const int64_t next = slot + count, next_count = next < end ? group(next, ahead) : 0;
         acc_t sums[kGatherRows];
-        dot_rows(x_p + token * d, rows, d, sums);
-        for (int64_t r = 0; r < count; ++r) z_p[slot + r] = sums[r] * scale[r];
+        dot_rows(x_p + slot / slots * d, rows, next_count ? ahead : nullptr, d, sums);
+        for (int64_t r = 0; r < count; ++r) z_p[slot + r] = sums[r] * row_scale(scale_p, id[slot + r]);
+        slot = next, count = next_count;
+        if (count) std::copy(ahead, ahead + kGatherRows, rows);
       }
     });
   });
@@ -684,10 +822,14 @@ Tensor mix_forward(const Tensor& z_in, const Tensor& expert_ids, const Tensor& g
     const acc_t* z_p = z.data_ptr<acc_t>();
     const acc_t* g = gates.data_ptr<acc_t>();
     acc_t* y_p = y.data_ptr<acc_t>();
-    // Each slot's coefficient g act(z), once (a column block below would recompute it).
+    // Each slot's coefficient g act(z), once (a column block below would recompute it). The scales
+    // are scattered like the rows, and the activation's call between two of them keeps their misses
+    // from overlapping: they are fetched kScaleAhead slots ahead.
+    constexpr int64_t kScaleAhead = 16;
     std::vector<acc_t> coef(T * slots);
     parallel_chunks(0, T * slots, kGateGrain, [&](int64_t begin, int64_t end) {
       for (int64_t slot = begin; slot < end; ++slot) {
+        if (scale_p && slot + kScaleAhead < end) __builtin_prefetch(scale_p + id[slot + kScaleAhead]);
         acc_t a, slope;
         activate<acc_t>(act, z_p[slot], &a, &slope);
         coef[slot] = g[slot] * a * row_scale(scale_p, id[slot]);
@@ -700,19 +842,30 @@ Tensor mix_forward(const Tensor& z_in, const Tensor& expert_ids, const Tensor& g
     const int64_t per_token = (4 * threads + T - 1) / std::max<int64_t>(T, 1);
     const int64_t blocks = decode ? std::max<int64_t>(1, std::min((d + 15) / 16, per_token)) : 1;
     const int64_t columns = ((d + blocks - 1) / blocks + 15) / 16 * 16;
+    // A token's whole groups of kGatherRows slots, each prefetching the next group (RowBlocks),
+    // the task's last one the next task's first; then its other slots one by one.
+    const int64_t groups = slots / kGatherRows;
+    const auto group = [&](int64_t task, int64_t index, const scalar_t** rows) {
+      const int64_t first = task / blocks * slots + index * kGatherRows, c0 = std::min(d, task % blocks * columns);
+      for (int64_t r = 0; r < kGatherRows; ++r) rows[r] = up_p + id[first + r] * d + c0;
+    };
     parallel_chunks(0, T * blocks, decode ? 1 : kTokenGrain, [&](int64_t begin, int64_t end) {
+      const scalar_t* rows[kGatherRows];
+      const scalar_t* ahead[kGatherRows];
+      if (groups) group(begin, 0, rows);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t t = task / blocks, c0 = std::min(d, task % blocks * columns);
         const int64_t width = std::min(d, c0 + columns) - c0;
         acc_t* y_part = y_p + t * d + c0;
         std::fill(y_part, y_part + width, acc_t(0));
-        int64_t slot = t * slots;
-        for (; slot + kGatherRows <= (t + 1) * slots; slot += kGatherRows) {
-          const scalar_t* rows[kGatherRows];
-          for (int64_t r = 0; r < kGatherRows; ++r) rows[r] = up_p + id[slot + r] * d + c0;
-          axpy_rows(coef.data() + slot, rows, y_part, width);
+        for (int64_t index = 0; index < groups; ++index) {
+          const bool more = index + 1 < groups || task + 1 < end;
+          if (more) index + 1 < groups ? group(task, index + 1, ahead) : group(task + 1, 0, ahead);
+          axpy_rows(coef.data() + t * slots + index * kGatherRows, rows, more ? ahead : nullptr, y_part, width);
+          if (more) std::copy(ahead, ahead + kGatherRows, rows);
         }
-        for (; slot < (t + 1) * slots; ++slot) axpy(coef[slot], up_p + id[slot] * d + c0, y_part, width);
+        for (int64_t slot = t * slots + groups * kGatherRows; slot < (t + 1) * slots; ++slot)
+          axpy(coef[slot], up_p + id[slot] * d + c0, y_part, width);
       }
     });
   });

@@ -96,4 +96,5 @@ inline void check_tables(const at::Tensor& x, const at::Tensor& w_down, const at
           "dy, z, expert_ids, gates, w_up, activation, sparse -> dz, dgates, dw_up, rows");            \
     m.def("gates_forward", &peer::gates_forward, "scores (..., k), gating -> gates");                  \
     m.def("gates_backward", &peer::gates_backward, "scores, gates, dgates, gating -> dscores");        \
+    m.def("linear_forward", &peer::linear_forward, "x (T, d_in), weight (d_out, d_in) -> x @ weight.T"); \
   }

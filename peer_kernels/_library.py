@@ -13,7 +13,8 @@ sparse table gradient, empty for dense ones):
 - mix_forward(z, expert_ids, gates, w_up, activation, deterministic, sparse_grad, w_up_scale) -> y
 - fused_forward(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
   schedule, deterministic, sparse_grad, w_down_scale, w_up_scale) -> y, scores, ids, gates, z
-and their *_backward ops. The scales (E,) float32, None for float tables, go with quantized tables
+and their *_backward ops; and project(x, weight) -> x @ weight.T, the layer's query projection on
+a backend with its own (the C++ one: PEER.queries), whose backward is two matmuls in its autograd. The scales (E,) float32, None for float tables, go with quantized tables
 (int8 / float8_e4m3fn, peer_kernels.quantize_): the forward ops read a table row as its stored
 values times its scale. They are for inference: the backward ops take no scales, and the autograd
 of a forward op given scales refuses to record a backward (_checks.quantized_training_error). The public functions at the end validate the arguments (peer_kernels._checks)
@@ -69,11 +70,11 @@ def acc(t):
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     forward: Callable
-    backward: Callable
+    backward: Optional[Callable]  # None for project (its autograd's matmuls)
 
 
 _IMPLEMENTATIONS = {}
-FAMILIES = ("retrieve", "experts", "down", "mix", "fused")
+FAMILIES = ("retrieve", "experts", "down", "mix", "fused", "project")
 
 
 def implement(family, backend, *, forward, backward):
@@ -390,6 +391,34 @@ def _fused_gradients(ctx, dy, *_):
 
 
 fused_forward.register_autograd(_fused_gradients, setup_context=_fused_setup)
+
+
+# ---- the query projection -------------------------------------------------------------------------------
+
+@custom_op("project")
+def project(backend: str, x: Tensor, weight: Tensor) -> Tensor:
+    """x (T, d_in) @ weight (d_out, d_in).T -> (T, d_out) in x's dtype: a bias-free Linear."""
+    return _implementation("project", backend).forward(x=x, weight=weight)
+
+
+@project.register_fake
+def _(backend, x, weight):
+    return empty((x.shape[0], weight.shape[0]), x)
+
+
+def _project_setup(ctx, inputs, output):
+    _, x, weight = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _project_gradients(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx = dy @ weight if ctx.needs_input_grad[1] else None
+    dweight = dy.t() @ x if ctx.needs_input_grad[2] else None
+    return None, dx, dweight
+
+
+project.register_autograd(_project_gradients, setup_context=_project_setup)
 
 
 # ---- the public functions, for a backend -----------------------------------------------------------------

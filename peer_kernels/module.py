@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _math, _memory, backends, instruments
+from . import _library, _math, _memory, backends, instruments
 from ._checks import check_batch_norm_input, check_config, check_layer_input
 
 
@@ -154,11 +154,26 @@ class PEER(nn.Module):
 
     def queries(self, x):
         """x (T, dim) -> queries (T, heads, 2, dim_key), a view of the (half, head, dk) projection."""
-        projection = self.to_queries(x)
+        projection = self._project(x)
         if self.training and self.query_norm_kind == "batchnorm":
             check_batch_norm_input(projection)
         q = self.query_norm(projection)
         return q.view(x.shape[0], 2, self.heads, self.dim_key).transpose(1, 2)
+
+    def _project(self, x):
+        """to_queries(x). On the C++ backend, when to_queries is a plain bias-free nn.Linear in x's
+        dtype, outside autocast, with no hook that calling it would run, the backend's own projection
+        (_library.project): it spreads the output features over the CPU threads, where ATen's matmul of
+        a few tokens splits the tokens and packs the whole weight on each thread (docs/serving.md).
+        Anything else (a wrapped or replaced Linear, a tensor-subclass weight, a hook, autocast) calls
+        to_queries as it is."""
+        linear = self.to_queries
+        plain = (type(linear) is nn.Linear and linear.bias is None and type(linear.weight) is nn.Parameter
+                 and linear.weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
+                 and not _has_hooks(linear))
+        if plain and backends.resolve(self.backend, x.device) == "cpp":
+            return _library.project("cpp", x, linear.weight)
+        return linear(x)
 
     def _flag_fresh_sparse_grads(self):
         """Table gradients with sparse_grad come out of the backward coalesced (unique, sorted rows),
@@ -322,6 +337,15 @@ def retrieve_and_mix(ops, *, tokens, queries, keys, w_down, w_up, k, k_sub, gati
                                                       sparse_grad, **scales)
     return ops.peer_fused(tokens, queries, keys, w_down, w_up, k, k_sub, gating, activation, separate_embed_per_head,
                           sparse_grad=sparse_grad, **scales)
+
+
+def _has_hooks(module):
+    """Whether calling `module` would run a hook of its own or a global one (torch.nn.modules.module's
+    register_module_forward_hook and the like)."""
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
 
 
 def _flag_coalesced(table):

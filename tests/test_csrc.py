@@ -182,9 +182,10 @@ def test_product_key_topk_in_several_token_chunks(ext):
 
 def test_token_tiles_selection_keeps_the_tie_rule_at_its_bound(ext):
     """The token-tile scan offers a (token, head, half) only the scores that reach a bound from the
-    maxima of blocks of 16 scores (n = 83: five whole blocks and one of 3). Head 0: equal scores in
-    six blocks, straddling the k_sub-th place; head 1: +inf and -inf scores; head 2: a NaN score
-    (which takes the unbounded scan). Each must pick what the oracle picks."""
+    maxima of blocks of up to 16 scores, block b holding every 6th score from b (n = 83: six blocks,
+    of 14 and 13), so that its offers come out of index order. Head 0: six equal scores in four
+    blocks, straddling the k_sub-th place; head 1: +inf and -inf scores; head 2: a NaN score (which
+    takes the unbounded scan). Each must pick what the oracle picks."""
     T, h, n, dk, k, k_sub = 3, 3, 83, 4, 7, 4
     keys = torch.randn(h, n, 2, dk, dtype=torch.float64)
     queries = torch.randn(T, h, 2, dk, dtype=torch.float64)
@@ -200,6 +201,23 @@ def test_token_tiles_selection_keeps_the_tie_rule_at_its_bound(ext):
     assert (ids[:, 0, :4] // n == torch.tensor(tied[:4])).all()  # the four smallest tied indices, in order
     assert (ids[:, 1, :4] % n == 10).all() and (ids[:, 2, 0] // n == 30).all()
     torch.testing.assert_close(scores, ref_scores, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("T", [1, 7, 70])
+def test_linear_forward_against_float64(ext, dtype, T):
+    """The query projection by blocks of output features (300 of them: four blocks of 75 on two
+    threads; 63: one block) equals x @ weight.T within the rounding of its 37-term sums and of the
+    output's dtype."""
+    for d_out in (300, 63):
+        x, weight = torch.randn(T, 37).to(dtype), torch.randn(d_out, 37).to(dtype)
+        y = ext.linear_forward(x, weight)
+        assert y.dtype == dtype and y.shape == (T, d_out)
+        exact = x.double() @ weight.double().T
+        magnitude = x.double().abs() @ weight.double().abs().T
+        assert ((y.double() - exact).abs() <= 38 * torch.finfo(dtype).eps * magnitude).all()
+    with pytest.raises(RuntimeError, match="linear_forward: expected x"):
+        ext.linear_forward(torch.randn(2, 5), torch.randn(3, 4))
 
 
 def test_product_key_topk_bfloat16_scores_are_float32(ext):

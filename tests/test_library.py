@@ -127,9 +127,22 @@ def test_forward_ops_with_quantized_tables(backend, table_dtype):
                                          True, False, *scales))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_project(dtype):
+    """The query projection (the C++ backend's only): a transposed x and a weight of several blocks
+    of output features (kProjectColumns = 64 in csrc_reference/peer_cpu.cpp), gradients to both."""
+    device = _device_of("cpp")
+    x = column_major(torch.randn(T, 150, dtype=dtype, device=device)).requires_grad_()
+    weight = torch.randn(300, 150, dtype=dtype, device=device).requires_grad_()
+    torch.library.opcheck(_library.project, ("cpp", x, weight))
+    torch.library.opcheck(_library.project, ("cpp", x.detach(), weight.detach()))
+    if dtype == torch.float64:
+        torch.autograd.gradcheck(lambda x, weight: _library.project("cpp", x, weight), (x[:, :20], weight[:70, :20]))
+
+
 def test_every_registered_op_is_checked():
     """A new op must be added to the opchecks above: the namespace holds exactly these."""
     checked = {"experts_forward", "experts_backward", "down_forward", "down_backward", "mix_forward", "mix_backward",
-               "retrieve", "retrieve_backward", "fused_forward", "fused_backward"}
+               "retrieve", "retrieve_backward", "fused_forward", "fused_backward", "project"}
     registered = {name for name in dir(torch.ops.peer_kernels) if not name.startswith("_")} - {"name"}
     assert registered == checked

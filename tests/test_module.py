@@ -157,6 +157,40 @@ def test_auto_backend_on_cpu_is_cpp_or_reference():
     assert backends.resolve("auto", torch.device("cuda")) == "triton"
 
 
+def test_query_projection_takes_the_cpp_op_only_for_a_plain_linear(monkeypatch):
+    """On the C++ backend the layer projects its queries by _library.project when to_queries is a
+    plain bias-free Linear with no hook, outside autocast, and the output is the Linear's; a hook
+    on to_queries (which the op would skip), autocast or another backend call to_queries itself."""
+    if not peer_kernels.csrc.available():
+        pytest.skip("the C++ extension did not build")
+    from peer_kernels import _library
+
+    calls = []
+    project = _library.project
+    monkeypatch.setattr(_library, "project", lambda *args: calls.append(args[0]) or project(*args))
+    layer = _layer(backend="cpp", query_norm=None).eval()
+    x = untie_layer(layer, torch.randn(9, 32, dtype=torch.float64)).float()
+    calls.clear()
+    with torch.no_grad():
+        y = layer(x)
+        assert calls == ["cpp"]
+        torch.testing.assert_close(layer.queries(x), layer.to_queries(x).view(9, 2, 3, 8).transpose(1, 2))
+        seen = []
+        handle = layer.to_queries.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+        torch.testing.assert_close(layer(x), y)
+        handle.remove()
+        assert seen == [(9, 48)] and len(calls) == 2  # the forward's and queries()'s
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+        reference_layer = _layer(backend="reference", query_norm=None).eval()
+        reference_layer.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(reference_layer(x), y)
+    assert len(calls) == 2
+    y = layer(x)  # with gradients too, through the op's autograd
+    y.square().sum().backward()
+    assert len(calls) == 3 and layer.to_queries.weight.grad is not None
+
+
 # ---- shapes and options ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(32,), (5, 32), (2, 3, 32), (2, 1, 2, 32)])

@@ -231,7 +231,9 @@ def test_the_ops_autograd_refuses_quantized_tables(backend):
 
 # ---- every backend against the oracle on the dequantized tables -------------------------------------------------
 
-def _expert_inputs(dtype, x_dtype, device, T=6, h=3, k=5, d=40, rows=23):
+def _expert_inputs(dtype, x_dtype, device, T=6, h=3, k=5, d=75, rows=23):
+    # d = 75: whole vectors of 8, a tail of 3, and more than one block of 64 values (the C++ rows).
+    # h * k = 15 slots: a group of 8 rows read side by side and 7 alone, per token.
     x = torch.randn(T, d, device=device).to(x_dtype)
     ids = random_ids(T, h, k, rows, device=device)
     ids[0, 1, 2] = ids[0, 0, 0]                   # one expert twice in a token

@@ -1,8 +1,8 @@
 """The "cpp" backend's launchers: each op family of peer_kernels._library filled with calls into
 the extension of csrc_reference/ (build.py builds and loads it). The extension's functions are
 written from the math, not from the Triton kernels: retrieval (scores, ids), gating, and the
-expert stage with its two halves, each with its backward; the retrieve and fused families are
-composed from them here."""
+expert stage with its two halves, each with its backward, and the query projection; the retrieve
+and fused families are composed from them here."""
 import torch
 
 from .. import _checks, _device, _library, _math, tuning
@@ -94,8 +94,13 @@ def fused_backward(*, dy, x, queries, keys, w_down, w_up, scores, ids, gates, z,
     return dx, dqueries, dkeys, dw_down, dw_up, rows
 
 
+def project(*, x, weight):
+    return _call("linear_forward", x, weight)
+
+
 _library.implement("retrieve", "cpp", forward=retrieve, backward=retrieve_backward)
 _library.implement("experts", "cpp", forward=experts, backward=experts_backward)
 _library.implement("down", "cpp", forward=down, backward=down_backward)
 _library.implement("mix", "cpp", forward=mix, backward=mix_backward)
 _library.implement("fused", "cpp", forward=fused, backward=fused_backward)
+_library.implement("project", "cpp", forward=project, backward=None)
