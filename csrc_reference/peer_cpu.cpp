@@ -407,12 +407,16 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& weight_in) {
               "linear_forward: expected x (T, d_in) and weight (d_out, d_in) of one dtype, got x ", x_in.sizes(), " ",
               x_in.scalar_type(), " and weight ", weight_in.sizes(), " ", weight_in.scalar_type());
   // Detached: the matmuls run on OpenMP threads, where autograd's thread-local state is not set.
+  // Nor is inference mode's: y, made here under torch.inference_mode(), is an inference tensor,
+  // which ATen lets only code in inference mode write, so the tasks enter the caller's mode.
   const Tensor x = x_in.detach(), weight = weight_in.detach();
   const int64_t d_out = weight.size(0);
   Tensor y = at::empty({x.size(0), d_out}, x.options());
   const int64_t blocks = std::clamp<int64_t>(d_out / kProjectColumns, 1, 2 * at::get_num_threads());
   const int64_t columns = (d_out + blocks - 1) / blocks;
+  const bool inference = c10::InferenceMode::is_enabled();
   parallel_chunks(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const c10::InferenceMode inference_mode(inference);
     const at::NoGradGuard no_grad;
     for (int64_t block = begin; block < end; ++block) {
       const int64_t first = block * columns, width = std::min(d_out, first + columns) - first;
