@@ -14,11 +14,13 @@ sparse table gradient, empty for dense ones):
 - fused_forward(x, queries, keys, w_down, w_up, k, k_sub, gating, activation, id_head_offset,
   schedule, deterministic, sparse_grad, w_down_scale, w_up_scale) -> y, scores, ids, gates, z
 and their *_backward ops; and project(x, weight) -> x @ weight.T, the layer's query projection on
-a backend with its own (the C++ one: PEER.queries), whose backward is two matmuls in its autograd. The scales (E,) float32, None for float tables, go with quantized tables
-(int8 / float8_e4m3fn, peer_kernels.quantize_): the forward ops read a table row as its stored
-values times its scale. They are for inference: the backward ops take no scales, and the autograd
-of a forward op given scales refuses to record a backward (_checks.quantized_training_error). The public functions at the end validate the arguments (peer_kernels._checks)
-and call these; peer_kernels.ops and peer_kernels.csrc bind them to their backend.
+a backend with its own (the C++ one: PEER.queries), whose backward is two matmuls in its autograd.
+The scales (E,) float32, None for float tables, go with quantized tables (int8 / float8_e4m3fn,
+peer_kernels.quantize_): the forward ops read a table row as its stored values times its scale.
+They are for inference: the backward ops take no scales, and the autograd of a forward op given
+scales refuses to record a backward (_checks.quantized_training_error). The public functions at
+the end validate the arguments (peer_kernels._checks) and call these; peer_kernels.ops and
+peer_kernels.csrc bind them to their backend.
 
 The ops are opaque to torch.compile (no graph break) and run their bodies eagerly on every device,
 so a backend's launcher may read values back to the host (the C++ id checks) even in a compiled
