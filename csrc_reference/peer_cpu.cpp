@@ -21,6 +21,8 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <exception>
 #include <functional>
 #include <optional>
 #include <string>
@@ -76,12 +78,24 @@ inline void prefetch_row(const scalar_t* row, int64_t d) {
 
 // f(chunk_begin, chunk_end) over [begin, end) in chunks of `grain`, on torch's OpenMP threads
 // (torch.set_num_threads). Chunks are handed out dynamically: on a busy machine a thread that is
-// descheduled does not hold up the others with a fixed share. f must not throw.
+// descheduled does not hold up the others with a fixed share. An exception (ATen's, from a matmul
+// in a task) must not leave the parallel region, where it would end the process: the first one
+// is kept, the chunks not yet begun are skipped, and it is rethrown after the region.
 template <typename F>
 void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t chunks = (end - begin + grain - 1) / grain;
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;  // written once, by the thread that set `failed`
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) f(begin + c * grain, std::min(end, begin + (c + 1) * grain));
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (failed.load(std::memory_order_relaxed)) continue;
+    try {
+      f(begin + c * grain, std::min(end, begin + (c + 1) * grain));
+    } catch (...) {
+      if (!failed.exchange(true)) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 // Serial, before any parallel work: a bad id raises here instead of being dereferenced.

@@ -220,6 +220,10 @@ def test_linear_forward_against_float64(ext, dtype, T):
         torch.testing.assert_close(ext.linear_forward(x, weight), y, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="linear_forward: expected x"):
         ext.linear_forward(torch.randn(2, 5), torch.randn(3, 4))
+    # ATen's own error, raised by a matmul on the tasks' threads, reaches the caller (it used to
+    # end the process from inside the parallel region)
+    with pytest.raises(RuntimeError):
+        ext.linear_forward(torch.ones(2, 4, dtype=torch.bool), torch.ones(300, 4, dtype=torch.bool))
 
 
 def test_product_key_topk_bfloat16_scores_are_float32(ext):
