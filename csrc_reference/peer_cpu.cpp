@@ -188,10 +188,7 @@ class RowBlocks {
     end_ = std::min(d_, begin_ + block_);
     const int64_t width = end_ - begin_;
     if (ahead_)
-      for (int r = 0; r < kGatherRows; ++r) {
-        const char* bytes = reinterpret_cast<const char*>(ahead_[r] + begin_);
-        for (int64_t offset = 0; offset < width * int64_t(sizeof(row_t)); offset += 64) __builtin_prefetch(bytes + offset);
-      }
+      for (int r = 0; r < kGatherRows; ++r) prefetch_row(ahead_[r] + begin_, width);
     for (int r = 0; r < kGatherRows; ++r) {
       const row_t* row = rows_[r] + begin_;
       if constexpr (kInPlace) {
@@ -416,10 +413,7 @@ TableGrad table_grad_outputs(const RowGroups& groups, const Tensor& table, bool 
 constexpr int64_t kProjectColumns = 64;
 
 Tensor linear_forward(const Tensor& x_in, const Tensor& weight_in) {
-  TORCH_CHECK(x_in.dim() == 2 && weight_in.dim() == 2 && x_in.size(1) == weight_in.size(1) &&
-                  x_in.scalar_type() == weight_in.scalar_type(),
-              "linear_forward: expected x (T, d_in) and weight (d_out, d_in) of one dtype, got x ", x_in.sizes(), " ",
-              x_in.scalar_type(), " and weight ", weight_in.sizes(), " ", weight_in.scalar_type());
+  check_linear(x_in, weight_in);
   // Detached: the matmuls run on OpenMP threads, where autograd's thread-local state is not set.
   // Nor is inference mode's: y, made here under torch.inference_mode(), is an inference tensor,
   // which ATen lets only code in inference mode write, so the tasks enter the caller's mode.

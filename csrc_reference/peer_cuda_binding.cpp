@@ -208,9 +208,7 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
 // The query projection: cuBLAS spreads a matmul of a few tokens over the device itself (the CPU
 // extension's reason for its own does not hold here).
 Tensor linear_forward(const Tensor& x, const Tensor& weight) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.scalar_type() == weight.scalar_type(),
-              "linear_forward: expected x (T, d_in) and weight (d_out, d_in) of one dtype, got x ", x.sizes(), " ",
-              x.scalar_type(), " and weight ", weight.sizes(), " ", weight.scalar_type());
+  check_linear(x, weight);
   return at::mm(x, weight.t());
 }
 

@@ -66,6 +66,13 @@ inline void check_tables(const at::Tensor& x, const at::Tensor& w_down, const at
               ", w_up ", w_up.sizes(), " ", w_up.scalar_type());
 }
 
+// linear_forward's inputs: x (T, d_in) and weight (d_out, d_in) of one dtype.
+inline void check_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.scalar_type() == weight.scalar_type(),
+              "linear_forward: expected x (T, d_in) and weight (d_out, d_in) of one dtype, got x ", x.sizes(), " ",
+              x.scalar_type(), " and weight ", weight.sizes(), " ", weight.scalar_type());
+}
+
 }  // namespace peer
 
 // Both extensions bind the same functions under the same names, so peer_kernels/csrc.py drives
