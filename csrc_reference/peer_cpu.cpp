@@ -22,6 +22,9 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <exception>
 #include <functional>
 #include <optional>
@@ -215,13 +218,17 @@ class RowBlocks {
   std::array<const acc_t*, kGatherRows> values_;
 };
 
-// int8 rows, the quantized tables' (peer_kernels.quantize_), on CPUs with AVX2 and FMA: each 8 values
-// are widened in registers by two instructions and meet the multiply-add there. The widening
-// through RowBlocks' buffer costs a store and a load per value, and its loops bound the 8-bit
-// gather by the CPU, not the memory (measured 4x slower with the rows in cache). The next group's
-// lines are prefetched as in RowBlocks, one line of each row per 64 values read of this group's.
+// Hand-written AVX2 paths, taken on CPUs with AVX2 and FMA unless the environment variable
+// PEER_KERNELS_CPU_PORTABLE=1 asks for the portable loops (which other CPUs run, and tests compare):
+// - int8 rows, the quantized tables' (peer_kernels.quantize_): each 8 values are widened in
+//   registers by two instructions and meet the multiply-add there. The widening through RowBlocks'
+//   buffer costs a store and a load per value, and its loops bound the 8-bit gather by the CPU, not
+//   the memory (measured 4x slower with the rows in cache). The next group's lines are prefetched as
+//   in RowBlocks, one line of each row per 64 values read of this group's.
+// - the candidates of the sub-key selection (top_sub_keys_bounded): the scores that reach a bound,
+//   8 compares to a mask and the mask's lanes packed by a table, with no branch per score.
 #if defined(__GNUC__) && defined(__x86_64__)
-#define PEER_INT8_AVX2 1
+#define PEER_AVX2 1
 __attribute__((target("avx2,fma"))) inline __m256 widen8(const int8_t* values) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(values))));
 }
@@ -268,13 +275,39 @@ __attribute__((target("avx2,fma"))) void axpy_rows_int8(const float* coef, const
   }
 }
 
+// byte j of kLeftPack[mask]: the lane of mask's j-th set bit.
+const std::array<uint64_t, 256> kLeftPack = [] {
+  std::array<uint64_t, 256> table{};
+  for (int mask = 0; mask < 256; ++mask)
+    for (int lane = 0, at = 0; lane < 8; ++lane)
+      if (mask >> lane & 1) table[mask] |= uint64_t(lane) << (8 * at++);
+  return table;
+}();
+
+// The indices i < 8 * groups with scores[i] >= bound, ascending, into candidates (each 8 scores
+// store 8 lanes there, of which the count's advance keeps the passing ones); returns their count.
+__attribute__((target("avx2,fma"))) int64_t collect_candidates_avx2(const float* scores, int64_t groups, float bound,
+                                                                       int32_t* candidates) {
+  const __m256 at_least = _mm256_set1_ps(bound);
+  int64_t count = 0;
+  for (int64_t i = 0; i < 8 * groups; i += 8) {
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(scores + i), at_least, _CMP_GE_OQ));
+    const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kLeftPack[mask])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(candidates + count),
+                        _mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int>(i))));
+    count += __builtin_popcount(mask);
+  }
+  return count;
+}
+
 // Set while the library loads, among other constructors: the CPU's features are read first.
-const bool kInt8Avx2 = [] {
+const bool kAvx2 = [] {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* portable = std::getenv("PEER_KERNELS_CPU_PORTABLE");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !(portable && std::string(portable) == "1");
 }();
 #else
-#define PEER_INT8_AVX2 0
+#define PEER_AVX2 0
 #endif
 
 // q . rows[r][0..d) into out[r] for r < kGatherRows. A row's sum is the same whichever rows share its
@@ -282,9 +315,9 @@ const bool kInt8Avx2 = [] {
 template <typename acc_t, typename row_t>
 PEER_VECTOR_CLONES void dot_rows(const acc_t* q, const row_t* const* rows, const row_t* const* ahead, int64_t d,
                                  acc_t* out) {
-#if PEER_INT8_AVX2
+#if PEER_AVX2
   if constexpr (std::is_same_v<row_t, int8_t> && std::is_same_v<acc_t, float>)
-    if (kInt8Avx2) return dot_rows_int8(q, rows, ahead, d, out);
+    if (kAvx2) return dot_rows_int8(q, rows, ahead, d, out);
 #endif
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
   for (RowBlocks<acc_t, row_t> block(rows, ahead, d); block.next();) {
@@ -312,9 +345,9 @@ PEER_VECTOR_CLONES void dot_rows(const acc_t* q, const row_t* const* rows, const
 template <typename acc_t, typename row_t>
 PEER_VECTOR_CLONES void axpy_rows(const acc_t* coef, const row_t* const* rows, const row_t* const* ahead, acc_t* dst,
                                   int64_t d) {
-#if PEER_INT8_AVX2
+#if PEER_AVX2
   if constexpr (std::is_same_v<row_t, int8_t> && std::is_same_v<acc_t, float>)
-    if (kInt8Avx2) return axpy_rows_int8(coef, rows, ahead, dst, d);
+    if (kAvx2) return axpy_rows_int8(coef, rows, ahead, dst, d);
 #endif
   const acc_t c0 = coef[0], c1 = coef[1], c2 = coef[2], c3 = coef[3];
   const acc_t c4 = coef[4], c5 = coef[5], c6 = coef[6], c7 = coef[7];
@@ -509,46 +542,122 @@ void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int6
   });
 }
 
-// The best k_sub of scores[0..n) into `best` (empty), the same picks as top_sub_keys (peer_math.h)
-// with a fraction of its offers, each of which moves list entries: the maxima of `blocks` blocks of
-// up to kScanBlock scores bound the k_sub-th best score from below, as k_sub blocks reach their
-// k_sub-th largest maximum; only scores of blocks that reach the bound can be picked. Block b holds
-// the scores b, b + blocks, b + 2 * blocks, ...: the maxima are then elementwise maxima of the rows
-// of scores seen as (kScanBlock, blocks), one vector pass with no reduction inside a vector (blocks
-// of neighbours took a reduction across lanes per block, more than the pass itself). The offers come
-// out of index order, which the tie rule does not depend on: it ranks (score, index) whatever the
-// order. With a NaN among the scores (no order for the bound) or fewer blocks than k_sub,
-// top_sub_keys itself. Scratch: 2 * blocks.
-constexpr int64_t kScanBlock = 16;
+// The best k_sub of scores[0..n) into `best` (empty), the same picks as top_sub_keys (peer_math.h),
+// without its offers, each of which moves list entries on a mispredicted branch:
+// - a bound: score i belongs to lane i % kSelectLanes; each lane keeps its `ranks` largest scores
+//   (ranks = k_sub / kSelectLanes, rounded up) in one vector pass with no reduction across lanes,
+//   and the least of the lanes' ranks-th largest is reached by at least lanes * ranks >= k_sub
+//   scores, so every pick reaches it;
+// - the candidates, the scores that reach it (~34 of 1024 Gaussian scores for k_sub = 16), in index
+//   order;
+// - each candidate's place in the tie rule's order, counted against all the others in vector
+//   passes; the first k_sub places are the picks.
+// With a NaN among the scores (no order for the bound), fewer whole lane rows than ranks, more than
+// kMaxRanks ranks or more than kMaxCandidates candidates (a bound among many equal scores): offers.
+constexpr int64_t kSelectLanes = 8;
+constexpr int kMaxRanks = 4;
+constexpr int64_t kMaxCandidates = 64;
 
-template <typename acc_t>
-PEER_VECTOR_CLONES void top_sub_keys_blocked(const acc_t* scores, int64_t n, TopList<acc_t>& best,
-                                             std::vector<acc_t>& scratch) {
-  const int64_t blocks = (n + kScanBlock - 1) / kScanBlock;
-  if (blocks < best.capacity) return top_sub_keys(scores, int(n), best);
-  scratch.resize(2 * blocks);
-  acc_t* block_max = scratch.data();
-  acc_t* maxima = block_max + blocks;  // reordered by nth_element
-  std::copy(scores, scores + blocks, block_max);
-  int64_t nans = 0;
-  for (int64_t row = 0; row < kScanBlock; ++row) {
-    const acc_t* values = scores + row * blocks;
-    const int64_t width = std::clamp<int64_t>(n - row * blocks, 0, blocks);
-#pragma omp simd reduction(+ : nans)
-    for (int64_t b = 0; b < width; ++b) {
-      block_max[b] = values[b] > block_max[b] ? values[b] : block_max[b];
-      nans += values[b] != values[b];
+// The least of the lanes' kRanks-th largest scores over scores[0..rows * kSelectLanes) into bound;
+// returns whether a NaN was seen. A row of lanes is one GCC vector, so the pass is vector compares
+// and blends in each of top_sub_keys_bounded's clones (it is inlined there).
+template <int kRanks, typename acc_t>
+__attribute__((always_inline)) inline bool lane_bound(const acc_t* scores, int64_t rows, acc_t& bound) {
+  typedef acc_t Lanes __attribute__((vector_size(kSelectLanes * sizeof(acc_t))));
+  Lanes top[kRanks];  // each lane's largest, descending
+  for (auto& rank : top)
+    for (int64_t lane = 0; lane < kSelectLanes; ++lane) rank[lane] = -std::numeric_limits<acc_t>::infinity();
+  decltype(top[0] != top[0]) nans = {};
+  for (int64_t row = 0; row < rows; ++row) {
+    Lanes value;
+    std::memcpy(&value, scores + row * kSelectLanes, sizeof value);
+    nans |= value != value;
+    for (auto& kept : top) {
+      const auto greater = value > kept;
+      const Lanes higher = greater ? value : kept;
+      value = greater ? kept : value;
+      kept = higher;
     }
   }
-  if (nans) return top_sub_keys(scores, int(n), best);
-  std::copy(block_max, block_max + blocks, maxima);
-  std::nth_element(maxima, maxima + (best.capacity - 1), maxima + blocks, std::greater<acc_t>());
-  const acc_t bound = maxima[best.capacity - 1];
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (block_max[b] < bound) continue;
-    for (int64_t i = b; i < n; i += blocks)
-      if (scores[i] >= bound) best.offer(scores[i], i);
+  bound = top[kRanks - 1][0];
+  bool nan = false;
+  for (int64_t lane = 0; lane < kSelectLanes; ++lane) {
+    bound = std::min(bound, top[kRanks - 1][lane]);
+    nan |= nans[lane] != 0;
   }
+  return nan;
+}
+
+// The indices i < n with scores[i] >= bound, ascending, into candidates (room for n + 8); returns
+// their count.
+template <typename acc_t>
+int64_t collect_candidates(const acc_t* scores, int64_t n, acc_t bound, int32_t* candidates) {
+  int64_t count = 0, i = 0;
+#if PEER_AVX2
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (kAvx2) {
+      count = collect_candidates_avx2(scores, n / 8, bound, candidates);
+      i = n / 8 * 8;
+    }
+#endif
+  for (; i < n; ++i) {  // no branch per score: each index is stored, the count advances past the passing ones
+    candidates[count] = int32_t(i);
+    count += scores[i] >= bound;
+  }
+  return count;
+}
+
+template <typename acc_t>
+PEER_VECTOR_CLONES void top_sub_keys_bounded(const acc_t* scores, int64_t n, TopList<acc_t>& best,
+                                             std::vector<int32_t>& scratch) {
+  const int ranks = int((best.capacity + kSelectLanes - 1) / kSelectLanes);
+  const int64_t rows = n / kSelectLanes;
+  if (ranks > kMaxRanks || rows < ranks) return top_sub_keys(scores, int(n), best);
+  acc_t bound;
+  bool nan;
+  switch (ranks) {
+    case 1: nan = lane_bound<1>(scores, rows, bound); break;
+    case 2: nan = lane_bound<2>(scores, rows, bound); break;
+    case 3: nan = lane_bound<3>(scores, rows, bound); break;
+    default: nan = lane_bound<kMaxRanks>(scores, rows, bound); break;
+  }
+  for (int64_t i = rows * kSelectLanes; i < n; ++i) nan |= scores[i] != scores[i];
+  if (nan) return top_sub_keys(scores, int(n), best);
+
+  scratch.resize(n + kSelectLanes);
+  int32_t* candidates = scratch.data();
+  const int64_t count = collect_candidates(scores, n, bound, candidates);
+  if (count > kMaxCandidates) {
+    for (int64_t c = 0; c < count; ++c) best.offer(scores[candidates[c]], candidates[c]);
+    return;
+  }
+
+  // place[c]: how many candidates the tie rule ranks before candidate c (a higher score, or an equal
+  // one at a smaller index; the candidates are in index order). Places are distinct; the width is
+  // whole vectors, past the count padding that nobody reads.
+  const int32_t width = int32_t((count + kSelectLanes - 1) / kSelectLanes * kSelectLanes);
+  acc_t values[kMaxCandidates];
+  int32_t place[kMaxCandidates];
+  for (int32_t c = 0; c < width; ++c) {
+    values[c] = c < count ? scores[candidates[c]] : acc_t(0);
+    place[c] = 0;
+  }
+  for (int32_t j = 0; j < int32_t(count); ++j) {
+    const acc_t value = values[j];
+#pragma omp simd
+    for (int32_t c = 0; c < width; ++c) place[c] += (value > values[c]) | ((value == values[c]) & (j < c));
+  }
+  // Placed without a branch per candidate: every place from k_sub on lands in one spare slot.
+  acc_t picked_score[kMaxCandidates + 1];
+  int64_t picked_index[kMaxCandidates + 1];
+  for (int32_t c = 0; c < int32_t(count); ++c) {
+    const int32_t at = std::min<int32_t>(place[c], best.capacity);
+    picked_score[at] = values[c];
+    picked_index[at] = candidates[c];
+  }
+  std::copy(picked_score, picked_score + best.capacity, best.score);
+  std::copy(picked_index, picked_index + best.capacity, best.index);
+  best.size = best.capacity;
 }
 
 // The "token_tiles" scan into best (T, h, 2, k_sub): tasks of (head, half, kMatmulTokens tokens),
@@ -563,7 +672,7 @@ void matmul_sub_keys(const Tensor& q, const Tensor& keys, int64_t n, int64_t k_s
   parallel_chunks(0, heads * 2 * chunks, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard no_grad;
     Tensor block = at::empty({std::min(T, kMatmulTokens), n}, q.options());
-    std::vector<acc_t> selection_scratch;
+    std::vector<int32_t> selection_scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / (2 * chunks), half = task / chunks % 2, t0 = task % chunks * kMatmulTokens;
       const int64_t t1 = std::min(T, t0 + kMatmulTokens);
@@ -574,7 +683,7 @@ void matmul_sub_keys(const Tensor& q, const Tensor& keys, int64_t n, int64_t k_s
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m = (t * heads + h) * 2 + half;
         TopList<acc_t> best{best_score + m * k_sub, best_index + m * k_sub, int(k_sub), 0};
-        top_sub_keys_blocked(sub_p + (t - t0) * n, n, best, selection_scratch);
+        top_sub_keys_bounded(sub_p + (t - t0) * n, n, best, selection_scratch);
       }
     }
   });
@@ -983,6 +1092,13 @@ std::vector<Tensor> experts_backward(const Tensor& dy, const Tensor& x, const Te
   const std::vector<Tensor> mix = mix_backward(dy, z, expert_ids, gates, w_up, activation, sparse);
   const std::vector<Tensor> down = down_backward(mix[0], x, expert_ids, w_down, sparse);
   return {down[0], mix[1], down[1], mix[2], down[2]};
+}
+
+std::string vector_paths() {
+#if PEER_AVX2
+  if (kAvx2) return "avx2";
+#endif
+  return "portable";
 }
 
 }  // namespace

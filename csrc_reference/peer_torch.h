@@ -104,4 +104,6 @@ inline void check_linear(const at::Tensor& x, const at::Tensor& weight) {
     m.def("gates_forward", &peer::gates_forward, "scores (..., k), gating -> gates");                  \
     m.def("gates_backward", &peer::gates_backward, "scores, gates, dgates, gating -> dscores");        \
     m.def("linear_forward", &peer::linear_forward, "x (T, d_in), weight (d_out, d_in) -> x @ weight.T"); \
+    m.def("vector_paths", &peer::vector_paths,                                                         \
+          "the hand-written vector paths taken: 'avx2' or 'portable' (CPU), 'cuda'");                  \
   }

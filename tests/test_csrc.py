@@ -7,9 +7,12 @@ session fixture loads it, or skips the tests that need it with the reason.
 """
 import functools
 import math
+import os
 import shutil
 import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,27 +183,58 @@ def test_product_key_topk_in_several_token_chunks(ext):
     torch.testing.assert_close(scores, ref_scores, rtol=1e-12, atol=1e-12)
 
 
-def test_token_tiles_selection_keeps_the_tie_rule_at_its_bound(ext):
-    """The token-tile scan offers a (token, head, half) only the scores that reach a bound from the
-    maxima of blocks of up to 16 scores, block b holding every 6th score from b (n = 83: six blocks,
-    of 14 and 13), so that its offers come out of index order. Head 0: six equal scores in four
-    blocks, straddling the k_sub-th place; head 1: +inf and -inf scores; head 2: a NaN score (which
-    takes the unbounded scan). Each must pick what the oracle picks."""
-    T, h, n, dk, k, k_sub = 3, 3, 83, 4, 7, 4
+@pytest.mark.parametrize("k_sub", [4, 12, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_tiles_selection_keeps_the_tie_rule_at_its_bound(ext, dtype, k_sub):
+    """The token-tile scan of a (token, head, half) keeps the scores that reach a bound, the least
+    over 8 lanes (score i in lane i % 8) of each lane's ceil(k_sub / 8)-th largest among its whole
+    rows (n = 83: ten rows and 3 scores beyond), and places those candidates by counting the ones the
+    tie rule ranks first. k_sub = 4 and 12 take it (one and two ranks; float32 collects the
+    candidates with AVX2 where the CPU has it, float64 by the portable loop), 40 (five ranks) the
+    plain scan. Head 0: six equal top scores, straddling the k_sub-th place at k_sub = 4; head 1:
+    +inf and -inf scores; head 2: a NaN score (the plain scan); head 3: 50 equal top scores, all
+    candidates; head 4: every score equal, more candidates than the counting takes (offers). Each
+    must pick what the oracle picks."""
+    T, h, n, dk, k = 3, 5, 83, 4, 7
     keys = torch.randn(h, n, 2, dk, dtype=torch.float64)
     queries = torch.randn(T, h, 2, dk, dtype=torch.float64)
     tied = [3, 19, 35, 51, 67, 80]
     keys[0, tied, 0] = 5.0
-    queries[:, 0, 0] = 1.0
+    queries[:, 0, 0] = queries[:, 3, 0] = 1.0
     queries[:, 1, 1] = queries[:, 1, 1].abs() + 0.5
     keys[1, 10, 1], keys[1, 60, 1] = math.inf, -math.inf
     keys[2, 30, 0, 2] = math.nan
+    keys[3, :50, 0] = 5.0
+    keys[4, :, 1] = 0.0
+    queries, keys = queries.to(dtype), keys.to(dtype)
     scores, ids = ext.retrieval_forward(queries, keys, k, k_sub, "token_tiles")
-    ref_scores, ref_ids = reference.product_key_topk(queries, keys, k, k_sub)
+    ref_scores, ref_ids = reference.product_key_topk(queries.double(), keys.double(), k, k_sub)
     assert torch.equal(ids, ref_ids)
-    assert (ids[:, 0, :4] // n == torch.tensor(tied[:4])).all()  # the four smallest tied indices, in order
+    on_top = min(k_sub, len(tied))
+    assert (ids[:, 0, :on_top] // n == torch.tensor(tied[:on_top])).all()  # the smallest tied indices, in order
     assert (ids[:, 1, :4] % n == 10).all() and (ids[:, 2, 0] // n == 30).all()
-    torch.testing.assert_close(scores, ref_scores, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert (ids[:, 3, :k] // n < 50).all() and (ids[:, 4, :k] % n < k_sub).all()
+    torch.testing.assert_close(scores, ref_scores.to(dtype), rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_portable_vector_paths_pick_and_sum_as_the_oracle(ext):
+    """PEER_KERNELS_CPU_PORTABLE=1 turns the hand-written AVX2 paths off (the int8 rows, the
+    selection's candidates), as on a CPU without AVX2: their tests, rerun in a process that sets it,
+    pass on the portable loops."""
+    if ext.vector_paths() != "avx2":
+        pytest.skip(f"this CPU takes the {ext.vector_paths()} paths already")
+    env = dict(os.environ, PEER_KERNELS_CPU_PORTABLE="1")
+    here = Path(__file__).parent
+    probe = "from peer_kernels import csrc; print(csrc.build._extension('cpu').vector_paths())"
+    taken = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert taken.stdout.strip() == "portable", taken.stderr
+    tests = [f"{here / 'test_csrc.py'}::test_token_tiles_selection_keeps_the_tie_rule_at_its_bound",
+             f"{here / 'test_csrc.py'}::test_product_key_topk",
+             f"{here / 'test_quantize.py'}::test_expert_stage_reads_rows_times_their_scales"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not reference and not triton",
+                             *tests], env=env, cwd=here.parent, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
