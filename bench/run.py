@@ -179,11 +179,12 @@ def measure_modes(device, op, runner, workload, modes, warm):
     timed in the same training-step iterations, forward+backward is their sum per iteration; a
     step's time is its forward, backward and optimizer step, its peak what the iteration allocates
     on top of the parameters and the optimizer state, which it includes.
-    warm: the check already ran this runner at these shapes (timing.measure)."""
+    warm: the check already ran this runner at these shapes (timing.measure). A decode step is timed
+    cold (timing.measure): its bytes floor counts every byte it reads as read from memory."""
     with_backward = any(mode != "forward" for mode in modes)
     phases = _phases(op, runner, workload.shape, with_backward)
     items = [workload.inputs(i) for i in range(len(workload.sets))]
-    series = timing.measure(device, items, phases, warm)
+    series = timing.measure(device, items, phases, warm, cold=op == "decode")
     peaks = timing.peak_memory_bytes(device, phases, items[0])
     if op == "step":
         return {"step": ([sum(parts) for parts in zip(*series)], max(peaks) + _resident_bytes(runner))}

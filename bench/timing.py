@@ -11,6 +11,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,21 +53,45 @@ def _host_ms(device, phases, item):
     return max(1e-3, (time.perf_counter() - start) * 1e3)
 
 
-def measure(device, items, phases, warm=False):
+def last_level_cache_bytes(device):
+    """The largest cache the data passes through: the GPU's L2, or the CPU's largest (Linux's sysfs;
+    32 MiB where it says nothing)."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=32 << 20)
+
+
+def measure(device, items, phases, warm=False, cold=False):
     """Per-phase durations in ms: a list with one list per phase, one entry per repetition.
 
     A first iteration (compilation, autotuning, allocator growth) is never counted: a warm-up, or,
     on a CPU with warm=True, the caller's own untimed call of the same function on the same shapes.
     A CPU repeats until CPU_BUDGET_MS have passed (within CPU_REPS); a GPU sizes its repetitions and a
     further warm-up of GPU_WARMUP_MS on a second, synchronized iteration.
+    cold: before each timed iteration, untimed, a buffer twice the last-level cache is written, so
+    that the iteration reads its parameters and rows from memory, as a layer among many does (the
+    few input sets of a decode step touch a few MB of rows, which would otherwise stay in cache).
     """
+    flush = _memory.empty((2 * last_level_cache_bytes(device),), dtype=torch.uint8, device=device) if cold else None
+
+    def timed(iterate, item):
+        if flush is not None:
+            flush.zero_()
+        return iterate(phases, item)
+
     if device.type != "cuda":
         if not warm:
             _iterate_cpu(phases, items[0])
         per_rep, spent = [], 0.0
         low, high = CPU_REPS
         while len(per_rep) < high and (len(per_rep) < low or spent < CPU_BUDGET_MS):
-            per_rep.append(_iterate_cpu(phases, items[(len(per_rep) + 1) % len(items)]))
+            per_rep.append(timed(_iterate_cpu, items[(len(per_rep) + 1) % len(items)]))
             spent += sum(per_rep[-1])
         return [list(series) for series in zip(*per_rep)]
     _host_ms(device, phases, items[0])
@@ -75,7 +100,9 @@ def measure(device, items, phases, warm=False):
         _iterate_cpu(phases, items[i % len(items)])
     low, high = GPU_REPS
     reps = max(low, min(high, math.ceil(GPU_BUDGET_MS / estimate)))
-    per_rep = [_iterate_cuda(phases, items[i % len(items)]) for i in range(reps)]
+    per_rep = []
+    for i in range(reps):
+        per_rep.append(timed(_iterate_cuda, items[i % len(items)]))
     torch.cuda.synchronize(device)
     return [[events[p].elapsed_time(events[p + 1]) for events in per_rep] for p in range(len(phases))]
 

@@ -143,3 +143,31 @@ def test_gpu_session_plan_fits_the_lease(tmp_path):
         for argv in stage.commands:
             if argv[1:3] == ["-m", "bench"]:
                 bench_main.parse(argv[3:])
+
+
+def test_cold_timing_flushes_the_cache_before_each_timed_iteration(monkeypatch):
+    """timing.measure(cold=True), the decode op's: before each timed iteration, outside its time, a
+    buffer of twice the last-level cache is written (so the step reads its bytes from memory); the
+    untimed first call and a measure without cold write none."""
+    import torch
+
+    from bench import timing
+
+    events, sizes = [], []
+
+    class Buffer:
+        def zero_(self):
+            events.append("flush")
+
+    def empty(shape, *, dtype, device):
+        sizes.append(shape[0])
+        return Buffer()
+
+    monkeypatch.setattr(timing._memory, "empty", empty)
+    cpu = torch.device("cpu")
+    timing.measure(cpu, [None, None], [lambda item: events.append("call")], cold=True)
+    assert sizes == [2 * timing.last_level_cache_bytes(cpu)] and sizes[0] >= 2 << 20
+    assert events[0] == "call" and events[1:] == ["flush", "call"] * ((len(events) - 1) // 2) and len(events) >= 7
+    events.clear()
+    timing.measure(cpu, [None], [lambda item: events.append("call")])
+    assert "flush" not in events and len(sizes) == 1
