@@ -552,8 +552,9 @@ void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int6
 //   order;
 // - each candidate's place in the tie rule's order, counted against all the others in vector
 //   passes; the first k_sub places are the picks.
-// With a NaN among the scores (no order for the bound), fewer whole lane rows than ranks, more than
-// kMaxRanks ranks or more than kMaxCandidates candidates (a bound among many equal scores): offers.
+// With a NaN among the scores (no order for the bound), fewer whole lane rows than ranks or more than
+// kMaxRanks ranks: top_sub_keys over all the scores; with more than kMaxCandidates candidates (a bound
+// among many equal scores): the candidates offered to the list.
 constexpr int64_t kSelectLanes = 8;
 constexpr int kMaxRanks = 4;
 constexpr int64_t kMaxCandidates = 64;

@@ -191,16 +191,20 @@ def test_token_tiles_selection_keeps_the_tie_rule_at_its_bound(ext, dtype, k_sub
     rows (n = 83: ten rows and 3 scores beyond), and places those candidates by counting the ones the
     tie rule ranks first. k_sub = 4 and 12 take it (one and two ranks; float32 collects the
     candidates with AVX2 where the CPU has it, float64 by the portable loop), 40 (five ranks) the
-    plain scan. Head 0: six equal top scores, straddling the k_sub-th place at k_sub = 4; head 1:
-    +inf and -inf scores; head 2: a NaN score (the plain scan); head 3: 50 equal top scores, all
-    candidates; head 4: every score equal, more candidates than the counting takes (offers). Each
-    must pick what the oracle picks."""
+    plain scan. Queries and keys are small integers and halves, so every sum is exact in float32
+    too and equal scores abound. Head 0: six equal top scores, straddling the k_sub-th place at
+    k_sub = 4 (its second half's scores distinct); head 1: +inf and -inf scores; head 2: a NaN score
+    (the plain scan); head 3: 50 equal top scores, all candidates; head 4: every score equal, more
+    candidates than the counting takes (offers). Each must pick what the oracle picks."""
     T, h, n, dk, k = 3, 5, 83, 4, 7
-    keys = torch.randn(h, n, 2, dk, dtype=torch.float64)
-    queries = torch.randn(T, h, 2, dk, dtype=torch.float64)
+    keys = torch.randint(-2, 3, (h, n, 2, dk)).double()
+    queries = torch.randint(-2, 3, (T, h, 2, dk)).double()
     tied = [3, 19, 35, 51, 67, 80]
     keys[0, tied, 0] = 5.0
     queries[:, 0, 0] = queries[:, 3, 0] = 1.0
+    keys[0, :, 1] = 0.0
+    keys[0, :, 1, 0] = torch.arange(n) - n // 2
+    queries[:, 0, 1] = 1.0
     queries[:, 1, 1] = queries[:, 1, 1].abs() + 0.5
     keys[1, 10, 1], keys[1, 60, 1] = math.inf, -math.inf
     keys[2, 30, 0, 2] = math.nan
@@ -214,7 +218,7 @@ def test_token_tiles_selection_keeps_the_tie_rule_at_its_bound(ext, dtype, k_sub
     assert (ids[:, 0, :on_top] // n == torch.tensor(tied[:on_top])).all()  # the smallest tied indices, in order
     assert (ids[:, 1, :4] % n == 10).all() and (ids[:, 2, 0] // n == 30).all()
     assert (ids[:, 3, :k] // n < 50).all() and (ids[:, 4, :k] % n < k_sub).all()
-    torch.testing.assert_close(scores, ref_scores.to(dtype), rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(scores, ref_scores.to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
 def test_portable_vector_paths_pick_and_sum_as_the_oracle(ext):
