@@ -74,15 +74,18 @@ def measure(device, items, phases, warm=False, cold=False):
     on a CPU with warm=True, the caller's own untimed call of the same function on the same shapes.
     A CPU repeats until CPU_BUDGET_MS have passed (within CPU_REPS); a GPU sizes its repetitions and a
     further warm-up of GPU_WARMUP_MS on a second, synchronized iteration.
-    cold: before each timed iteration, untimed, a buffer twice the last-level cache is written, so
-    that the iteration reads its parameters and rows from memory, as a layer among many does (the
-    few input sets of a decode step touch a few MB of rows, which would otherwise stay in cache).
+    cold: before each timed iteration, untimed, a buffer twice the last-level cache is read, so that
+    the iteration reads its parameters and rows from memory, as a layer among many does (the few
+    input sets of a decode step touch a few MB of rows, which would otherwise stay in cache). Read,
+    not written: evicting written lines would make the iteration pay for writing them back.
     """
-    flush = _memory.empty((2 * last_level_cache_bytes(device),), dtype=torch.uint8, device=device) if cold else None
+    flush = None
+    if cold:
+        flush = _memory.empty((2 * last_level_cache_bytes(device) // 4,), dtype=torch.float32, device=device).zero_()
 
     def timed(iterate, item):
         if flush is not None:
-            flush.zero_()
+            flush.sum()
         return iterate(phases, item)
 
     if device.type != "cuda":

@@ -147,8 +147,8 @@ def test_gpu_session_plan_fits_the_lease(tmp_path):
 
 def test_cold_timing_flushes_the_cache_before_each_timed_iteration(monkeypatch):
     """timing.measure(cold=True), the decode op's: before each timed iteration, outside its time, a
-    buffer of twice the last-level cache is written (so the step reads its bytes from memory); the
-    untimed first call and a measure without cold write none."""
+    buffer of twice the last-level cache is read (so the step reads its bytes from memory); the
+    untimed first call and a measure without cold read none."""
     import torch
 
     from bench import timing
@@ -157,10 +157,13 @@ def test_cold_timing_flushes_the_cache_before_each_timed_iteration(monkeypatch):
 
     class Buffer:
         def zero_(self):
+            return self
+
+        def sum(self):
             events.append("flush")
 
     def empty(shape, *, dtype, device):
-        sizes.append(shape[0])
+        sizes.append(shape[0] * dtype.itemsize)
         return Buffer()
 
     monkeypatch.setattr(timing._memory, "empty", empty)
