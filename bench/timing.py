@@ -103,9 +103,7 @@ def measure(device, items, phases, warm=False, cold=False):
         _iterate_cpu(phases, items[i % len(items)])
     low, high = GPU_REPS
     reps = max(low, min(high, math.ceil(GPU_BUDGET_MS / estimate)))
-    per_rep = []
-    for i in range(reps):
-        per_rep.append(timed(_iterate_cuda, items[i % len(items)]))
+    per_rep = [timed(_iterate_cuda, items[i % len(items)]) for i in range(reps)]
     torch.cuda.synchronize(device)
     return [[events[p].elapsed_time(events[p + 1]) for events in per_rep] for p in range(len(phases))]
 

@@ -438,14 +438,14 @@ TableGrad table_grad_outputs(const RowGroups& groups, const Tensor& table, bool 
 // x (T, d_in) @ weight (d_out, d_in)^T -> y (T, d_out) in x's dtype: the layer's bias-free query
 // projection (peer_kernels._library.project). ATen's matmul of a few tokens runs on all threads by
 // splitting the tokens, so each thread packs the whole weight (8 MB at the paper's shapes) for its
-// share of a few rows: measured on 2 cores, 0.53 ms for one token read from memory and 2.4 ms for 64
-// tokens. Here each parallel task takes a block of weight's rows for all the tokens, written into
-// that block's columns of y: 0.32 and 1.8 ms. Blocks of at least kProjectColumns output features,
-// two per thread (so a descheduled thread leaves one to the others). Up to kDirectProjectTokens
-// tokens a task sums its rows itself, kGatherRows rows side by side, each streamed from memory once
-// for all the tokens: BLAS's matrix-vector product read a weight from memory at 11-13 GB/s on either
-// thread count, a plain 2-thread read at 31 GB/s (Zen 4, cold). More tokens: one BLAS matmul
-// (single-threaded inside the task) per block.
+// share of a few rows: measured on 2 cores (Zen 3), 0.53 ms for one token read from memory and 2.4
+// ms for 64 tokens. Here each parallel task takes a block of weight's rows for all the tokens,
+// written into that block's columns of y: one single-threaded BLAS matmul per block took 0.32 and
+// 1.8 ms. Blocks of at least kProjectColumns output features, two per thread (so a descheduled
+// thread leaves one to the others). Up to kDirectProjectTokens tokens a task sums its rows itself,
+// kGatherRows rows side by side, each streamed from memory once for all the tokens: BLAS's
+// matrix-vector product read a weight from memory at 11-13 GB/s on either thread count, a plain
+// 2-thread read at 31 GB/s (Zen 4, cold).
 constexpr int64_t kProjectColumns = 64;
 constexpr int64_t kDirectProjectTokens = 8;
 
