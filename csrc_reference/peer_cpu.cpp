@@ -138,26 +138,50 @@ inline acc_t to_acc(src_t v) {
 #define PEER_VECTOR_CLONES
 #endif
 
-// Values per step of dot and axpy: four 256-bit vectors of floats. A dot keeps one partial sum per
-// lane, so that its fused multiply-adds form four independent chains instead of one (each waits for
-// the last only every fourth instruction), and an 8-bit table's values are widened a whole
-// vector at a time (GCC widens them 128 bits at a time in a plain loop).
+// Values per step of axpy: four 256-bit vectors of floats; an 8-bit table's values are widened a
+// whole vector at a time (GCC widens them 128 bits at a time in a plain loop).
 constexpr int64_t kVectorLanes = 32;
 
+// A vector (Lanes) of values in the compute type: one vector load for values stored in it (GCC
+// assembled some vectors lane by lane from single loads), else converted first.
+template <typename acc_t, typename Lanes, typename src_t>
+__attribute__((always_inline)) inline Lanes load_lanes(const src_t* values) {
+  Lanes lanes;
+  if constexpr (std::is_same_v<src_t, acc_t>) {
+    std::memcpy(&lanes, values, sizeof(Lanes));
+  } else {
+    acc_t wide[sizeof(Lanes) / sizeof(acc_t)];
+#pragma omp simd
+    for (int64_t lane = 0; lane < int64_t(sizeof(Lanes) / sizeof(acc_t)); ++lane) wide[lane] = to_acc<acc_t>(values[lane]);
+    std::memcpy(&lanes, wide, sizeof(Lanes));
+  }
+  return lanes;
+}
+
+// a . b: four independent chains of vector multiply-adds (each waits for the last only every fourth
+// instruction), their lanes summed pairwise at the end. The chains are GCC vector types, which stay
+// in registers: an array of per-lane sums was kept in memory, zeroed by a string store per call, and
+// a dot of a 128-value key half took longer than its key's bytes take to arrive.
 template <typename acc_t, typename a_t, typename b_t>
 PEER_VECTOR_CLONES acc_t dot(const a_t* a, const b_t* b, int64_t d) {
-  acc_t lane_sum[kVectorLanes] = {};
+  typedef acc_t Lanes __attribute__((vector_size(32)));
+  constexpr int64_t kLanes = 32 / sizeof(acc_t), kChains = 4;
+  Lanes chain[kChains] = {};
   int64_t i = 0;
-  for (; i + kVectorLanes <= d; i += kVectorLanes)
-#pragma omp simd
-    for (int64_t j = 0; j < kVectorLanes; ++j) lane_sum[j] += to_acc<acc_t>(a[i + j]) * to_acc<acc_t>(b[i + j]);
-  acc_t sum = 0;
+  for (; i + kChains * kLanes <= d; i += kChains * kLanes)
+    for (int64_t c = 0; c < kChains; ++c)
+      chain[c] += load_lanes<acc_t, Lanes>(a + i + c * kLanes) * load_lanes<acc_t, Lanes>(b + i + c * kLanes);
+  const Lanes total = (chain[0] + chain[1]) + (chain[2] + chain[3]);
+  acc_t lanes[kLanes];
+  for (int64_t lane = 0; lane < kLanes; ++lane) lanes[lane] = total[lane];
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
+  acc_t sum = lanes[0];
   for (; i < d; ++i) sum += to_acc<acc_t>(a[i]) * to_acc<acc_t>(b[i]);
-  for (int64_t j = 0; j < kVectorLanes; ++j) sum += lane_sum[j];
   return sum;
 }
 
-// Rows read side by side by the gathers and the decode scan. Rows at random addresses arrive at the
+// Rows read side by side by the gathers. Rows at random addresses arrive at the
 // rate of the misses in flight, and a loop over one row keeps too few in flight: the hardware walks
 // a row's lines as one stream. kGatherRows rows read together are that many streams at once (the
 // measurements are in docs/serving.md).
@@ -511,10 +535,10 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& weight_in) {
 // Sub-key scores are scanned in one of two ways, by the schedule (peer_kernels.tuning.token_schedule
 // picks it by the number of tokens); both read the keys in their stored layout, (h or 1, n, 2, dk),
 // never re-laid out:
-// - "decode" (a few tokens), directly: each parallel task takes one (head,
-//   half, slice of key rows), reads each key row once for all the tokens and keeps every token's
-//   best k_sub of its slice; the slices' lists are then merged per (token, head, half). The work is
-//   spread over heads, halves and key rows however few the tokens.
+// - "decode" (a few tokens), directly: each parallel task takes one (head, slice of key rows),
+//   reads each key row (both halves) once for all the tokens and keeps every token's best k_sub of
+//   its slice in each half; the slices' lists are then merged per (token, head, half). The work is
+//   spread over heads and key rows however few the tokens.
 // - "token_tiles", by matmuls: each parallel task takes one (head, half, chunk of tokens), scores it
 //   by one matmul with the half's keys and selects its tokens' best k_sub (16-bit keys are
 //   converted to the compute dtype for the matmuls).
@@ -532,8 +556,7 @@ void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int6
   const acc_t* q_p = q.data_ptr<acc_t>();
   const int64_t q_token = q.stride(0), q_head = q.stride(1), q_half = q.stride(2);
   const int64_t threads = at::get_num_threads();
-  const int64_t slices =
-      std::max<int64_t>(1, std::min(n / kMinSliceRows, (4 * threads + 2 * heads - 1) / (2 * heads)));
+  const int64_t slices = std::max<int64_t>(1, std::min(n / kMinSliceRows, (4 * threads + heads - 1) / heads));
   const int64_t slice_rows = (n + slices - 1) / slices;
   // Each slice's lists: (T, h, 2, slices, k_sub).
   std::vector<acc_t> slice_score(T * heads * 2 * slices * k_sub);
@@ -541,28 +564,25 @@ void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int6
   const auto list = [&](int64_t t, int64_t h, int64_t half, int64_t slice) {
     return ((t * heads + h) * 2 + half) * slices * k_sub + slice * k_sub;
   };
-  parallel_chunks(0, heads * 2 * slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<TopList<acc_t>> lists(T);
+  // A task reads its key rows one after another, both halves of each: one stream in address order,
+  // which the hardware prefetches at the copy bandwidth. Rows read side by side (kGatherRows at a
+  // time, as the gathers read theirs) are that many short streams 1 KB apart, and a task per half
+  // read every other 512 bytes: either streamed at less than half that rate (docs/serving.md).
+  parallel_chunks(0, heads * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<TopList<acc_t>> lists(2 * T);  // (half, token)
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task / (2 * slices), half = task / slices % 2, slice = task % slices;
-      const int64_t row_end = std::min(n, (slice + 1) * slice_rows);
-      const key_t* rows = keys_p + ((key_heads == 1 ? 0 : h) * n * 2 + half) * dk;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t at = list(t, h, half, slice);
-        lists[t] = TopList<acc_t>{slice_score.data() + at, slice_index.data() + at, int(k_sub), 0};
-      }
-      // kGatherRows key rows at a time (the last group may be shorter), each scored for every token.
-      for (int64_t i = slice * slice_rows; i < row_end; i += kGatherRows) {
-        const int64_t group = std::min<int64_t>(kGatherRows, row_end - i);
-        const key_t* group_rows[kGatherRows];
-        for (int64_t r = 0; r < kGatherRows; ++r) group_rows[r] = rows + (i + std::min(r, group - 1)) * 2 * dk;
+      const int64_t h = task / slices, slice = task % slices;
+      const key_t* head_keys = keys_p + (key_heads == 1 ? 0 : h) * n * 2 * dk;
+      for (int64_t half = 0; half < 2; ++half)
         for (int64_t t = 0; t < T; ++t) {
-          acc_t score[kGatherRows];
-          dot_rows(q_p + t * q_token + h * q_head + half * q_half, group_rows, static_cast<const key_t* const*>(nullptr),
-                   dk, score);  // no prefetch: the scan walks the keys in order
-          for (int64_t r = 0; r < group; ++r) lists[t].offer(score[r], i + r);
+          const int64_t at = list(t, h, half, slice);
+          lists[half * T + t] = TopList<acc_t>{slice_score.data() + at, slice_index.data() + at, int(k_sub), 0};
         }
-      }
+      for (int64_t i = slice * slice_rows, row_end = std::min(n, (slice + 1) * slice_rows); i < row_end; ++i)
+        for (int64_t half = 0; half < 2; ++half)
+          for (int64_t t = 0; t < T; ++t)
+            lists[half * T + t].offer(dot<acc_t>(q_p + t * q_token + h * q_head + half * q_half,
+                                                 head_keys + (i * 2 + half) * dk, dk), i);
     }
   });
   // A slice shorter than k_sub leaves its list short: those slots hold no offer, so merge by sizes.

@@ -172,7 +172,7 @@ class PEER(nn.Module):
                  and linear.weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
                  and not _has_hooks(linear))
         if plain and backends.resolve(self.backend, x.device) == "cpp":
-            return _library.project("cpp", x, linear.weight)
+            return _library.run(_library.project, "cpp", x, linear.weight)
         return linear(x)
 
     def _flag_fresh_sparse_grads(self):

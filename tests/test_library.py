@@ -140,6 +140,44 @@ def test_project(dtype):
         torch.autograd.gradcheck(lambda x, weight: _library.project("cpp", x, weight), (x[:, :20], weight[:70, :20]))
 
 
+def test_run_calls_the_body_directly_only_in_eager_inference(monkeypatch):
+    """_library.run skips torch.library's dispatch only where that changes nothing but its cost:
+    gradients off, not compiling, no profiler, no dispatch mode, plain tensors. Elsewhere the op
+    is dispatched: its autograd, its fake, the profiler's record of it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, queries, keys, *_ = inputs(device=_device_of("cpp"))
+    args = ("cpp", queries, keys, K, K_SUB, "softmax", 0)
+    direct = []
+    body = _library._BODIES[_library.retrieve]
+    monkeypatch.setitem(_library._BODIES, _library.retrieve, lambda *a: direct.append(a[0]) or body(*a))
+    expected = _library.retrieve(*args)
+    assert _library.run(_library.retrieve, *args)[0].grad_fn is not None and not direct
+    with torch.no_grad():
+        for got, want in zip(_library.run(_library.retrieve, *args), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert direct == ["cpp"]
+        with torch.profiler.profile() as profile:
+            _library.run(_library.retrieve, *args)
+        assert any(event.name == "peer_kernels::retrieve" for event in profile.events())
+        with FlopCounterMode(display=False):
+            _library.run(_library.retrieve, *args)
+
+        class Marked(torch.Tensor):
+            pass
+
+        _library.run(_library.retrieve, "cpp", queries.detach().as_subclass(Marked), keys, K, K_SUB, "softmax", 0)
+        with FakeTensorMode() as fake:
+            fake_ids = _library.run(_library.retrieve, "cpp", fake.from_tensor(queries), fake.from_tensor(keys), K,
+                                    K_SUB, "softmax", 0)[1]
+        assert fake_ids.shape == expected[1].shape
+        compiled = torch.compile(lambda q, k: _library.run(_library.retrieve, "cpp", q, k, K, K_SUB, "softmax", 0),
+                                 fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(queries, keys)[0], expected[0], rtol=0, atol=0)
+    assert direct == ["cpp"]
+
+
 def test_every_registered_op_is_checked():
     """A new op must be added to the opchecks above: the namespace holds exactly these."""
     checked = {"experts_forward", "experts_backward", "down_forward", "down_backward", "mix_forward", "mix_backward",

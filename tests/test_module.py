@@ -166,8 +166,14 @@ def test_query_projection_takes_the_cpp_op_only_for_a_plain_linear(monkeypatch):
     from peer_kernels import _library
 
     calls = []
-    project = _library.project
-    monkeypatch.setattr(_library, "project", lambda *args: calls.append(args[0]) or project(*args))
+    run = _library.run
+
+    def spy(op, *args):
+        if op is _library.project:
+            calls.append(args[0])
+        return run(op, *args)
+
+    monkeypatch.setattr(_library, "run", spy)
     layer = _layer(backend="cpp", query_norm=None).eval()
     x = untie_layer(layer, torch.randn(9, 32, dtype=torch.float64)).float()
     calls.clear()
