@@ -544,60 +544,6 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& weight_in) {
 //   converted to the compute dtype for the matmuls).
 // The picks are the same either way (the tie rule orders equal scores by index whatever the order of
 // the offers), up to the rounding of the two ways' sums.
-// Key rows of a direct-scan task, at least: a task is a few microseconds of setup.
-constexpr int64_t kMinSliceRows = 64;
-
-// The direct scan into best (T, h, 2, k_sub) scores and sub-key indices; queries q (T, h, 2, dk) in
-// the compute dtype with unit stride in dk, keys as stored.
-template <typename acc_t, typename key_t>
-void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int64_t n, int64_t k_sub, acc_t* best_score,
-                   int64_t* best_index) {
-  const int64_t T = q.size(0), heads = q.size(1), dk = q.size(3);
-  const acc_t* q_p = q.data_ptr<acc_t>();
-  const int64_t q_token = q.stride(0), q_head = q.stride(1), q_half = q.stride(2);
-  const int64_t threads = at::get_num_threads();
-  const int64_t slices = std::max<int64_t>(1, std::min(n / kMinSliceRows, (4 * threads + heads - 1) / heads));
-  const int64_t slice_rows = (n + slices - 1) / slices;
-  // Each slice's lists: (T, h, 2, slices, k_sub).
-  std::vector<acc_t> slice_score(T * heads * 2 * slices * k_sub);
-  std::vector<int64_t> slice_index(slice_score.size());
-  const auto list = [&](int64_t t, int64_t h, int64_t half, int64_t slice) {
-    return ((t * heads + h) * 2 + half) * slices * k_sub + slice * k_sub;
-  };
-  // A task reads its key rows one after another, both halves of each: one stream in address order,
-  // which the hardware prefetches at the copy bandwidth. Rows read side by side (kGatherRows at a
-  // time, as the gathers read theirs) are that many short streams 1 KB apart, and a task per half
-  // read every other 512 bytes: either streamed at less than half that rate (docs/serving.md).
-  parallel_chunks(0, heads * slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<TopList<acc_t>> lists(2 * T);  // (half, token)
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task / slices, slice = task % slices;
-      const key_t* head_keys = keys_p + (key_heads == 1 ? 0 : h) * n * 2 * dk;
-      for (int64_t half = 0; half < 2; ++half)
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t at = list(t, h, half, slice);
-          lists[half * T + t] = TopList<acc_t>{slice_score.data() + at, slice_index.data() + at, int(k_sub), 0};
-        }
-      for (int64_t i = slice * slice_rows, row_end = std::min(n, (slice + 1) * slice_rows); i < row_end; ++i)
-        for (int64_t half = 0; half < 2; ++half)
-          for (int64_t t = 0; t < T; ++t)
-            lists[half * T + t].offer(dot<acc_t>(q_p + t * q_token + h * q_head + half * q_half,
-                                                 head_keys + (i * 2 + half) * dk, dk), i);
-    }
-  });
-  // A slice shorter than k_sub leaves its list short: those slots hold no offer, so merge by sizes.
-  parallel_chunks(0, T * heads * 2, kTokenGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      TopList<acc_t> best{best_score + m * k_sub, best_index + m * k_sub, int(k_sub), 0};
-      for (int64_t slice = 0; slice < slices; ++slice) {
-        const int64_t at = m * slices * k_sub + slice * k_sub;
-        const int64_t rows = std::min(n, (slice + 1) * slice_rows) - slice * slice_rows;
-        const int64_t offered = std::min(k_sub, std::max<int64_t>(0, rows));
-        for (int64_t j = 0; j < offered; ++j) best.offer(slice_score[at + j], slice_index[at + j]);
-      }
-    }
-  });
-}
 
 // The best k_sub of scores[0..n) into `best` (empty), the same picks as top_sub_keys (peer_math.h),
 // without its offers, each of which moves list entries on a mispredicted branch:
@@ -722,6 +668,80 @@ PEER_VECTOR_CLONES void top_sub_keys_bounded(const acc_t* scores, int64_t n, Top
 // each one matmul (BLAS, single-threaded inside the task) of the tokens' half-queries with the half's
 // key rows, read in place as the matmul's strided operand, into a task-local (tokens, n) block of
 // scores that then gives each token its best k_sub.
+// Key rows of a direct-scan task, at least: a task is a few microseconds of setup.
+constexpr int64_t kMinSliceRows = 64;
+// Tokens scored per pass over a task's key rows: their scores (2 halves x tokens x rows) stay in
+// the core's L2. More tokens than this (a forced decode schedule) take further passes.
+constexpr int64_t kScanTokens = 8;
+
+// The direct scan into best (T, h, 2, k_sub) scores and sub-key indices; queries q (T, h, 2, dk) in
+// the compute dtype with unit stride in dk, keys as stored.
+template <typename acc_t, typename key_t>
+void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int64_t n, int64_t k_sub, acc_t* best_score,
+                   int64_t* best_index) {
+  const int64_t T = q.size(0), heads = q.size(1), dk = q.size(3);
+  const acc_t* q_p = q.data_ptr<acc_t>();
+  const int64_t q_token = q.stride(0), q_head = q.stride(1), q_half = q.stride(2);
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices = std::max<int64_t>(1, std::min(n / kMinSliceRows, (4 * threads + heads - 1) / heads));
+  const int64_t slice_rows = (n + slices - 1) / slices;
+  // Each slice's lists: (T, h, 2, slices, k_sub).
+  std::vector<acc_t> slice_score(T * heads * 2 * slices * k_sub);
+  std::vector<int64_t> slice_index(slice_score.size());
+  const auto list = [&](int64_t t, int64_t h, int64_t half, int64_t slice) {
+    return ((t * heads + h) * 2 + half) * slices * k_sub + slice * k_sub;
+  };
+  // A task reads its key rows one after another, both halves of each: one stream in address order,
+  // which the hardware prefetches at the copy bandwidth. Rows read side by side (kGatherRows at a
+  // time, as the gathers read theirs) are that many short streams 1 KB apart, and a task per half
+  // read every other 512 bytes: either streamed at less than half that rate (docs/serving.md).
+  // The scores are kept and each list selected at the end, as the token tiles select theirs: an
+  // offer per score cost as much as the score's dot product.
+  parallel_chunks(0, heads * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scores(2 * std::min(T, kScanTokens) * slice_rows);  // (half, token, row)
+    std::vector<int32_t> selection_scratch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / slices, slice = task % slices;
+      const int64_t first = slice * slice_rows, rows = std::min(n, first + slice_rows) - first;
+      if (rows <= 0) continue;
+      const key_t* slice_keys = keys_p + ((key_heads == 1 ? 0 : h) * n + first) * 2 * dk;
+      for (int64_t t0 = 0; t0 < T; t0 += kScanTokens) {
+        const int64_t tokens = std::min(kScanTokens, T - t0);
+        const auto at = [&](int64_t half, int64_t t, int64_t i) { return (half * tokens + t) * rows + i; };
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t half = 0; half < 2; ++half)
+            for (int64_t t = 0; t < tokens; ++t)
+              scores[at(half, t, i)] = dot<acc_t>(q_p + (t0 + t) * q_token + h * q_head + half * q_half,
+                                                  slice_keys + (i * 2 + half) * dk, dk);
+        for (int64_t half = 0; half < 2; ++half)
+          for (int64_t t = 0; t < tokens; ++t) {
+            const int64_t m = list(t0 + t, h, half, slice);
+            TopList<acc_t> best{slice_score.data() + m, slice_index.data() + m, int(k_sub), 0};
+            const acc_t* row_scores = scores.data() + at(half, t, 0);
+            if (rows >= k_sub) {
+              top_sub_keys_bounded(row_scores, rows, best, selection_scratch);
+            } else {
+              for (int64_t i = 0; i < rows; ++i) best.offer(row_scores[i], i);
+            }
+            for (int j = 0; j < best.size; ++j) best.index[j] += first;
+          }
+      }
+    }
+  });
+  // A slice shorter than k_sub leaves its list short: those slots hold no offer, so merge by sizes.
+  parallel_chunks(0, T * heads * 2, kTokenGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      TopList<acc_t> best{best_score + m * k_sub, best_index + m * k_sub, int(k_sub), 0};
+      for (int64_t slice = 0; slice < slices; ++slice) {
+        const int64_t at = m * slices * k_sub + slice * k_sub;
+        const int64_t rows = std::min(n, (slice + 1) * slice_rows) - slice * slice_rows;
+        const int64_t offered = std::min(k_sub, std::max<int64_t>(0, rows));
+        for (int64_t j = 0; j < offered; ++j) best.offer(slice_score[at + j], slice_index[at + j]);
+      }
+    }
+  });
+}
+
 template <typename acc_t>
 void matmul_sub_keys(const Tensor& q, const Tensor& keys, int64_t n, int64_t k_sub, acc_t* best_score,
                      int64_t* best_index) {
