@@ -183,6 +183,21 @@ def test_product_key_topk_in_several_token_chunks(ext):
     torch.testing.assert_close(scores, ref_scores, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("T,n,k_sub,k", [(1, 700, 16, 16), (9, 130, 5, 7), (20, 64, 13, 4), (3, 130, 100, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_scan_keeps_the_tie_rule(ext, dtype, T, n, k_sub, k):
+    """The decode scan (a task per head and slice of key rows, its scores kept and each list
+    selected at the end): several passes of its 8 tokens (T = 9, 20), slices shorter than k_sub
+    (n = 130, k_sub = 100: two slices of 65 rows), several slices at one token (n = 700), and
+    small-integer inputs whose float32 sums are exact and tie often: the oracle's ids and scores."""
+    generator = torch.Generator().manual_seed(T * n + k_sub)
+    queries = torch.randint(-2, 3, (T, 3, 2, 24), generator=generator).to(dtype)
+    keys = torch.randint(-2, 3, (3, n, 2, 24), generator=generator).to(dtype)
+    scores, ids = ext.retrieval_forward(queries, keys, k, k_sub, "decode")
+    ref_scores, ref_ids = reference.product_key_topk(queries.double(), keys.double(), k, k_sub)
+    assert torch.equal(ids, ref_ids) and torch.equal(scores.double(), ref_scores)
+
+
 @pytest.mark.parametrize("k_sub", [4, 12, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_token_tiles_selection_keeps_the_tie_rule_at_its_bound(ext, dtype, k_sub):
