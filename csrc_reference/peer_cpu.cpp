@@ -536,9 +536,9 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& weight_in) {
 // picks it by the number of tokens); both read the keys in their stored layout, (h or 1, n, 2, dk),
 // never re-laid out:
 // - "decode" (a few tokens), directly: each parallel task takes one (head, slice of key rows),
-//   reads each key row (both halves) once for all the tokens and keeps every token's best k_sub of
-//   its slice in each half; the slices' lists are then merged per (token, head, half). The work is
-//   spread over heads and key rows however few the tokens.
+//   reads each key row (both halves) once for up to kScanTokens tokens and keeps every token's best
+//   k_sub of its slice in each half; the slices' lists are then merged per (token, head, half). The
+//   work is spread over heads and key rows however few the tokens.
 // - "token_tiles", by matmuls: each parallel task takes one (head, half, chunk of tokens), scores it
 //   by one matmul with the half's keys and selects its tokens' best k_sub (16-bit keys are
 //   converted to the compute dtype for the matmuls).
@@ -664,10 +664,6 @@ PEER_VECTOR_CLONES void top_sub_keys_bounded(const acc_t* scores, int64_t n, Top
   best.size = best.capacity;
 }
 
-// The "token_tiles" scan into best (T, h, 2, k_sub): tasks of (head, half, kMatmulTokens tokens),
-// each one matmul (BLAS, single-threaded inside the task) of the tokens' half-queries with the half's
-// key rows, read in place as the matmul's strided operand, into a task-local (tokens, n) block of
-// scores that then gives each token its best k_sub.
 // Key rows of a direct-scan task, at least: a task is a few microseconds of setup.
 constexpr int64_t kMinSliceRows = 64;
 // Tokens scored per pass over a task's key rows: their scores (2 halves x tokens x rows) stay in
@@ -742,6 +738,10 @@ void scan_sub_keys(const Tensor& q, const key_t* keys_p, int64_t key_heads, int6
   });
 }
 
+// The "token_tiles" scan into best (T, h, 2, k_sub): tasks of (head, half, kMatmulTokens tokens),
+// each one matmul (BLAS, single-threaded inside the task) of the tokens' half-queries with the half's
+// key rows, read in place as the matmul's strided operand, into a task-local (tokens, n) block of
+// scores that then gives each token its best k_sub.
 template <typename acc_t>
 void matmul_sub_keys(const Tensor& q, const Tensor& keys, int64_t n, int64_t k_sub, acc_t* best_score,
                      int64_t* best_index) {

@@ -19,7 +19,8 @@ The scales (E,) float32, None for float tables, go with quantized tables (int8 /
 peer_kernels.quantize_): the forward ops read a table row as its stored values times its scale.
 They are for inference: the backward ops take no scales, and the autograd of a forward op given
 scales refuses to record a backward (_checks.quantized_training_error). The public functions at
-the end validate the arguments (peer_kernels._checks) and call these; peer_kernels.ops and
+the end validate the arguments (peer_kernels._checks) and call these through `run` (in eager
+inference, an op's body without the dispatcher); peer_kernels.ops and
 peer_kernels.csrc bind them to their backend.
 
 The ops are opaque to torch.compile (no graph break) and run their bodies eagerly on every device,
@@ -60,6 +61,7 @@ def custom_op(name):
 
 
 _BODIES = {}  # each op's body, for run
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def run(op, *args):
@@ -75,9 +77,6 @@ def run(op, *args):
               and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
               and all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, Tensor)))
     return (_BODIES[op] if direct else op)(*args)
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def empty(shape, like, dtype=None):
@@ -462,7 +461,7 @@ def peer_experts(backend, x, expert_ids, gates, w_down, w_up, activation, determ
     _checks.check_experts(x, expert_ids, gates, w_down, w_up, activation, check_range=False,
                           w_down_scale=w_down_scale, w_up_scale=w_up_scale)
     return run(experts_forward, backend, x, expert_ids, gates, w_down, w_up, activation, bool(deterministic),
-                           bool(sparse_grad), w_down_scale, w_up_scale)[0]
+               bool(sparse_grad), w_down_scale, w_up_scale)[0]
 
 
 def peer_down(backend, x, expert_ids, w_down, deterministic, sparse_grad, w_down_scale=None):
