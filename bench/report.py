@@ -47,9 +47,10 @@ def _iqr_percent(row):
 def table(meta, rows):
     """One table per shape: op, mode, provider, median ms, speed-ups, GB/s and its share of the copy
     bandwidth, TFLOP/s, peak memory, and the check's error."""
-    headers = ["op", "mode", "provider", "ms", "IQR %", "x ref", "x peer-pt", "GB/s", "% copy", "TFLOP/s", "peak MiB",
-               "rel err"]
-    out = [f"{meta['device_name']}: copy {meta['copy_gbps']:.1f} GB/s, torch {meta['torch']}, "
+    headers = ["op", "mode", "provider", "ms", "IQR %", "x ref", "x peer-pt", "GB/s", "% copy", "TFLOP/s", "% mm",
+               "peak MiB", "rel err"]
+    out = [f"{meta['device_name']}: copy {meta['copy_gbps']:.1f} GB/s, {meta['matmul_dtype']} matmul "
+           f"{meta['matmul_tflops']:.3f} TFLOP/s, torch {meta['torch']}, "
            f"triton {meta['triton']}, commit {meta['git_commit']}, {meta['date']}"]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         body = []
@@ -58,11 +59,13 @@ def table(meta, rows):
             body.append([r["op"], r["mode"], r["provider"], _fmt(r["median_ms"], ".3f"), _fmt(_iqr_percent(r), ".0f"),
                          _fmt(r["speedup_vs_reference"], ".2f"), _fmt(r["speedup_vs_peer_pytorch"], ".2f"),
                          _fmt(r["gbps"], ".1f"), _fmt(r["copy_fraction"] and 100 * r["copy_fraction"], ".1f"),
-                         _fmt(r["tflops"], ".3f"), _fmt(r["peak_bytes"] and r["peak_bytes"] / 2 ** 20, ".1f"),
+                         _fmt(r["tflops"], ".3f"), _fmt(r["compute_fraction"] and 100 * r["compute_fraction"], ".1f"),
+                         _fmt(r["peak_bytes"] and r["peak_bytes"] / 2 ** 20, ".1f"),
                          error])
         out += ["", shape, text_table(headers, body)]
     notes = ["", "ms: median; IQR %: interquartile range / median; x ref / x peer-pt: their ms / this ms (> 1 is faster); GB/s: expert-row bytes "
-             "(T*h*k*2*d*bytes, x2 backward, x3 both and step) / ms; % copy: of the copy bandwidth above; peak "
+             "(T*h*k*2*d*bytes, x2 backward, x3 both and step) / ms; % copy: of the copy bandwidth above; % mm: TFLOP/s "
+             "(matmul flops) of the matmul rate above, for rows in its dtype; peak "
              "MiB: memory allocated at the peak beyond the inputs (GPU: max_memory_allocated; CPU: the running sum "
              "of the profiler's allocation records, per op), for a step plus the parameters and the optimizer "
              "state; rel err: relative RMS error against the reference, outputs and gradients (a step: its "
@@ -70,7 +73,9 @@ def table(meta, rows):
     if any(r["op"] == "decode" for r in rows):
         notes.append("decode: the layer's inference step (eval, no_grad); GB/s counts what a step must read (the "
                      "query projection, the keys and the T*h*k rows of both tables), so % copy is the step's share "
-                     "of that bytes floor at the copy bandwidth (100 / % copy: how many times the floor it takes); "
+                     "of that bytes floor at the copy bandwidth (100 / % copy: how many times the floor it takes) and % mm "
+                     "its share of the compute floor (its flops at the matmul rate; the larger share is the floor that "
+                     "binds); "
                      "dense-ffn: a dense d -> h*k -> d feed-forward (the same active parameters), not checked.")
     return "\n".join(out + notes)
 

@@ -195,15 +195,19 @@ def measure_modes(device, op, runner, workload, modes, warm):
     return {mode: measured[mode] for mode in modes}
 
 
-def make_row(op, mode, shape, name, times, peak, error, checked_dtype, copy_gbps):
+def make_row(op, mode, shape, name, times, peak, error, checked_dtype, meta, *, unchecked=False):
+    """One result row; its fractions are of the copy bandwidth and the matmul rate in `meta`, the
+    latter only for rows in the matmul's dtype. A provider of another function (`unchecked`) gets
+    no bytes or flops: the op's counts are not its work."""
     ms = timing.median(times)
-    gather = cases.gather_bytes(op, shape, mode)
+    gather = None if unchecked else cases.gather_bytes(op, shape, mode)
     gbps = gather / (ms * 1e-3) / 1e9 if gather else None
+    tflops = None if unchecked else cases.flops(op, shape, mode) / (ms * 1e-3) / 1e12
     return {
         "op": op, "mode": mode, "shape": shape.label(), **{f"shape_{k}": v for k, v in vars(shape).items()},
         "provider": name, "median_ms": ms, "reps": len(times), "times_ms": times,
-        "gather_bytes": gather, "gbps": gbps, "copy_fraction": gbps / copy_gbps if gbps else None,
-        "tflops": cases.flops(op, shape, mode) / (ms * 1e-3) / 1e12,
+        "gather_bytes": gather, "gbps": gbps, "copy_fraction": gbps / meta["copy_gbps"] if gbps else None,
+        "tflops": tflops, "compute_fraction": tflops / meta["matmul_tflops"] if tflops and shape.dtype == meta["matmul_dtype"] else None,
         "peak_bytes": peak, "error": error, "checked_dtype": checked_dtype,
     }
 
@@ -213,7 +217,10 @@ def run(preset, preset_name, device, ops, modes, names, left_out, on_result, log
     a run that is stopped."""
     meta = environment(device, preset_name)
     meta["copy_gbps"] = timing.copy_bandwidth_gbps(device)
+    meta["matmul_tflops"] = timing.matmul_tflops(device)
+    meta["matmul_dtype"] = str(timing.MATMUL_DTYPES[device.type]).removeprefix("torch.")
     log(f"device: {meta['device_name']}; copy bandwidth {meta['copy_gbps']:.1f} GB/s; "
+        f"{meta['matmul_dtype']} matmul {meta['matmul_tflops']:.3f} TFLOP/s; "
         f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit']}")
     rows, skipped = [], []
 
@@ -270,7 +277,8 @@ def run(preset, preset_name, device, ops, modes, names, left_out, on_result, log
                 seconds = time.perf_counter() - started
                 for mode, (times, peak) in measured.items():
                     error, checked_dtype, _ = verdict(mode)
-                    rows.append(make_row(op, mode, shape, name, times, peak, error, checked_dtype, meta["copy_gbps"]))
+                    rows.append(make_row(op, mode, shape, name, times, peak, error, checked_dtype, meta,
+                                         unchecked=runner.unchecked))
                     passed = "" if checked_dtype == shape.dtype else f" (passed in {checked_dtype})"
                     checked = "unchecked" if error is None else f"err {error:.1e}{passed}"
                     log(f"  {op:9s} {mode:16s} {name:14s} {rows[-1]['median_ms']:10.3f} ms  {checked}"

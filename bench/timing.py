@@ -166,6 +166,20 @@ def _cpu_peak_bytes(phases, item):
     return peaks + [peak] * (len(phases) - len(peaks))
 
 
+def matmul_tflops(device):
+    """A square matmul's rate measured now (TFLOP/s), in MATMUL_DTYPES[device type]: the compute
+    roofline the rows' TFLOP/s are compared with (ATen's BLAS on torch's threads on a CPU)."""
+    size = 8192 if device.type == "cuda" else 2048
+    dtype = MATMUL_DTYPES[device.type]
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    (times,) = measure(device, [None], [lambda _: a @ b])
+    return 2 * size ** 3 / (median(times) * 1e-3) / 1e12
+
+
+# The dtype of the compute roofline: the decode preset's (bf16 on a GPU, fp32 elsewhere).
+MATMUL_DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
+
+
 def copy_bandwidth_gbps(device):
     """Device copy bandwidth measured now (bytes read + bytes written per second, in GB/s): the
     roofline the expert gather is compared with. 1 GiB on a GPU, 128 MiB on a CPU, where the

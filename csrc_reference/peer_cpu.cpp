@@ -143,12 +143,46 @@ inline acc_t to_acc(src_t v) {
 constexpr int64_t kVectorLanes = 32;
 
 // A vector (Lanes) of values in the compute type: one vector load for values stored in it (GCC
-// assembled some vectors lane by lane from single loads), else converted first.
+// assembled some vectors lane by lane from single loads); 16-bit floats converted in registers;
+// others converted through memory first. That last way stores the converted values in halves and
+// loads them whole, which the CPU cannot forward from its store buffer: the decode scan over
+// bfloat16 keys took 9x as long as over float32 ones, twice the bytes (docs/serving.md).
+typedef uint32_t Words __attribute__((vector_size(32)));
+
+// 8 16-bit values' bits, each in the upper half of a 32-bit word.
+__attribute__((always_inline)) inline Words upper_halves(const void* values) {
+  typedef uint16_t Bits __attribute__((vector_size(16)));
+  Bits bits;
+  std::memcpy(&bits, values, sizeof bits);
+  return __builtin_convertvector(bits, Words) << 16;
+}
+
 template <typename acc_t, typename Lanes, typename src_t>
 __attribute__((always_inline)) inline Lanes load_lanes(const src_t* values) {
   Lanes lanes;
+  constexpr int64_t kCount = sizeof(Lanes) / sizeof(acc_t);
   if constexpr (std::is_same_v<src_t, acc_t>) {
     std::memcpy(&lanes, values, sizeof(Lanes));
+  } else if constexpr (std::is_same_v<src_t, c10::BFloat16> && std::is_same_v<acc_t, float> && kCount == 8) {
+    const Words word = upper_halves(values);  // a bfloat16 is a float's upper half
+    std::memcpy(&lanes, &word, sizeof lanes);
+  } else if constexpr (std::is_same_v<src_t, c10::Half> && std::is_same_v<acc_t, float> && kCount == 8) {
+    // c10's float16 -> float (c10::detail::fp16_ieee_to_fp32_value), 8 values at a time: normal
+    // values rebiased by a multiply, subnormal ones by a subtraction, both on normal floats.
+    const Words word = upper_halves(values);
+    const Words twice = word + word;  // the sign shifted out
+    const Words normal_bits = (twice >> 4) + (0xE0u << 23), subnormal_bits = (twice >> 17) | (126u << 23);
+    Lanes normal, subnormal;
+    std::memcpy(&normal, &normal_bits, sizeof normal);
+    std::memcpy(&subnormal, &subnormal_bits, sizeof subnormal);
+    normal *= 0x1.0p-112f;
+    subnormal -= 0.5f;
+    Words normal_word, subnormal_word;
+    std::memcpy(&normal_word, &normal, sizeof normal_word);
+    std::memcpy(&subnormal_word, &subnormal, sizeof subnormal_word);
+    // (twice < 2^27 by a shift: SSE2, the baseline, compares no unsigned vectors, and GCC did it lane by lane)
+    const Words result = (word & 0x80000000u) | ((twice >> 27) == 0 ? subnormal_word : normal_word);
+    std::memcpy(&lanes, &result, sizeof lanes);
   } else {
     acc_t wide[sizeof(Lanes) / sizeof(acc_t)];
 #pragma omp simd
@@ -177,19 +211,20 @@ PEER_VECTOR_CLONES acc_t dot(const a_t* a, const b_t* b, int64_t d) {
   for (int64_t width = kLanes / 2; width > 0; width /= 2)
     for (int64_t lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
   acc_t sum = lanes[0];
-  for (; i < d; ++i) sum += to_acc<acc_t>(a[i]) * to_acc<acc_t>(b[i]);
+  // Fused as the chains are, whatever the values' types (GCC contracted the loop for some of them).
+  for (; i < d; ++i) sum = std::fma(to_acc<acc_t>(a[i]), to_acc<acc_t>(b[i]), sum);
   return sum;
 }
 
-// Rows read side by side by the gathers. Rows at random addresses arrive at the
-// rate of the misses in flight, and a loop over one row keeps too few in flight: the hardware walks
-// a row's lines as one stream. kGatherRows rows read together are that many streams at once (the
-// measurements are in docs/serving.md).
+// Rows read side by side by the gathers and by the direct projection (project_rows). Rows at random
+// addresses arrive at the rate of the misses in flight, and a loop over one row keeps too few in
+// flight: the hardware walks a row's lines as one stream. kGatherRows rows read together are that
+// many streams at once (the measurements are in docs/serving.md).
 constexpr int kGatherRows = 8;
 
 // Rows stored in another type than the compute type are read kWiden values at a time, widened into
-// a small buffer first: GCC vectorizes that conversion 256 bits wide as a loop of its own, but only
-// 128 bits wide, or not at all, inside the rows' multiply-adds. Rows in the compute type are read in
+// a small buffer first (widen): a conversion of its own is vectorized 256 bits wide, but only 128
+// bits wide, or not at all, inside the rows' multiply-adds. Rows in the compute type are read in
 // one pass (blocks of them measured slower).
 //
 // Such narrow rows are also short (an int8 row of 1024 values is 16 cache lines), too short for the
@@ -199,6 +234,24 @@ constexpr int kGatherRows = 8;
 // row at a time (all of a group's lines at once would queue behind the current loads). Rows in the
 // compute type are long and stream at the copy bandwidth without it (a prefetch measured slower).
 constexpr int64_t kWiden = 64;
+
+// values[0..count) in the compute type into wide: 16-bit floats 8 at a time in registers (load_lanes;
+// c10's float16 conversion does not vectorize, and the direct projection converts each weight row
+// once per token), other types by a loop that GCC vectorizes.
+template <typename acc_t, typename src_t>
+PEER_VECTOR_CLONES void widen(const src_t* values, acc_t* wide, int64_t count) {
+  int64_t begin = 0;
+  if constexpr ((std::is_same_v<src_t, c10::BFloat16> || std::is_same_v<src_t, c10::Half>) &&
+                std::is_same_v<acc_t, float>) {
+    typedef float Lanes __attribute__((vector_size(32)));
+    for (; begin + 8 <= count; begin += 8) {
+      const Lanes lanes = load_lanes<float, Lanes>(values + begin);
+      std::memcpy(wide + begin, &lanes, sizeof lanes);
+    }
+  }
+#pragma omp simd
+  for (int64_t j = begin; j < count; ++j) wide[j] = to_acc<acc_t>(values[j]);
+}
 
 // kGatherRows rows, block by block: `for (RowBlocks<acc_t, row_t> block(rows, ahead, d); block.next();)`
 // gives each block's values [begin, begin + width) of every row in the compute type. `ahead`: the
@@ -221,10 +274,8 @@ class RowBlocks {
       if constexpr (kInPlace) {
         values_[r] = row;
       } else {
-        acc_t* wide = buffer_[r];
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) wide[j] = to_acc<acc_t>(row[j]);
-        values_[r] = wide;
+        widen(row, buffer_[r], width);
+        values_[r] = buffer_[r];
       }
     }
     return true;
@@ -474,16 +525,29 @@ constexpr int64_t kProjectColumns = 64;
 constexpr int64_t kDirectProjectTokens = 8;
 
 // y[t, first..first + width) = x_acc[t] . weight rows, kGatherRows rows at a time for every token.
+// Rows stored in another type than the compute type are converted once for all the tokens (the
+// conversion cost as much as the sums, per token), so a token's sums are those of the same rows
+// stored in the compute type, however many tokens there are.
 template <typename acc_t, typename scalar_t>
 void project_rows(const acc_t* x_acc, const scalar_t* weight, int64_t T, int64_t d_in, int64_t d_out, int64_t first,
                   int64_t width, scalar_t* y) {
+  constexpr bool kConverted = !std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> converted(kConverted ? kGatherRows * d_in : 0);
   for (int64_t j = first; j < first + width; j += kGatherRows) {
     const int64_t group = std::min<int64_t>(kGatherRows, first + width - j);
-    const scalar_t* rows[kGatherRows];
-    for (int64_t r = 0; r < kGatherRows; ++r) rows[r] = weight + (j + std::min(r, group - 1)) * d_in;
+    const acc_t* rows[kGatherRows];
+    for (int64_t r = 0; r < kGatherRows; ++r) {
+      const scalar_t* row = weight + (j + std::min(r, group - 1)) * d_in;
+      if constexpr (kConverted) {
+        widen(row, converted.data() + r * d_in, d_in);
+        rows[r] = converted.data() + r * d_in;
+      } else {
+        rows[r] = row;
+      }
+    }
     for (int64_t t = 0; t < T; ++t) {
       acc_t sums[kGatherRows];
-      dot_rows(x_acc + t * d_in, rows, static_cast<const scalar_t* const*>(nullptr), d_in, sums);
+      dot_rows(x_acc + t * d_in, rows, static_cast<const acc_t* const*>(nullptr), d_in, sums);
       for (int64_t r = 0; r < group; ++r) y[t * d_out + j + r] = static_cast<scalar_t>(sums[r]);
     }
   }

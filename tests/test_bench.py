@@ -68,8 +68,11 @@ def test_every_provider_is_checked_and_timed(smoke_run):
 def test_result_metadata(smoke_run):
     _, result, path = smoke_run
     meta = result["meta"]
-    for key in ("device_name", "torch", "triton", "git_commit", "copy_gbps", "date"):
+    for key in ("device_name", "torch", "triton", "git_commit", "copy_gbps", "matmul_tflops", "matmul_dtype", "date"):
         assert meta[key], key
+    assert meta["matmul_dtype"] == "float32"  # a CPU run
+    for row in result["rows"]:  # the smoke preset's rows are float32: their share of the matmul rate
+        assert row["compute_fraction"] == pytest.approx(row["tflops"] / meta["matmul_tflops"])
     assert path.with_suffix(".csv").exists()
 
 
@@ -174,3 +177,25 @@ def test_cold_timing_flushes_the_cache_before_each_timed_iteration(monkeypatch):
     events.clear()
     timing.measure(cpu, [None], [lambda item: events.append("call")])
     assert "flush" not in events and len(sizes) == 1
+
+
+def test_rows_count_work_only_for_providers_of_the_op():
+    """A decode row's GB/s and TFLOP/s are the step's bytes and flops over its time, and its shares of
+    the run's copy bandwidth and matmul rate; a stand-in of another function (dense-ffn, unchecked)
+    gets none, and a row in another dtype than the matmul's no compute share."""
+    import dataclasses
+
+    from bench import cases, run
+
+    shape = dataclasses.replace(cases.PRESETS["decode"].shapes[0], dtype="float32")  # as a CPU runs it
+    meta = {"copy_gbps": 40.0, "matmul_tflops": 0.2, "matmul_dtype": "float32"}
+    row = run.make_row("decode", "forward", shape, "decode", [2.0, 1.0, 3.0], 0, 1e-7, "float32", meta)
+    assert row["median_ms"] == 2.0
+    assert row["gbps"] == pytest.approx(cases.decode_floor_bytes(shape) / 2e-3 / 1e9)
+    assert row["copy_fraction"] == pytest.approx(row["gbps"] / 40.0)
+    assert row["tflops"] == pytest.approx(cases.flops("decode", shape, "forward") / 2e-3 / 1e12)
+    assert row["compute_fraction"] == pytest.approx(row["tflops"] / 0.2)
+    bf16 = dataclasses.replace(shape, dtype="bfloat16")
+    assert run.make_row("decode", "forward", bf16, "decode", [2.0], 0, 1e-3, "bfloat16", meta)["compute_fraction"] is None
+    stand_in = run.make_row("decode", "forward", shape, "dense-ffn", [0.5], 0, None, "float32", meta, unchecked=True)
+    assert [stand_in[key] for key in ("gbps", "copy_fraction", "tflops", "compute_fraction")] == [None] * 4

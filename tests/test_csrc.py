@@ -198,6 +198,40 @@ def test_decode_scan_keeps_the_tie_rule(ext, dtype, T, n, k_sub, k):
     assert torch.equal(ids, ref_ids) and torch.equal(scores.double(), ref_scores)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_scan_reads_16_bit_keys_as_their_float32_values(ext, dtype):
+    """16-bit keys are converted to float32 in registers, 8 at a time: the scan's scores and picks
+    are bitwise those of the same keys stored in float32 (dk = 136: the dot's whole vectors and a
+    tail), at one token and over two token passes. Among the keys: float16 subnormals (rows scaled
+    by 2**-20), the largest float16, negative zeros, and an infinity and a NaN in head 2's rows."""
+    generator = torch.Generator().manual_seed(7)
+    keys = torch.randn(3, 300, 2, 136, generator=generator)
+    keys[:, :40] *= 2.0 ** -20
+    keys[:, 50, 0, :8] = torch.tensor([65504.0, -65504.0, -0.0, 0.0, 1.0, -1.0, 2.0 ** -24, -(2.0 ** -14)])
+    keys[2, 60, 1, 3], keys[2, 70, 0, 100] = math.inf, math.nan
+    keys = keys.to(dtype)
+    for T in (1, 11):
+        queries = torch.randn(T, 3, 2, 136, generator=generator)
+        scores, ids = ext.retrieval_forward(queries, keys, 8, 8, "decode")
+        wide_scores, wide_ids = ext.retrieval_forward(queries, keys.float(), 8, 8, "decode")
+        assert torch.equal(ids, wide_ids)
+        torch.testing.assert_close(scores, wide_scores, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_direct_projection_reads_16_bit_weights_as_their_float32_values(ext, dtype):
+    """Up to 8 tokens the projection sums a 16-bit weight's rows converted once for all the tokens:
+    its outputs are the float32 weight's sums rounded to the dtype, bitwise (subnormal float16
+    values among the weights), and a token's do not depend on the tokens beside it."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(72, 136, generator=generator)
+    weight[:8] *= 2.0 ** -20
+    weight, x = weight.to(dtype), torch.randn(5, 136, generator=generator).to(dtype)
+    y = ext.linear_forward(x, weight)
+    assert torch.equal(y, ext.linear_forward(x.float(), weight.float()).to(dtype))
+    assert torch.equal(ext.linear_forward(x[2:3], weight), y[2:3])
+
+
 @pytest.mark.parametrize("k_sub", [4, 12, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_token_tiles_selection_keeps_the_tie_rule_at_its_bound(ext, dtype, k_sub):
