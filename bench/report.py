@@ -46,7 +46,7 @@ def _iqr_percent(row):
 
 def table(meta, rows):
     """One table per shape: op, mode, provider, median ms, speed-ups, GB/s and its share of the copy
-    bandwidth, TFLOP/s, peak memory, and the check's error."""
+    bandwidth, TFLOP/s and its share of the matmul rate, peak memory, and the check's error."""
     headers = ["op", "mode", "provider", "ms", "IQR %", "x ref", "x peer-pt", "GB/s", "% copy", "TFLOP/s", "% mm",
                "peak MiB", "rel err"]
     out = [f"{meta['device_name']}: copy {meta['copy_gbps']:.1f} GB/s, {meta['matmul_dtype']} matmul "

@@ -203,11 +203,12 @@ def make_row(op, mode, shape, name, times, peak, error, checked_dtype, meta, *, 
     gather = None if unchecked else cases.gather_bytes(op, shape, mode)
     gbps = gather / (ms * 1e-3) / 1e9 if gather else None
     tflops = None if unchecked else cases.flops(op, shape, mode) / (ms * 1e-3) / 1e12
+    in_matmul_dtype = tflops is not None and shape.dtype == meta["matmul_dtype"]
     return {
         "op": op, "mode": mode, "shape": shape.label(), **{f"shape_{k}": v for k, v in vars(shape).items()},
         "provider": name, "median_ms": ms, "reps": len(times), "times_ms": times,
         "gather_bytes": gather, "gbps": gbps, "copy_fraction": gbps / meta["copy_gbps"] if gbps else None,
-        "tflops": tflops, "compute_fraction": tflops / meta["matmul_tflops"] if tflops and shape.dtype == meta["matmul_dtype"] else None,
+        "tflops": tflops, "compute_fraction": tflops / meta["matmul_tflops"] if in_matmul_dtype else None,
         "peak_bytes": peak, "error": error, "checked_dtype": checked_dtype,
     }
 

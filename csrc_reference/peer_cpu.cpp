@@ -235,9 +235,8 @@ constexpr int kGatherRows = 8;
 // compute type are long and stream at the copy bandwidth without it (a prefetch measured slower).
 constexpr int64_t kWiden = 64;
 
-// values[0..count) in the compute type into wide: 16-bit floats 8 at a time in registers (load_lanes;
-// c10's float16 conversion does not vectorize, and the direct projection converts each weight row
-// once per token), other types by a loop that GCC vectorizes.
+// values[0..count) in the compute type into wide: 16-bit floats 8 at a time in registers (load_lanes:
+// c10's float16 conversion does not vectorize), other types by a loop that GCC vectorizes.
 template <typename acc_t, typename src_t>
 PEER_VECTOR_CLONES void widen(const src_t* values, acc_t* wide, int64_t count) {
   int64_t begin = 0;
